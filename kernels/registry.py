@@ -1,0 +1,55 @@
+"""One registry of attention backends, one calling convention.
+
+Every backend takes q, k, v shaped (batch, tokens, heads, head_dim) in bf16, fp16 or fp32 and
+returns the same shape and dtype. A backend that is asked for and cannot run here raises
+``BackendUnavailable`` when it is resolved (at worker start), never substitutes another kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested attention backend cannot run on this machine."""
+
+
+@dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    # What actually runs, e.g. "torch-sdpa-cudnn": recorded in each job's result.
+    implementation: str
+    # "exact", "8bit" or "sparse": the error class a profile may allow.
+    error_class: str
+    fn: AttentionFn
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.fn(q, k, v)
+
+
+# name -> module that defines ``build(device) -> AttentionBackend`` (imported only when asked for).
+_BACKEND_MODULES: dict[str, str] = {"sdpa": "kernels.sdpa"}
+
+
+def register_backend(name: str, module: str) -> None:
+    _BACKEND_MODULES[name] = module
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKEND_MODULES)
+
+
+def get_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
+    """Resolve backend ``name`` for ``device``; raises if it is unknown or cannot run there."""
+    if name not in _BACKEND_MODULES:
+        raise BackendUnavailable(
+            f"unknown attention backend {name!r} (known: {', '.join(available_backends())})"
+        )
+    module = importlib.import_module(_BACKEND_MODULES[name])
+    return module.build(torch.device(device))

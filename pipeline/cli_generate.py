@@ -1,0 +1,84 @@
+"""``smartdiff generate``: one video on this machine, with a progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.config import load_profile
+from pipeline.params import SOLVERS, ParamError, validate_params
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--profile", help="profile name (configs/profiles/NAME.yaml)")
+    source.add_argument("--model-dir", type=Path, help="checkpoint folder (official or Diffusers layout)")
+    parser.add_argument("--model", help="model name the checkpoint must hold (default: detected)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", help="default: the official Wan negative prompt")
+    parser.add_argument("--size", help="WIDTHxHEIGHT, e.g. 832x480 (default: the model's)")
+    parser.add_argument("--frames", type=int, help="4n+1 (default: the model's, 81 for Wan)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--guidance-low-noise", type=float, help="Wan2.2 low-noise expert's guidance")
+    parser.add_argument("--shift", type=float)
+    parser.add_argument("--seed", type=int, help="default: random (printed, so it can be reused)")
+    parser.add_argument("--solver", choices=SOLVERS)
+    parser.add_argument("--attn", help="attention backend (default: the profile's, else sdpa)")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: auto")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+    parser.add_argument("--out", type=Path, required=True, help="output .mp4")
+
+
+def _request(args: argparse.Namespace) -> dict:
+    names = ["prompt", "negative_prompt", "size", "frames", "steps", "guidance", "guidance_low_noise",
+             "shift", "seed", "solver"]
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that argument errors answer before torch loads.
+    from tqdm import tqdm
+
+    from pipeline.checkpoint import open_checkpoint
+    from pipeline.loading import CheckpointError
+    from pipeline.video import write_mp4
+    from pipeline.wan import WanPipeline
+
+    try:
+        if args.profile:
+            profile = load_profile(args.profile)
+            root, model_name = profile.checkpoint_dir, profile.model
+            attention, dtype = args.attn or profile.attention, args.dtype or profile.dtype
+            if profile.model == "tiny" and not root.exists():
+                from pipeline.tiny import write_tiny_checkpoint
+
+                print(f"writing the tiny checkpoint to {root}", file=sys.stderr)
+                write_tiny_checkpoint(root)
+        else:
+            root, model_name = args.model_dir, args.model
+            attention, dtype = args.attn or "sdpa", args.dtype or "auto"
+        model = open_checkpoint(root, model_name).model
+        params = validate_params(_request(args), model)
+    except (ParamError, CheckpointError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    pipe = WanPipeline.from_checkpoint(root, model.name, args.device, dtype, attention)
+    bar = tqdm(total=params.steps, unit="step", file=sys.stderr)
+
+    def progress(stage: str, step: int, total: int) -> None:
+        bar.set_description(stage)
+        if stage == "denoise":
+            bar.update(step - bar.n)
+
+    result = pipe.generate(params, progress)
+    bar.close()
+    write_mp4(result.frames, args.out, fps=result.fps)
+    summary = {"out": str(args.out), "model": model.name, "attention": result.attention,
+               "seconds": {k: round(v, 3) for k, v in result.seconds.items()}, **params.to_dict()}
+    summary.pop("negative_prompt")
+    print(json.dumps(summary, ensure_ascii=False))
+    return 0

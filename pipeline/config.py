@@ -1,0 +1,182 @@
+"""Static model descriptions: architecture and sampling defaults, one YAML file per model.
+
+Torch-free: the producer reads these to validate requests.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = Path(os.environ.get("SMARTDIFF_CONFIG_DIR", REPO_ROOT / "configs"))
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int
+    ffn_dim: int
+    num_layers: int
+    num_heads: int
+    in_dim: int = 16
+    out_dim: int = 16
+    text_dim: int = 4096
+    text_len: int = 512
+    freq_dim: int = 256
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    base_dim: int = 96
+    z_dim: int = 16
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    temporal_downsample: tuple[bool, ...] = (False, True, True)
+    stride: tuple[int, int, int] = (4, 8, 8)
+
+
+@dataclass(frozen=True)
+class T5Config:
+    vocab_size: int = 256384
+    d_model: int = 4096
+    d_ff: int = 10240
+    d_kv: int = 64
+    num_layers: int = 24
+    num_heads: int = 64
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    steps: int = 50
+    guidance: float = 5.0
+    shift: float = 5.0
+    solver: str = "unipc"
+    frames: int = 81
+    fps: int = 16
+    size: str = "832x480"
+    sizes: tuple[str, ...] = ("832x480", "480x832")
+    max_frames: int = 121
+    max_steps: int = 100
+    # Wan2.2 mixture of experts: the high-noise expert runs for timesteps >= boundary * 1000.
+    boundary: float | None = None
+    guidance_low_noise: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One Wan text-to-video model: what it is and how it samples by default."""
+
+    name: str
+    display_name: str
+    dit: DiTConfig
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    t5: T5Config = field(default_factory=T5Config)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Names of the DiT experts, in the order of use; one entry means a single DiT.
+    experts: tuple[str, ...] = ("dit",)
+
+    @property
+    def is_moe(self) -> bool:
+        return len(self.experts) > 1
+
+
+def _build(cls: type, raw: dict[str, Any] | None) -> Any:
+    raw = dict(raw or {})
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    for key, value in raw.items():
+        if isinstance(value, list):
+            raw[key] = tuple(value)
+    return cls(**raw)
+
+
+def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(
+        name=raw["name"],
+        display_name=raw.get("display_name", raw["name"]),
+        dit=_build(DiTConfig, raw["dit"]),
+        vae=_build(VAEConfig, raw.get("vae")),
+        t5=_build(T5Config, raw.get("t5")),
+        sampling=_build(SamplingConfig, raw.get("sampling")),
+        experts=tuple(raw.get("experts", ["dit"])),
+    )
+
+
+@cache
+def load_model_config(name: str) -> ModelConfig:
+    """The model config named ``name`` (file ``configs/models/<name>.yaml``)."""
+    path = CONFIG_DIR / "models" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_model_names()) or "none"
+        raise ValueError(f"unknown model {name!r} (known: {known})")
+    with open(path) as f:
+        config = parse_model_config(yaml.safe_load(f))
+    if config.name != name:
+        raise ValueError(f"{path}: name {config.name!r} does not match the file name")
+    return config
+
+
+def list_model_names() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """What a worker pins: one model, its weights and how to run it (``configs/profiles/<name>.yaml``)."""
+
+    name: str
+    model: str
+    # Folder of the checkpoint; relative paths are under $SMARTDIFF_CHECKPOINT_ROOT (default ./checkpoints).
+    checkpoint: str
+    attention: str = "sdpa"
+    # "auto": bf16 on GPU, fp32 on CPU.
+    dtype: str = "auto"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        path = Path(os.path.expandvars(self.checkpoint)).expanduser()
+        if path.is_absolute():
+            return path
+        return Path(os.environ.get("SMARTDIFF_CHECKPOINT_ROOT", "checkpoints")) / path
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return load_model_config(self.model)
+
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@cache
+def load_profile(name: str) -> ProfileConfig:
+    path = CONFIG_DIR / "profiles" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_profile_names()) or "none"
+        raise ValueError(f"unknown profile {name!r} (known: {known})")
+    with open(path) as f:
+        profile = _build(ProfileConfig, yaml.safe_load(f))
+    if profile.name != name:
+        raise ValueError(f"{path}: name {profile.name!r} does not match the file name")
+    if profile.dtype not in DTYPES:
+        raise ValueError(f"{path}: dtype {profile.dtype!r} is not one of {', '.join(DTYPES)}")
+    load_model_config(profile.model)  # an unknown model is an error here, not at the first job
+    return profile
+
+
+def list_profile_names() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))

@@ -1,0 +1,255 @@
+"""The Wan diffusion transformer (DiT), with the official checkpoint's module names.
+
+Numerics follow the official model: modulation (shift, scale, gate) math in fp32, q and k
+RMS-normalised over the full width before the head split, 3D RoPE with interleaved pairs, the
+timestep sinusoid cosine half first, text padded with zeros to ``text_len`` before its MLP.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import AttentionBackend, get_backend
+from pipeline.config import DiTConfig
+from pipeline.loading import CheckpointError
+
+# Parameters kept in fp32 whatever the model dtype: all of them feed the modulation math.
+FP32_PARAMETERS = re.compile(r"(^|\.)modulation$|^time_embedding\.|^time_projection\.")
+
+
+def timestep_embedding(freq_dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Sinusoidal embedding, cosine half first, computed in float64 as the official code does."""
+    half = freq_dim // 2
+    exponent = torch.arange(half, dtype=torch.float64, device=t.device) / half
+    angles = t.to(torch.float64)[:, None] * torch.pow(10000.0, -exponent)[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of the head given to frames, height, width (128 -> 44, 42, 42)."""
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_tables(head_dim: int, grid: tuple[int, int, int], device: torch.device, theta: float = 10000.0):
+    """cos and sin of the 3D rotary angles for a (frames, height, width) patch grid: [L, 1, head_dim/2]."""
+    angles = []
+    for axis, (channels, size) in enumerate(zip(rope_split(head_dim), grid)):
+        inv_freq = 1.0 / theta ** (
+            torch.arange(0, channels, 2, dtype=torch.float64, device=device) / channels
+        )
+        pos = torch.arange(size, dtype=torch.float64, device=device)
+        a = torch.outer(pos, inv_freq)  # [size, channels/2]
+        shape = [1, 1, 1, a.shape[1]]
+        shape[axis] = size
+        angles.append(a.view(shape).expand(*grid, a.shape[1]))
+    angle = torch.cat(angles, dim=-1).reshape(-1, 1, head_dim // 2)
+    return torch.cos(angle).float(), torch.sin(angle).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, L, H, D] by the angles; fp32 math."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, returned in fp32 (the modulation that follows is fp32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+class Attention(nn.Module):
+    """Self- or cross-attention with q/k RMSNorm over the full width."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        attention: AttentionBackend,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        heads = (self.num_heads, -1)
+        q = self.norm_q(self.q(x)).unflatten(2, heads)
+        k = self.norm_k(self.k(context)).unflatten(2, heads)
+        v = self.v(context).unflatten(2, heads)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.o(attention(q, k, v).flatten(2))
+
+
+class WanBlock(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        dim, eps = config.dim, config.eps
+        self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.self_attn = Attention(dim, config.num_heads, eps)
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True)
+        self.cross_attn = Attention(dim, config.num_heads, eps)
+        self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        time: torch.Tensor,
+        context: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        attention: AttentionBackend,
+    ) -> torch.Tensor:
+        """x [B, L, dim]; time [B, 6, dim] fp32 (the projected timestep); context [B, text_len, dim]."""
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time).unbind(1)
+        dtype = x.dtype
+
+        h = (self.norm1(x) * (1 + scale_sa[:, None]) + shift_sa[:, None]).to(dtype)
+        x = (x.float() + self.self_attn(h, h, attention, rope).float() * gate_sa[:, None]).to(dtype)
+
+        x = x + self.cross_attn(self.norm3(x).to(dtype), context, attention)
+
+        h = (self.norm2(x) * (1 + scale_ff[:, None]) + shift_ff[:, None]).to(dtype)
+        return (x.float() + self.ffn(h).float() * gate_ff[:, None]).to(dtype)
+
+
+class Head(nn.Module):
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        out = math.prod(config.patch_size) * config.out_dim
+        self.norm = LayerNorm(config.dim, config.eps, elementwise_affine=False)
+        self.head = nn.Linear(config.dim, out)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, config.dim))
+
+    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + time_embedding[:, None]).unbind(1)
+        return self.head((self.norm(x) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype))
+
+
+class WanDiT(nn.Module):
+    """Wan text-to-video DiT. ``forward(latents, timesteps, context)`` predicts the flow velocity."""
+
+    def __init__(self, config: DiTConfig, attention: AttentionBackend | None = None):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.attention = attention or get_backend("sdpa")
+        self.patch_embedding = nn.Conv3d(
+            config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
+        self.head = Head(config)
+        self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_attention(self, attention: AttentionBackend) -> None:
+        self.attention = attention
+
+    def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            self._rope_cache = {key: rope_tables(self.config.head_dim, grid, device)}
+        return self._rope_cache[key]
+
+    def pad_context(self, context: list[torch.Tensor]) -> torch.Tensor:
+        """Per-prompt T5 states [len_i, text_dim] -> [B, text_len, text_dim], zero padded."""
+        text_len = self.config.text_len
+        return torch.stack(
+            [F.pad(c[:text_len], (0, 0, 0, text_len - min(len(c), text_len))) for c in context]
+        )
+
+    def embed_time(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps [B] -> (time embedding [B, dim], projected modulation [B, 6, dim]), fp32.
+
+        Both MLPs hold fp32 weights (``FP32_PARAMETERS``), so this runs in fp32 at any model dtype.
+        """
+        embedding = self.time_embedding(timestep_embedding(self.config.freq_dim, timesteps))
+        return embedding, self.time_projection(embedding).unflatten(1, (6, self.config.dim))
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """latents [B, C, F, H, W], timesteps [B], context [B, text_len, text_dim] -> velocity."""
+        dtype = self.patch_embedding.weight.dtype
+        x = self.patch_embedding(latents.to(dtype))
+        grid = tuple(x.shape[2:])
+        x = x.flatten(2).transpose(1, 2)
+
+        time_embedding, time = self.embed_time(timesteps)
+        context = self.text_embedding(context.to(dtype))
+        rope = self.rope(grid, x.device)
+        for block in self.blocks:
+            x = block(x, time, context, rope, self.attention)
+        x = self.head(x, time_embedding)
+        return self.unpatchify(x, grid).float()
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, p_t*p_h*p_w*C] -> [B, C, F, H, W]."""
+        p = self.config.patch_size
+        x = x.reshape(x.shape[0], *grid, *p, self.config.out_dim)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(x.shape[0], self.config.out_dim, *(g * s for g, s in zip(grid, p)))
+
+
+_DIFFUSERS_DIT_RENAMES = [
+    (r"^condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
+    (r"^condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
+    (r"^condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
+    (r"^condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
+    (r"^condition_embedder\.time_proj\.", "time_projection.1."),
+    (r"^scale_shift_table$", "head.modulation"),
+    (r"^proj_out\.", "head.head."),
+    (r"^patch_embedding\.", "patch_embedding."),
+    (r"^blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
+    (r"^blocks\.(\d+)\.attn1\.to_([qkv])\.", r"blocks.\1.self_attn.\2."),
+    (r"^blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
+    (r"^blocks\.(\d+)\.attn1\.norm_([qk])\.", r"blocks.\1.self_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_([qkv])\.", r"blocks.\1.cross_attn.\2."),
+    (r"^blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
+    (r"^blocks\.(\d+)\.attn2\.norm_([qk])\.", r"blocks.\1.cross_attn.norm_\2."),
+    (r"^blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),
+    (r"^blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
+    (r"^blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
+]
+
+
+def diffusers_dit_key_to_official(key: str) -> str:
+    """A key of diffusers' WanTransformer3DModel -> the official (our) name."""
+    for pattern, replacement in _DIFFUSERS_DIT_RENAMES:
+        new, count = re.subn(pattern, replacement, key)
+        if count:
+            return new
+    raise CheckpointError(f"unknown key {key!r} in a Diffusers-layout transformer")

@@ -1,0 +1,442 @@
+"""The Wan2.1 video VAE: a causal 3D convolutional autoencoder (4x in time, 8x in space, 16 channels).
+
+Module and parameter names follow the official ``Wan2.1_VAE.pth`` exactly, so that file loads with a
+plain strict ``load_state_dict``; ``diffusers_vae_key_to_official`` renames the Diffusers layout.
+
+Video runs through the model causally, in chunks, as in the official implementation: the encoder sees
+the first frame alone and then groups of four frames, the decoder one latent frame at a time. Each
+causal convolution keeps the trailing frames of its input from one chunk to the next in a cache that
+belongs to a single ``encode``/``decode`` call, so calls share no state and the module stays reentrant.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.config import VAEConfig
+from pipeline.loading import CheckpointError
+
+# Per-channel statistics of the Wan2.1 latents (official values, also diffusers' defaults): the
+# diffusion model works on (mu - mean) / std.
+LATENTS_MEAN: tuple[float, ...] = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)  # fmt: skip
+LATENTS_STD: tuple[float, ...] = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)  # fmt: skip
+
+# What each causal layer keeps of the previous chunk, for one encode or decode call.
+FeatureCache = dict[nn.Module, Tensor]
+
+
+def _triple(value: int | tuple[int, int, int]) -> tuple[int, int, int]:
+    return (value, value, value) if isinstance(value, int) else tuple(value)
+
+
+class CausalConv3d(nn.Conv3d):
+    """A Conv3d that is causal in time: the time axis is padded on the past side only.
+
+    ``padding`` has the meaning of the official model: a time padding of ``p`` becomes ``2p`` frames
+    in the past. Given a cache, the conv continues a stream of chunks: the trailing input frames of the
+    previous chunk take the place of (some of) that zero padding.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        kernel_size: int | tuple[int, int, int],
+        stride: int | tuple[int, int, int] = 1,
+        padding: int | tuple[int, int, int] = 0,
+    ) -> None:
+        pad_t, pad_h, pad_w = _triple(padding)
+        # Space is padded symmetrically by the convolution itself; time by hand in forward.
+        super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, pad_h, pad_w))
+        self.past_frames = 2 * pad_t
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        if self.past_frames == 0:
+            return super().forward(x)
+        past = cache.get(self) if cache is not None else None
+        if past is not None:
+            x = torch.cat([past, x], dim=2)
+        if cache is not None:
+            # Clone so the cache does not keep the whole chunk alive.
+            cache[self] = x[:, :, -self.past_frames :].clone()
+        missing = self.past_frames - (0 if past is None else past.shape[2])
+        if missing > 0:
+            x = F.pad(x, (0, 0, 0, 0, missing, 0))
+        return super().forward(x)
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the channel axis (dim 1) with a learned per-channel ``gamma``."""
+
+    def __init__(self, dim: int, spatial_dims: int = 3) -> None:
+        super().__init__()
+        self.scale = dim**0.5
+        self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The sum of squares over hundreds of channels is taken in fp32 (a no-op for fp32 input).
+        normalized = F.normalize(x.float(), dim=1).to(x.dtype)
+        return normalized * self.scale * self.gamma
+
+
+class ResidualBlock(nn.Module):
+    """norm, SiLU, conv, norm, SiLU, dropout, conv; plus a 1x1x1 conv shortcut when the width changes."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        # Sequential indices 0..6 are the official parameter names (residual.0.gamma, residual.2, ...).
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, padding=1),
+            RMSNorm(out_dim),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            CausalConv3d(out_dim, out_dim, 3, padding=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        skip = self.shortcut(x)
+        for layer in self.residual:
+            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + skip
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention among the pixels of each frame; frames do not see each other."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, spatial_dims=2)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+        b, c, t, h, w = x.shape
+        frames = x.transpose(1, 2).reshape(b * t, c, h, w)
+        qkv = self.to_qkv(self.norm(frames))
+        # (b*t, 3c, h, w) -> one head of h*w tokens: (b*t, 1, h*w, 3c), then q | k | v along channels.
+        q, k, v = qkv.flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.proj(out.squeeze(1).transpose(1, 2).reshape(b * t, c, h, w))
+        return x + out.reshape(b, t, c, h, w).transpose(1, 2)
+
+
+class Resample(nn.Module):
+    """2x spatial up/down sampling, optionally with 2x in time (``upsample3d`` / ``downsample3d``)."""
+
+    MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"unknown resample mode {mode!r} (known: {', '.join(self.MODES)})")
+        self.mode = mode
+        if mode.startswith("upsample"):
+            # The channel count halves as the pixel count quadruples.
+            self.resample = nn.Sequential(
+                nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+                nn.Conv2d(dim, dim // 2, 3, padding=1),
+            )
+            if mode == "upsample3d":
+                # Twice the channels: each input frame yields two output frames.
+                self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1), padding=(1, 0, 0))
+        else:
+            # Pad right and bottom only, so the stride-2 3x3 conv maps an even size to exactly half.
+            self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(dim, dim, 3, stride=2))
+            if mode == "downsample3d":
+                self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        if self.mode == "upsample3d":
+            x = self._upsample_time(x, cache)
+        b, c, t, h, w = x.shape
+        frames = self.resample(x.transpose(1, 2).reshape(b * t, c, h, w))
+        x = frames.reshape(b, t, *frames.shape[1:]).transpose(1, 2)
+        if self.mode == "downsample3d":
+            x = self._downsample_time(x, cache)
+        return x
+
+    def _upsample_time(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        if self.time_conv not in cache:
+            # The first chunk is not doubled (latent frame 0 decodes to video frame 0 alone), and the
+            # temporal conv's history starts empty -- zeros -- with the next chunk.
+            b, c, _, h, w = x.shape
+            cache[self.time_conv] = x.new_zeros((b, c, 0, h, w))
+            return x
+        x = self.time_conv(x, cache)
+        b, c2, t, h, w = x.shape
+        # The two channel halves are the earlier and the later output frame of each input frame.
+        x = x.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5)
+        return x.reshape(b, c2 // 2, 2 * t, h, w)
+
+    def _downsample_time(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        past = cache.get(self.time_conv)
+        cache[self.time_conv] = x[:, :, -1:].clone()
+        if past is None:
+            # The first chunk (one frame) passes through: video frame 0 becomes latent frame 0 alone.
+            return x
+        # Stride 2 over [last frame of the previous chunk, this chunk]: 4 frames -> 2, 2 -> 1.
+        return self.time_conv(torch.cat([past, x], dim=2))
+
+
+def _middle(dim: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(dim, dim, dropout), AttentionBlock(dim), ResidualBlock(dim, dim, dropout))
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: VAEConfig, dropout: float = 0.0) -> None:
+        super().__init__()
+        dims = [config.base_dim * m for m in (1, *config.dim_mult)]
+        self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            for _ in range(config.num_res_blocks):
+                blocks.append(ResidualBlock(in_dim, out_dim, dropout))
+                in_dim = out_dim
+            if stage < len(config.dim_mult) - 1:
+                mode = "downsample3d" if config.temporal_downsample[stage] else "downsample2d"
+                blocks.append(Resample(out_dim, mode))
+        self.downsamples = nn.Sequential(*blocks)
+        self.middle = _middle(dims[-1], dropout)
+        # Mean and log-variance of the posterior.
+        self.head = nn.Sequential(
+            RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], config.z_dim * 2, 3, padding=1)
+        )
+
+    def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        x = self.conv1(x, cache)
+        for block in (*self.downsamples, *self.middle):
+            x = block(x, cache)
+        norm, act, conv = self.head
+        return conv(act(norm(x)), cache)
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: VAEConfig, dropout: float = 0.0) -> None:
+        super().__init__()
+        dims = [config.base_dim * m for m in (config.dim_mult[-1], *reversed(config.dim_mult))]
+        temporal_upsample = tuple(reversed(config.temporal_downsample))
+        self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
+        self.middle = _middle(dims[0], dropout)
+        blocks: list[nn.Module] = []
+        for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
+            if stage > 0:
+                in_dim //= 2  # the upsample that ended the previous stage halved the channels
+            for _ in range(config.num_res_blocks + 1):
+                blocks.append(ResidualBlock(in_dim, out_dim, dropout))
+                in_dim = out_dim
+            if stage < len(config.dim_mult) - 1:
+                mode = "upsample3d" if temporal_upsample[stage] else "upsample2d"
+                blocks.append(Resample(out_dim, mode))
+        self.upsamples = nn.Sequential(*blocks)
+        self.head = nn.Sequential(RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1))
+
+    def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
+        x = self.conv1(x, cache)
+        for block in (*self.middle, *self.upsamples):
+            x = block(x, cache)
+        norm, act, conv = self.head
+        return conv(act(norm(x)), cache)
+
+
+class WanVAE(nn.Module):
+    """The Wan2.1 VAE. ``encode`` and ``decode`` speak normalised latents, the diffusion model's space.
+
+    Runs in the dtype and on the device of its parameters; build it on the meta device and assign the
+    official state dict to load it.
+    """
+
+    def __init__(self, config: VAEConfig, dropout: float = 0.0) -> None:
+        super().__init__()
+        _check_config(config)
+        self.config = config
+        self.encoder = Encoder(config, dropout)
+        self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
+        self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
+        self.decoder = Decoder(config, dropout)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv1.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv1.weight.device
+
+    @torch.no_grad()
+    def encode(self, video: Tensor) -> Tensor:
+        """Normalised posterior means of a video in [-1, 1].
+
+        ``video``: [B, 3, F, H, W] with H, W multiples of 8. Returns float32 [B, z, 1 + (F-1)//4, H/8,
+        W/8]. As in the official model, trailing frames that do not fill a chunk of 4 are ignored.
+        """
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"expected a video [B, 3, F, H, W], got shape {list(video.shape)}")
+        frames, height, width = video.shape[2:]
+        chunk, down_h, down_w = self.config.stride
+        if frames < 1 or height % down_h or width % down_w:
+            raise ValueError(
+                f"video of {frames} frames of {height}x{width}: needs at least one frame and a height "
+                f"and width that are multiples of {down_h} and {down_w}"
+            )
+        video = video.to(device=self.device, dtype=self.dtype)
+        cache: FeatureCache = {}
+        starts = [0, *range(1, frames - chunk + 1, chunk)]
+        ends = [1, *(start + chunk for start in starts[1:])]
+        out = torch.cat([self.encoder(video[:, :, s:e], cache) for s, e in zip(starts, ends)], dim=2)
+        mu, _log_var = self.conv1(out).chunk(2, dim=1)
+        mean, std = _latent_stats(mu.device)
+        return (mu.float() - mean) / std
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Video in [-1, 1] from normalised latents [B, z, T, h, w]: [B, 3, 1 + 4(T-1), 8h, 8w].
+
+        The result has the parameters' dtype.
+        """
+        if latents.ndim != 5 or latents.shape[1] != self.config.z_dim or latents.shape[2] < 1:
+            raise ValueError(
+                f"expected latents [B, {self.config.z_dim}, T>=1, h, w], got shape {list(latents.shape)}"
+            )
+        mean, std = _latent_stats(self.device)
+        z = (latents.to(device=self.device, dtype=torch.float32) * std + mean).to(self.dtype)
+        x = self.conv2(z)
+        cache: FeatureCache = {}
+        frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
+        return torch.cat(frames, dim=2).clamp_(-1.0, 1.0)
+
+
+def _check_config(config: VAEConfig) -> None:
+    if config.z_dim != len(LATENTS_MEAN):
+        raise ValueError(
+            f"VAE z_dim {config.z_dim} is not supported: the latent statistics exist for "
+            f"z_dim {len(LATENTS_MEAN)} only"
+        )
+    if len(config.temporal_downsample) != len(config.dim_mult) - 1:
+        raise ValueError(
+            f"VAE temporal_downsample has {len(config.temporal_downsample)} entries, "
+            f"dim_mult {len(config.dim_mult)}: expected one fewer"
+        )
+    expected = (2 ** sum(config.temporal_downsample), *(2 ** (len(config.dim_mult) - 1),) * 2)
+    if tuple(config.stride) != expected:
+        raise ValueError(f"VAE stride {tuple(config.stride)} does not match the architecture ({expected})")
+
+
+def _latent_stats(device: torch.device) -> tuple[Tensor, Tensor]:
+    mean = torch.tensor(LATENTS_MEAN, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(LATENTS_STD, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
+# --- Diffusers checkpoint layout ------------------------------------------------------------------
+#
+# Every diffusers tensor has the same shape as its official counterpart (the attention's to_qkv and
+# proj are Conv2d in both, the norms' gammas have the same broadcast shapes), so only names change.
+
+_RESNET_LEAVES = {
+    "norm1.gamma": "residual.0.gamma",
+    "conv1.weight": "residual.2.weight",
+    "conv1.bias": "residual.2.bias",
+    "norm2.gamma": "residual.3.gamma",
+    "conv2.weight": "residual.6.weight",
+    "conv2.bias": "residual.6.bias",
+    "conv_shortcut.weight": "shortcut.weight",
+    "conv_shortcut.bias": "shortcut.bias",
+}
+_ATTENTION_LEAVES = ("norm.gamma", "to_qkv.weight", "to_qkv.bias", "proj.weight", "proj.bias")
+_RESAMPLE_LEAVES = ("resample.1.weight", "resample.1.bias", "time_conv.weight", "time_conv.bias")
+_CONV_LEAVES = ("weight", "bias")
+
+
+def diffusers_vae_key_to_official(key: str, config: VAEConfig | None = None) -> str:
+    """The official ``Wan2.1_VAE.pth`` name of a key of diffusers' ``AutoencoderKLWan`` state dict.
+
+    ``config`` (default: the Wan2.1 VAE) fixes the decoder's index mapping: diffusers groups the
+    decoder into stages of ``num_res_blocks + 1`` resnets and one upsampler, the official model keeps
+    one flat list. Raises ``CheckpointError`` for a key that has no official counterpart.
+    """
+    config = config or VAEConfig()
+    try:
+        return _map_diffusers_key(key, config)
+    except KeyError as err:
+        raise CheckpointError(
+            f"diffusers VAE key {key!r} has no counterpart in the official Wan2.1 VAE layout ({err.args[0]})"
+        ) from None
+
+
+def _map_diffusers_key(key: str, config: VAEConfig) -> str:
+    top = {"quant_conv": "conv1", "post_quant_conv": "conv2"}
+    if m := re.fullmatch(r"(quant_conv|post_quant_conv)\.(\w+)", key):
+        return f"{top[m[1]]}.{_leaf(m[2], _CONV_LEAVES)}"
+
+    if not (m := re.fullmatch(r"(encoder|decoder)\.(\w+)\.(.+)", key)):
+        raise KeyError("unknown top-level module")
+    side, part, rest = m[1], m[2], m[3]
+    if part == "conv_in":
+        return f"{side}.conv1.{_leaf(rest, _CONV_LEAVES)}"
+    if part == "norm_out":
+        return f"{side}.head.0.{_leaf(rest, ('gamma',))}"
+    if part == "conv_out":
+        return f"{side}.head.2.{_leaf(rest, _CONV_LEAVES)}"
+    if part == "mid_block":
+        # Official middle: resnet, attention, resnet.
+        if m := re.fullmatch(r"resnets\.([01])\.(.+)", rest):
+            return f"{side}.middle.{2 * int(m[1])}.{_RESNET_LEAVES[m[2]]}"
+        if m := re.fullmatch(r"attentions\.0\.(.+)", rest):
+            return f"{side}.middle.1.{_leaf(m[1], _ATTENTION_LEAVES)}"
+        raise KeyError("unknown mid_block entry")
+
+    stages = len(config.dim_mult)
+    if side == "encoder" and part == "down_blocks":
+        # Same flat list in both layouts: num_res_blocks resnets per stage, a downsample between stages.
+        count = stages * config.num_res_blocks + stages - 1
+        if not (m := re.fullmatch(r"(\d+)\.(.+)", rest)) or int(m[1]) >= count:
+            raise KeyError(f"down_blocks index out of range for {count} blocks")
+        leaf = _RESNET_LEAVES.get(m[2]) or _leaf(m[2], _RESAMPLE_LEAVES)
+        return f"encoder.downsamples.{int(m[1])}.{leaf}"
+    if side == "decoder" and part == "up_blocks":
+        # Each stage is num_res_blocks + 1 resnets then one upsample (none after the last stage).
+        per_stage = config.num_res_blocks + 2
+        if m := re.fullmatch(r"(\d+)\.resnets\.(\d+)\.(.+)", rest):
+            stage, index = int(m[1]), int(m[2])
+            if stage >= stages or index > config.num_res_blocks:
+                raise KeyError("up_blocks resnet index out of range")
+            return f"decoder.upsamples.{stage * per_stage + index}.{_RESNET_LEAVES[m[3]]}"
+        if m := re.fullmatch(r"(\d+)\.upsamplers\.0\.(.+)", rest):
+            stage = int(m[1])
+            if stage >= stages - 1:
+                raise KeyError("no upsampler after the last decoder stage")
+            leaf = _leaf(m[2], _RESAMPLE_LEAVES)
+            return f"decoder.upsamples.{stage * per_stage + config.num_res_blocks + 1}.{leaf}"
+        raise KeyError("unknown up_blocks entry")
+    raise KeyError(f"unknown {side} module {part!r}")
+
+
+def _leaf(name: str, allowed: tuple[str, ...]) -> str:
+    if name not in allowed:
+        raise KeyError(f"unknown parameter {name!r}")
+    return name
+
+
+__all__ = [
+    "LATENTS_MEAN",
+    "LATENTS_STD",
+    "WanVAE",
+    "diffusers_vae_key_to_official",
+]
+
+# Kept importable for callers that size buffers from the config without building the model.
+_ = math

@@ -1,0 +1,190 @@
+"""Text to video with a Wan model: text encode, denoise with classifier-free guidance, VAE decode."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kernels import AttentionBackend, get_backend
+from pipeline.checkpoint import Checkpoint, load_dit, load_text_encoder, load_vae, open_checkpoint
+from pipeline.config import ModelConfig, ProfileConfig
+from pipeline.dit import WanDiT
+from pipeline.params import GenerationParams
+from pipeline.schedulers import make_scheduler
+from pipeline.video import to_uint8_frames
+
+# progress(stage, step, total): stages "text_encode", "denoise", "vae_decode". A callback may raise
+# to stop the job; the pipeline checks it between denoising steps.
+ProgressFn = Callable[[str, int, int], None]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # [F, H, W, 3] uint8
+    params: GenerationParams
+    fps: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    # Which expert ran at each step, and the guidance it used (Wan2.2 switches mid-run).
+    expert_per_step: list[int] = field(default_factory=list)
+    guidance_per_step: list[float] = field(default_factory=list)
+    attention: str = ""
+
+
+class WanPipeline:
+    """One loaded Wan model. ``generate`` turns validated parameters into frames."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        experts: list[WanDiT],
+        vae: torch.nn.Module,
+        text_encoder,
+        device: torch.device,
+        attention: AttentionBackend,
+    ):
+        if len(experts) != len(model.experts):
+            raise ValueError(f"{model.name} needs {len(model.experts)} DiT(s), got {len(experts)}")
+        self.model = model
+        self.experts = experts
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.device = device
+        self.attention = attention
+        for dit in experts:
+            dit.set_attention(attention)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        root: Path | str,
+        model_name: str | None = None,
+        device: torch.device | str | None = None,
+        dtype: str = "auto",
+        attention: str = "sdpa",
+    ) -> WanPipeline:
+        device = torch.device(device) if device is not None else default_device()
+        backend = get_backend(attention, device)  # an unavailable backend fails here, before loading
+        checkpoint: Checkpoint = open_checkpoint(root, model_name)
+        torch_dtype = resolve_dtype(dtype, device)
+        model = checkpoint.model
+        experts = [load_dit(d, checkpoint.layout, model.dit, torch_dtype, device) for d in checkpoint.expert_dirs]
+        return cls(
+            model,
+            experts,
+            load_vae(checkpoint, torch_dtype, device),
+            load_text_encoder(checkpoint, torch_dtype, device),
+            device,
+            backend,
+        )
+
+    @classmethod
+    def from_profile(cls, profile: ProfileConfig, device: torch.device | str | None = None) -> WanPipeline:
+        return cls.from_checkpoint(
+            profile.checkpoint_dir, profile.model, device, profile.dtype, profile.attention
+        )
+
+    def latent_shape(self, params: GenerationParams) -> tuple[int, int, int, int]:
+        st, sh, sw = self.model.vae.stride
+        return (self.model.vae.z_dim, (params.frames - 1) // st + 1, params.height // sh, params.width // sw)
+
+    def expert_for(self, timestep: int) -> int:
+        """Index of the expert for a timestep: Wan2.2 uses the high-noise one while t >= boundary."""
+        boundary = self.model.sampling.boundary
+        if not self.model.is_moe:
+            return 0
+        return 0 if timestep >= boundary * 1000 else 1
+
+    def guidance_for(self, expert: int, params: GenerationParams) -> float:
+        return params.guidance if expert == 0 else params.guidance_low_noise
+
+    def initial_noise(self, params: GenerationParams) -> torch.Tensor:
+        # Drawn on the CPU so a seed means the same noise on every machine.
+        generator = torch.Generator("cpu").manual_seed(params.seed)
+        noise = torch.randn((1, *self.latent_shape(params)), generator=generator, dtype=torch.float32)
+        return noise.to(self.device)
+
+    @torch.no_grad()
+    def encode_text(self, params: GenerationParams) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, uncond = self.text_encoder.encode([params.prompt, params.negative_prompt])
+        pad = self.experts[0].pad_context
+        return pad([cond]).to(self.device), pad([uncond]).to(self.device)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        result: GenerationResult | None = None,
+    ) -> torch.Tensor:
+        scheduler = make_scheduler(params.solver, params.steps, params.shift)
+        timesteps = scheduler.timesteps.tolist()
+        for i, t in enumerate(timesteps):
+            expert = self.expert_for(t)
+            guidance = self.guidance_for(expert, params)
+            dit = self.experts[expert]
+            t_batch = torch.tensor([t], device=self.device)
+            velocity = dit(latents, t_batch, cond)
+            if guidance != 1.0:  # guidance 1 is the conditional prediction alone: skip the second pass
+                velocity_uncond = dit(latents, t_batch, uncond)
+                velocity = velocity_uncond + guidance * (velocity - velocity_uncond)
+            latents = scheduler.step(velocity, latents)
+            if result is not None:
+                result.expert_per_step.append(expert)
+                result.guidance_per_step.append(guidance)
+            if progress is not None:
+                progress("denoise", i + 1, len(timesteps))
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        video = self.vae.decode(latents.to(next(self.vae.parameters()).dtype))
+        return to_uint8_frames(video[0])
+
+    def generate(self, params: GenerationParams, progress: ProgressFn | None = None) -> GenerationResult:
+        """Run one validated request (see ``pipeline.params.validate_params``)."""
+        result = GenerationResult(
+            frames=np.empty(0), params=params, fps=self.model.sampling.fps, attention=self.attention.implementation
+        )
+        with _timed("text_encode", self.device, result.seconds):
+            if progress:
+                progress("text_encode", 0, 1)
+            cond, uncond = self.encode_text(params)
+        with _timed("denoise", self.device, result.seconds):
+            latents = self.denoise(self.initial_noise(params), cond, uncond, params, progress, result)
+        with _timed("vae_decode", self.device, result.seconds):
+            if progress:
+                progress("vae_decode", 0, 1)
+            result.frames = self.decode(latents)
+        return result
+
+
+@contextmanager
+def _timed(stage: str, device: torch.device, seconds: dict[str, float]):
+    """Wall seconds of a stage; synchronises the GPU so queued kernels count where they ran."""
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds[stage] = time.perf_counter() - start

@@ -1,0 +1,1 @@
+"""The ``smartdiff`` command line: one entry point, subcommands imported only when used."""

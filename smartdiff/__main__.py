@@ -1,0 +1,3 @@
+from smartdiff.cli import main
+
+raise SystemExit(main())
