@@ -11,7 +11,6 @@ belongs to a single ``encode``/``decode`` call, so calls share no state and the 
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -193,7 +192,9 @@ class Resample(nn.Module):
 
 
 def _middle(dim: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(ResidualBlock(dim, dim, dropout), AttentionBlock(dim), ResidualBlock(dim, dim, dropout))
+    return nn.Sequential(
+        ResidualBlock(dim, dim, dropout), AttentionBlock(dim), ResidualBlock(dim, dim, dropout)
+    )
 
 
 class Encoder(nn.Module):
@@ -294,9 +295,9 @@ class WanVAE(nn.Module):
             )
         video = video.to(device=self.device, dtype=self.dtype)
         cache: FeatureCache = {}
-        starts = [0, *range(1, frames - chunk + 1, chunk)]
-        ends = [1, *(start + chunk for start in starts[1:])]
-        out = torch.cat([self.encoder(video[:, :, s:e], cache) for s, e in zip(starts, ends)], dim=2)
+        # Frame 0 alone, then whole chunks: [0, 1), [1, 1 + chunk), [1 + chunk, 1 + 2 chunk), ...
+        bounds = [(0, 1)] + [(1 + i * chunk, 1 + (i + 1) * chunk) for i in range((frames - 1) // chunk)]
+        out = torch.cat([self.encoder(video[:, :, s:e], cache) for s, e in bounds], dim=2)
         mu, _log_var = self.conv1(out).chunk(2, dim=1)
         mean, std = _latent_stats(mu.device)
         return (mu.float() - mean) / std
@@ -394,7 +395,7 @@ def _map_diffusers_key(key: str, config: VAEConfig) -> str:
     if part == "mid_block":
         # Official middle: resnet, attention, resnet.
         if m := re.fullmatch(r"resnets\.([01])\.(.+)", rest):
-            return f"{side}.middle.{2 * int(m[1])}.{_RESNET_LEAVES[m[2]]}"
+            return f"{side}.middle.{2 * int(m[1])}.{_resnet_leaf(m[2])}"
         if m := re.fullmatch(r"attentions\.0\.(.+)", rest):
             return f"{side}.middle.1.{_leaf(m[1], _ATTENTION_LEAVES)}"
         raise KeyError("unknown mid_block entry")
@@ -414,7 +415,7 @@ def _map_diffusers_key(key: str, config: VAEConfig) -> str:
             stage, index = int(m[1]), int(m[2])
             if stage >= stages or index > config.num_res_blocks:
                 raise KeyError("up_blocks resnet index out of range")
-            return f"decoder.upsamples.{stage * per_stage + index}.{_RESNET_LEAVES[m[3]]}"
+            return f"decoder.upsamples.{stage * per_stage + index}.{_resnet_leaf(m[3])}"
         if m := re.fullmatch(r"(\d+)\.upsamplers\.0\.(.+)", rest):
             stage = int(m[1])
             if stage >= stages - 1:
@@ -423,6 +424,12 @@ def _map_diffusers_key(key: str, config: VAEConfig) -> str:
             return f"decoder.upsamples.{stage * per_stage + config.num_res_blocks + 1}.{leaf}"
         raise KeyError("unknown up_blocks entry")
     raise KeyError(f"unknown {side} module {part!r}")
+
+
+def _resnet_leaf(name: str) -> str:
+    if name not in _RESNET_LEAVES:
+        raise KeyError(f"unknown resnet parameter {name!r}")
+    return _RESNET_LEAVES[name]
 
 
 def _leaf(name: str, allowed: tuple[str, ...]) -> str:
@@ -437,6 +444,3 @@ __all__ = [
     "WanVAE",
     "diffusers_vae_key_to_official",
 ]
-
-# Kept importable for callers that size buffers from the config without building the model.
-_ = math

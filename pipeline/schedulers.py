@@ -1,0 +1,217 @@
+"""Flow-matching samplers for Wan: UniPC (the default), DPM++ 2M and Euler.
+
+Wan's DiT predicts the flow velocity ``v = noise - x0`` of the straight path
+``x_t = (1 - sigma) * x0 + sigma * noise``, so every solver starts from ``x0 = x_t - sigma * v``.
+The multistep solvers work in log-SNR time ``lambda = log((1 - sigma) / sigma)``.
+
+A scheduler is made fresh for every request and stepped once per entry of ``timesteps``::
+
+    scheduler = make_scheduler("unipc", steps=50, shift=5.0)
+    for t in scheduler.timesteps:
+        latents = scheduler.step(dit(latents, t), latents)
+
+Only what Wan uses is implemented (order 2, data prediction, final sigma 0). The numbers follow the
+official Wan schedulers and diffusers' equivalents; tests/test_schedulers.py checks them step by step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+import torch
+
+SOLVERS = ("unipc", "dpm++", "euler")
+NUM_TRAIN_TIMESTEPS = 1000
+# 1 - 1/1000 as the official schedulers see it: they read sigma_max back from their float32 training
+# table (0.9990000128746033). With the plain float 0.999, sigma * 1000 lands just below an integer for
+# a few shift-1 schedules and truncates one lower (3 steps: 665 instead of the official 666).
+SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
+
+
+class FlowScheduler(Protocol):
+    steps: int
+    sigmas: torch.Tensor  # float32, steps + 1 values on the CPU, decreasing, last one 0
+    timesteps: torch.Tensor  # int64, steps values: what the DiT receives
+
+    def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor: ...
+
+
+def shifted_sigmas(steps: int, shift: float, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
+    """The official Wan schedule in float64: ``steps + 1`` sigmas, the last one 0.
+
+    ``linspace(sigma_max, 0, steps + 1)[:-1]`` shifted by ``shift * s / (1 + (shift - 1) * s)``, then 0.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a positive number, got {shift!r}")
+    if not 0 < sigma_max <= 1:
+        raise ValueError(f"sigma_max must be in (0, 1], got {sigma_max!r}")
+    # numpy's linspace, as in the official code: torch.linspace rounds differently in the last bit,
+    # which can flip the integer truncation of a timestep.
+    sigmas = np.linspace(sigma_max, 0.0, steps + 1)[:-1]
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    return torch.from_numpy(np.append(sigmas, 0.0))
+
+
+def _log_snr(sigma: float) -> float:
+    # Callers never pass the final sigma 0 (lambda = +inf); that step has a closed form instead.
+    return math.log((1.0 - sigma) / sigma)
+
+
+class _FlowSolver:
+    """Schedule, step counter and dtype handling shared by the solvers."""
+
+    def __init__(self, steps: int, shift: float) -> None:
+        sigmas = shifted_sigmas(steps, shift)
+        self.steps = steps
+        self.shift = float(shift)
+        # Truncated from the float64 sigmas, as the official code does; Wan2.2 compares these integers
+        # with its expert boundary (875), so rounding instead would move the switch.
+        self.timesteps = (sigmas[:-1] * NUM_TRAIN_TIMESTEPS).to(torch.int64)
+        # The solvers run on the float32 schedule, as the official and diffusers schedulers store it.
+        self.sigmas = sigmas.to(torch.float32)
+        self._sig: list[float] = self.sigmas.tolist()  # Python floats: no device syncs while stepping
+        self.step_index = 0
+
+    def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The sample at the next sigma, given the (guided) velocity at the current one.
+
+        Computes in float32 and returns the sample's dtype; the inputs are left unchanged.
+        """
+        i = self.step_index
+        if i >= self.steps:
+            raise RuntimeError(f"all {self.steps} steps are done; make a new scheduler for a new run")
+        if velocity.shape != sample.shape:
+            raise ValueError(f"velocity shape {tuple(velocity.shape)} != sample shape {tuple(sample.shape)}")
+        out = self._step(i, velocity.to(torch.float32), sample.to(torch.float32))
+        self.step_index = i + 1
+        return out.to(sample.dtype)
+
+    def _step(self, i: int, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class EulerScheduler(_FlowSolver):
+    """First-order flow Euler: ``x_next = x + (sigma_next - sigma) * v``."""
+
+    def _step(self, i: int, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x + (self._sig[i + 1] - self._sig[i]) * v
+
+
+class DPMSolverPlusPlusScheduler(_FlowSolver):
+    """Multistep DPM-Solver++(2M), midpoint variant, first order on the first and the last step.
+
+    Schedule: the same shifted ``linspace(0.999, 0)`` as UniPC, which is what diffusers'
+    DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift) builds and how Wan users
+    configure DPM++ there. The official Wan code instead feeds ``get_sampling_sigmas`` (shifted
+    ``linspace(1, 0)``), whose first sigma is exactly 1 and first timestep 1000; we keep one schedule,
+    and one set of DiT timesteps, for all three solvers.
+    """
+
+    def __init__(self, steps: int, shift: float) -> None:
+        super().__init__(steps, shift)
+        self._prev_x0: torch.Tensor | None = None
+
+    def _step(self, i: int, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        s0, t = self._sig[i], self._sig[i + 1]
+        x0 = x - s0 * v
+        prev_x0, self._prev_x0 = self._prev_x0, x0
+        if t == 0.0:
+            # The first-order update's limit at sigma_next = 0 (lower_order_final): x0 itself.
+            return x0
+        h = _log_snr(t) - _log_snr(s0)
+        phi = math.expm1(-h)  # e^{-h} - 1
+        d = x0
+        if prev_x0 is not None:
+            r0 = (_log_snr(s0) - _log_snr(self._sig[i - 1])) / h
+            d = x0 + (0.5 / r0) * (x0 - prev_x0)  # midpoint: x0 + D1 / 2 with D1 = (x0 - prev) / r0
+        return (t / s0) * x - ((1.0 - t) * phi) * d
+
+
+class UniPCScheduler(_FlowSolver):
+    """UniPC-2 (bh2, data prediction) with the UniC corrector on every step, lower order on the last.
+
+    Each step first corrects the incoming sample with UniC, using the x0 predicted from it (the
+    corrector costs no model call), then predicts the next sample with UniP. Order 1 on the first
+    step (no history) and on the last one; the corrector uses the previous predictor's order.
+    """
+
+    def __init__(self, steps: int, shift: float) -> None:
+        super().__init__(steps, shift)
+        self._x0s: list[torch.Tensor] = []  # the last two x0 predictions, newest last
+        self._last_sample: torch.Tensor | None = None  # sample the last predictor started from
+        self._last_order = 0
+
+    def _step(self, i: int, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        sig = self._sig
+        # x0 comes from the sample as the model saw it, before the correction.
+        x0 = x - sig[i] * v
+        final = sig[i + 1] == 0.0
+        if i == 0:
+            x = x.clone()  # x may be the caller's tensor and is kept for the next step's corrector
+        elif not final:
+            # On the last step the predictor returns x0 exactly, so the corrected sample is unused.
+            x = self._correct(i, x0)
+        order = 1 if i == 0 or final else 2
+        self._x0s = [*self._x0s[-1:], x0]
+        self._last_sample, self._last_order = x, order
+        if final:
+            # UniP-1's limit at sigma_next = 0: sigma_t / sigma_s -> 0, alpha_t -> 1, e^{-h} -> 0.
+            return x0
+        return self._predict(i, x, order)
+
+    def _predict(self, i: int, x: torch.Tensor, order: int) -> torch.Tensor:
+        sig = self._sig
+        s0, t = sig[i], sig[i + 1]
+        m0 = self._x0s[-1]
+        h = _log_snr(t) - _log_snr(s0)
+        phi = math.expm1(-h)  # e^{-h} - 1; bh2 also uses it as B(h)
+        out = (t / s0) * x - ((1.0 - t) * phi) * m0
+        if order == 2:
+            rk = (_log_snr(sig[i - 1]) - _log_snr(s0)) / h
+            d1 = (self._x0s[-2] - m0) / rk
+            out = out - ((1.0 - t) * phi * 0.5) * d1  # UniP-2's weight is fixed at 1/2
+        return out
+
+    def _correct(self, i: int, x0: torch.Tensor) -> torch.Tensor:
+        """UniC: redo the last step from ``sigma[i-1]`` to ``sigma[i]`` including the new ``x0``."""
+        sig = self._sig
+        s0, t = sig[i - 1], sig[i]
+        m0 = self._x0s[-1]  # x0 at sigma[i-1]
+        h = _log_snr(t) - _log_snr(s0)
+        hh = -h
+        phi = math.expm1(hh)  # e^{-h} - 1 = B(h) for bh2
+        base = (t / s0) * self._last_sample - ((1.0 - t) * phi) * m0
+        if self._last_order == 1:
+            correction = 0.5 * (x0 - m0)  # UniC-1's weight is fixed at 1/2
+        else:
+            rk = (_log_snr(sig[i - 2]) - _log_snr(s0)) / h
+            d1 = (self._x0s[-2] - m0) / rk
+            # Weights (rho_0, rho_1) solve [[1, 1], [rk, 1]] @ rho = (b1, b2), with b_k built from the
+            # phi-functions: g1 = h*phi_2-type term, g2 the next one; written out for order 2.
+            g1 = phi / hh - 1.0
+            g2 = g1 / hh - 0.5
+            b1 = g1 / phi
+            b2 = 2.0 * g2 / phi
+            rho0 = (b1 - b2) / (1.0 - rk)
+            rho1 = b1 - rho0
+            correction = rho0 * d1 + rho1 * (x0 - m0)
+        return base - ((1.0 - t) * phi) * correction
+
+
+_SCHEDULERS: dict[str, type[_FlowSolver]] = {
+    "unipc": UniPCScheduler,
+    "dpm++": DPMSolverPlusPlusScheduler,
+    "euler": EulerScheduler,
+}
+
+
+def make_scheduler(solver: str, steps: int, shift: float) -> FlowScheduler:
+    """A fresh scheduler (one per request: it holds the step counter and past model outputs)."""
+    cls = _SCHEDULERS.get(solver)
+    if cls is None:
+        raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVERS)}")
+    return cls(steps, shift)

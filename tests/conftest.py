@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REFERENCE_DIR = Path(__file__).parent / "data" / "reference"
+
+
+def read_reference(name: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of an official Wan checkpoint file (tests/data/reference/NAME.keys.tsv)."""
+    shapes = {}
+    for line in (REFERENCE_DIR / f"{name}.keys.tsv").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape = line.split("\t")
+        shapes[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
+    return shapes
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny model in the official layout, written once per test session."""
+    from pipeline.tiny import write_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny") / "tiny"
+    write_tiny_checkpoint(root)
+    return root

@@ -1,0 +1,105 @@
+"""The DiT: exact official tensor names and shapes, and the same numbers as diffusers' Wan DiT."""
+
+import pytest
+import torch
+from conftest import read_reference
+from diffusers import WanTransformer3DModel
+
+from pipeline.config import DiTConfig, load_model_config
+from pipeline.dit import WanDiT, diffusers_dit_key_to_official, rope_split, timestep_embedding
+from pipeline.loading import CheckpointError, assign_weights
+
+
+@pytest.mark.parametrize(
+    ("model", "reference"),
+    [("wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b-dit"), ("wan2.1-t2v-14b", "wan2.1-t2v-14b-dit"),
+     ("wan2.2-t2v-a14b", "wan2.1-t2v-14b-dit")],
+)
+def test_meta_dit_matches_the_official_tensors(model, reference):
+    with torch.device("meta"):
+        dit = WanDiT(load_model_config(model).dit)
+    ours = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
+    assert ours == read_reference(reference)
+
+
+def test_rope_split_and_timestep_sinusoid():
+    assert rope_split(128) == (44, 42, 42)
+    t = torch.tensor([0.0, 999.0])
+    emb = timestep_embedding(256, t)
+    # Cosine half first: at t = 0 the first half is 1, the second 0.
+    assert torch.equal(emb[0, :128], torch.ones(128)) and torch.equal(emb[0, 128:], torch.zeros(128))
+    assert torch.allclose(emb[1, 1], torch.cos(torch.tensor(999.0 * 10000 ** (-1 / 128), dtype=torch.float64)).float())
+
+
+def tiny_pair(seed=0, layers=2):
+    torch.manual_seed(seed)
+    ref = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=256, ffn_dim=128, num_layers=layers,
+    ).eval()
+    with torch.no_grad():
+        for p in ref.parameters():  # diffusers zero-inits some tensors; make every weight matter
+            p.copy_(torch.randn_like(p) * 0.1)
+    config = DiTConfig(dim=64, ffn_dim=128, num_layers=layers, num_heads=2, text_dim=32, text_len=16)
+    with torch.device("meta"):
+        ours = WanDiT(config)
+    state = {diffusers_dit_key_to_official(k): v.clone() for k, v in ref.state_dict().items()}
+    assign_weights(ours, state, "diffusers-state", torch.float32, "cpu")
+    return ref, ours
+
+
+def test_forward_matches_diffusers():
+    ref, ours = tiny_pair()
+    x = torch.randn(2, 16, 3, 8, 12)
+    t = torch.tensor([999, 417])
+    context = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        expected = ref(x, t, context, return_dict=False)[0]
+        got = ours(x, t, context)
+    assert got.shape == x.shape
+    # The official sinusoid is float64, diffusers' float32: differences of a few 1e-5 at t ~ 1000.
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_padded_context_matches_official_padding():
+    _, ours = tiny_pair()
+    a, b = torch.randn(5, 32), torch.randn(9, 32)
+    padded = ours.pad_context([a, b])
+    assert padded.shape == (2, 16, 32)
+    assert torch.equal(padded[0, :5], a) and torch.equal(padded[0, 5:], torch.zeros(11, 32))
+
+
+def test_modulation_parameters_stay_fp32_in_bf16():
+    from pipeline.dit import FP32_PARAMETERS
+
+    ref, _ = tiny_pair()
+    config = DiTConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
+    with torch.device("meta"):
+        dit = WanDiT(config)
+    state = {diffusers_dit_key_to_official(k): v for k, v in ref.state_dict().items()}
+    assign_weights(dit, state, "x", torch.bfloat16, "cpu", keep_fp32=FP32_PARAMETERS)
+    dtypes = {k: v.dtype for k, v in dit.state_dict().items()}
+    assert dtypes["blocks.0.modulation"] == dtypes["head.modulation"] == torch.float32
+    assert dtypes["time_embedding.0.weight"] == dtypes["time_projection.1.weight"] == torch.float32
+    assert dtypes["blocks.0.self_attn.q.weight"] == torch.bfloat16
+    out = dit(torch.randn(1, 16, 1, 4, 4), torch.tensor([500]), torch.randn(1, 16, 32))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_wrong_shape_and_unknown_key_are_named():
+    ref, _ = tiny_pair()
+    config = DiTConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
+    state = {diffusers_dit_key_to_official(k): v for k, v in ref.state_dict().items()}
+    state["blocks.1.ffn.0.weight"] = torch.zeros(96, 64)
+    with torch.device("meta"):
+        dit = WanDiT(config)
+    with pytest.raises(CheckpointError, match=r"f\.safetensors: key 'blocks.1.ffn.0.weight' has shape \[96, 64\] "
+                                              r"in the file, the model expects \[128, 64\]"):
+        assign_weights(dit, dict(state), "f.safetensors", torch.float32, "cpu")
+    state["blocks.1.ffn.0.weight"] = torch.zeros(128, 64)
+    state["blocks.9.extra"] = torch.zeros(1)
+    del state["head.modulation"]
+    with pytest.raises(CheckpointError, match=r"missing keys \['head.modulation'\].*unexpected keys \['blocks.9.extra'\]"):
+        assign_weights(dit, state, "f.safetensors", torch.float32, "cpu")
+    with pytest.raises(CheckpointError, match="unknown key 'blocks.0.attn9.x'"):
+        diffusers_dit_key_to_official("blocks.0.attn9.x")
