@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,7 +136,8 @@ def load_vae(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device):
 
     if checkpoint.layout == "diffusers":
         path = find_model_weights(checkpoint.root / "vae")
-        state = rename_keys(read_safetensors(path), diffusers_vae_key_to_official)
+        rename = partial(diffusers_vae_key_to_official, config=checkpoint.model.vae)
+        state = rename_keys(read_safetensors(path), rename)
     else:
         path = require_file(checkpoint.root / VAE_FILE, "VAE weights")
         state = read_weights(path)

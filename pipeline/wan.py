@@ -159,7 +159,7 @@ class WanPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        video = self.vae.decode(latents.to(next(self.vae.parameters()).dtype))
+        video = self.vae.decode(latents)
         return to_uint8_frames(video[0])
 
     def generate(self, params: GenerationParams, progress: ProgressFn | None = None) -> GenerationResult:

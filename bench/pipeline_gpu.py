@@ -1,0 +1,155 @@
+"""Whole-pipeline speed and memory on one GPU, beside diffusers' Wan DiT on the same weights.
+
+Writes a random-weight checkpoint of the model in the official layout (if the folder is missing),
+loads it through the project's loader, times one DiT forward of ours and of diffusers'
+WanTransformer3DModel with the same weights at the same shape, then generates one whole video.
+Prints one JSON object. Random weights: the speed of dense work does not depend on weight values.
+
+    python bench/pipeline_gpu.py --model wan2.1-t2v-1.3b --checkpoint /tmp/wan13 --json-out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.config import load_model_config
+from pipeline.dit import diffusers_dit_key_to_official
+from pipeline.params import validate_params
+from pipeline.tiny import write_random_checkpoint
+from pipeline.video import write_mp4
+from pipeline.wan import WanPipeline
+
+GB = 1024**3
+
+
+def time_forward(fn, repeats: int) -> dict:
+    """Median milliseconds of ``fn()`` over ``repeats`` runs after two warm-ups, and its memory."""
+    for _ in range(2):
+        out = fn()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return {
+        "ms": round(times[len(times) // 2], 2),
+        "ms_min": round(times[0], 2),
+        "activation_peak_gb": round((torch.cuda.max_memory_allocated() - before) / GB, 2),
+        "output": out,
+    }
+
+
+def diffusers_dit(our_dit, config):
+    """diffusers' WanTransformer3DModel holding our DiT's weights, dtypes as from_pretrained gives them."""
+    from diffusers import WanTransformer3DModel
+
+    d = config.dit
+    with torch.device("cuda"):
+        ref = WanTransformer3DModel(
+            patch_size=d.patch_size, num_attention_heads=d.num_heads, attention_head_dim=d.head_dim,
+            in_channels=d.in_dim, out_channels=d.out_dim, text_dim=d.text_dim, freq_dim=d.freq_dim,
+            ffn_dim=d.ffn_dim, num_layers=d.num_layers,
+        )
+    ours = our_dit.state_dict()
+    ref.load_state_dict({k: ours[diffusers_dit_key_to_official(k)] for k in ref.state_dict()})
+    ref.to(torch.bfloat16)
+    keep = WanTransformer3DModel._keep_in_fp32_modules
+    for name, param in ref.named_parameters():
+        if any(part in keep for part in name.split(".")):
+            param.data = param.data.float()
+    return ref.eval().requires_grad_(False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="wan2.1-t2v-1.3b")
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--size", default=None)
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--skip-video", action="store_true")
+    parser.add_argument("--video-out", type=Path)
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+
+    model = load_model_config(args.model)
+    report = {
+        "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__, "model": model.name,
+    }
+    if not args.checkpoint.exists():
+        start = time.perf_counter()
+        write_random_checkpoint(args.checkpoint, model, device="cuda", dtype=torch.bfloat16)
+        report["write_checkpoint_s"] = round(time.perf_counter() - start, 1)
+
+    start = time.perf_counter()
+    pipe = WanPipeline.from_checkpoint(args.checkpoint, model.name, "cuda")
+    torch.cuda.synchronize()
+    report["load_s"] = round(time.perf_counter() - start, 1)
+    report["resident_gb"] = round(torch.cuda.memory_allocated() / GB, 2)
+    report["attention"] = pipe.attention.implementation
+
+    request = {"prompt": "a red ball bouncing on a beach", "frames": args.frames, "steps": args.steps, "seed": 0}
+    if args.size:
+        request["size"] = args.size
+    params = validate_params(request, model)
+    report["shape"] = f"{params.size}x{params.frames}"
+    cond, _ = pipe.encode_text(params)
+    latents = pipe.initial_noise(params).to(torch.bfloat16)
+    t = torch.tensor([999], device="cuda")
+    dit = pipe.experts[0]
+    with torch.no_grad():
+        ours = time_forward(lambda: dit(latents, t, cond), args.repeats)
+        report["tokens"] = latents[0, 0].numel() // 4
+        report["dit_forward"] = {k: v for k, v in ours.items() if k != "output"}
+        if not args.skip_diffusers:
+            ref = diffusers_dit(dit, model)
+            theirs = time_forward(lambda: ref(latents, t, cond, return_dict=False)[0], args.repeats)
+            report["diffusers_dit_forward"] = {k: v for k, v in theirs.items() if k != "output"}
+            diff = (ours["output"] - theirs["output"].float()).norm() / theirs["output"].float().norm()
+            report["relative_difference_to_diffusers"] = float(f"{diff.item():.3g}")
+            report["speedup_vs_diffusers"] = round(theirs["ms"] / ours["ms"], 3)
+            del ref
+            torch.cuda.empty_cache()
+
+    if not args.skip_video:
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        result = pipe.generate(params)
+        report["video"] = {
+            "seconds": {k: round(v, 2) for k, v in result.seconds.items()},
+            "total_s": round(time.perf_counter() - start, 2),
+            "peak_gb": round(torch.cuda.max_memory_allocated() / GB, 2),
+            "frames": list(result.frames.shape),
+        }
+        if args.video_out:
+            start = time.perf_counter()
+            try:
+                write_mp4(result.frames, args.video_out, fps=result.fps)
+                report["video"]["mp4_encode_s"] = round(time.perf_counter() - start, 2)
+            except (OSError, RuntimeError) as error:  # no ffmpeg binary on the machine
+                report["video"]["mp4"] = f"not written: {error}"
+
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json_out:
+        args.json_out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
