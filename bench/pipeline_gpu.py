@@ -59,9 +59,15 @@ def diffusers_dit(our_dit, config):
     d = config.dit
     with torch.device("cuda"):
         ref = WanTransformer3DModel(
-            patch_size=d.patch_size, num_attention_heads=d.num_heads, attention_head_dim=d.head_dim,
-            in_channels=d.in_dim, out_channels=d.out_dim, text_dim=d.text_dim, freq_dim=d.freq_dim,
-            ffn_dim=d.ffn_dim, num_layers=d.num_layers,
+            patch_size=d.patch_size,
+            num_attention_heads=d.num_heads,
+            attention_head_dim=d.head_dim,
+            in_channels=d.in_dim,
+            out_channels=d.out_dim,
+            text_dim=d.text_dim,
+            freq_dim=d.freq_dim,
+            ffn_dim=d.ffn_dim,
+            num_layers=d.num_layers,
         )
     ours = our_dit.state_dict()
     ref.load_state_dict({k: ours[diffusers_dit_key_to_official(k)] for k in ref.state_dict()})
@@ -89,8 +95,10 @@ def main() -> None:
 
     model = load_model_config(args.model)
     report = {
-        "date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__, "model": model.name,
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "model": model.name,
     }
     if not args.checkpoint.exists():
         start = time.perf_counter()
@@ -104,7 +112,12 @@ def main() -> None:
     report["resident_gb"] = round(torch.cuda.memory_allocated() / GB, 2)
     report["attention"] = pipe.attention.implementation
 
-    request = {"prompt": "a red ball bouncing on a beach", "frames": args.frames, "steps": args.steps, "seed": 0}
+    request = {
+        "prompt": "a red ball bouncing on a beach",
+        "frames": args.frames,
+        "steps": args.steps,
+        "seed": 0,
+    }
     if args.size:
         request["size"] = args.size
     params = validate_params(request, model)

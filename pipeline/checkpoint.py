@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import re
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -61,11 +61,18 @@ def open_checkpoint(root: Path | str, model_name: str | None = None) -> Checkpoi
     if not root.exists():
         hint = ""
         if re.fullmatch(r"[\w.-]+/[\w.-]+", str(root)):
-            hint = " Loading from a model hub at run time is not supported: download the checkpoint and pass its folder."
+            hint = (
+                " Loading from a model hub at run time is not supported:"
+                " download the checkpoint and pass its folder."
+            )
         raise CheckpointError(f"checkpoint folder {root} does not exist.{hint}")
     if not root.is_dir():
         raise CheckpointError(f"{root} is not a folder")
-    layout = "diffusers" if (root / "model_index.json").is_file() or (root / "transformer").is_dir() else "official"
+    layout = (
+        "diffusers"
+        if (root / "model_index.json").is_file() or (root / "transformer").is_dir()
+        else "official"
+    )
     found = _identify(root, layout)
     if model_name is not None and found != model_name:
         raise CheckpointError(f"{root} holds {found}, not {model_name}")
@@ -120,7 +127,9 @@ def _identify(root: Path, layout: str) -> str:
     )
 
 
-def load_dit(folder: Path, layout: str, config: DiTConfig, dtype: torch.dtype, device: torch.device) -> WanDiT:
+def load_dit(
+    folder: Path, layout: str, config: DiTConfig, dtype: torch.dtype, device: torch.device
+) -> WanDiT:
     path = find_model_weights(folder)
     state = read_safetensors(path)
     if layout == "diffusers":

@@ -33,8 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _request(args: argparse.Namespace) -> dict:
-    names = ["prompt", "negative_prompt", "size", "frames", "steps", "guidance", "guidance_low_noise",
-             "shift", "seed", "solver"]
+    names = [
+        "prompt",
+        "negative_prompt",
+        "size",
+        "frames",
+        "steps",
+        "guidance",
+        "guidance_low_noise",
+        "shift",
+        "seed",
+        "solver",
+    ]
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -77,8 +87,13 @@ def run(args: argparse.Namespace) -> int:
     result = pipe.generate(params, progress)
     bar.close()
     write_mp4(result.frames, args.out, fps=result.fps)
-    summary = {"out": str(args.out), "model": model.name, "attention": result.attention,
-               "seconds": {k: round(v, 3) for k, v in result.seconds.items()}, **params.to_dict()}
+    summary = {
+        "out": str(args.out),
+        "model": model.name,
+        "attention": result.attention,
+        "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+        **params.to_dict(),
+    }
     summary.pop("negative_prompt")
     print(json.dumps(summary, ensure_ascii=False))
     return 0

@@ -9,8 +9,12 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to write")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
-    parser.add_argument("--model", default="tiny", choices=["tiny", "tiny-moe"],
-                        help="tiny-moe: two experts switched by timestep, like Wan2.2")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        choices=["tiny", "tiny-moe"],
+        help="tiny-moe: two experts switched by timestep, like Wan2.2",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

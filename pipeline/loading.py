@@ -67,7 +67,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def find_model_weights(folder: Path) -> Path:
-    """The Diffusers-named weights (DiT or Diffusers VAE) in a folder: the shard index if sharded, else the single file."""
+    """``diffusion_pytorch_model`` weights in a folder: the shard index if sharded, else the one file."""
     for name in ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors"):
         if (folder / name).is_file():
             return folder / name

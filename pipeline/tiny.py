@@ -18,11 +18,18 @@ from torch import nn
 from pipeline.checkpoint import T5_FILE, TOKENIZER_DIR, VAE_FILE
 from pipeline.config import ModelConfig, load_model_config
 from pipeline.dit import WanDiT
-from pipeline.text_encoder import TINY_VOCABULARY, build_text_encoder, hf_t5_key_to_official, write_tiny_tokenizer
+from pipeline.text_encoder import (
+    TINY_VOCABULARY,
+    build_text_encoder,
+    hf_t5_key_to_official,
+    write_tiny_tokenizer,
+)
 from pipeline.vae import WanVAE
 
 
-def random_tensor(key: str, shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def random_tensor(
+    key: str, shape: torch.Size, generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
     """A plausible random value for a parameter, chosen by its name and shape."""
     leaf = key.rsplit(".", 1)[-1]
     normal = torch.randn(shape, generator=generator, device=device)
@@ -38,7 +45,9 @@ def random_tensor(key: str, shape: torch.Size, generator: torch.Generator, devic
     return normal / math.sqrt(fan_in)
 
 
-def random_state(module: nn.Module, seed: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def random_state(
+    module: nn.Module, seed: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Random tensors for every entry of a meta-built module's state dict, on the CPU."""
     generator = torch.Generator(device).manual_seed(seed)
     return {
@@ -50,14 +59,23 @@ def random_state(module: nn.Module, seed: int, device: torch.device, dtype: torc
 def _dit_config_json(model: ModelConfig) -> dict:
     d = model.dit
     return {
-        "_class_name": "WanModel", "model_type": "t2v", "dim": d.dim, "ffn_dim": d.ffn_dim,
-        "num_layers": d.num_layers, "num_heads": d.num_heads, "in_dim": d.in_dim, "out_dim": d.out_dim,
-        "freq_dim": d.freq_dim, "text_len": d.text_len, "eps": d.eps,
+        "_class_name": "WanModel",
+        "model_type": "t2v",
+        "dim": d.dim,
+        "ffn_dim": d.ffn_dim,
+        "num_layers": d.num_layers,
+        "num_heads": d.num_heads,
+        "in_dim": d.in_dim,
+        "out_dim": d.out_dim,
+        "freq_dim": d.freq_dim,
+        "text_len": d.text_len,
+        "eps": d.eps,
     }
 
 
-def write_dit(folder: Path, model: ModelConfig, seed: int, device: torch.device, dtype: torch.dtype,
-              shards: int = 1) -> None:
+def write_dit(
+    folder: Path, model: ModelConfig, seed: int, device: torch.device, dtype: torch.dtype, shards: int = 1
+) -> None:
     """One DiT: config.json and diffusion_pytorch_model.safetensors (or ``shards`` files + index)."""
     folder.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
@@ -71,11 +89,13 @@ def write_dit(folder: Path, model: ModelConfig, seed: int, device: torch.device,
     weight_map = {}
     for i in range(shards):
         name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = keys[i * len(keys) // shards:(i + 1) * len(keys) // shards]
+        part = keys[i * len(keys) // shards : (i + 1) * len(keys) // shards]
         save_file({k: state[k] for k in part}, folder / name)
         weight_map.update(dict.fromkeys(part, name))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+        "weight_map": weight_map,
+    }
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 

@@ -86,7 +86,9 @@ class WanPipeline:
         checkpoint: Checkpoint = open_checkpoint(root, model_name)
         torch_dtype = resolve_dtype(dtype, device)
         model = checkpoint.model
-        experts = [load_dit(d, checkpoint.layout, model.dit, torch_dtype, device) for d in checkpoint.expert_dirs]
+        experts = [
+            load_dit(d, checkpoint.layout, model.dit, torch_dtype, device) for d in checkpoint.expert_dirs
+        ]
         return cls(
             model,
             experts,
@@ -165,7 +167,10 @@ class WanPipeline:
     def generate(self, params: GenerationParams, progress: ProgressFn | None = None) -> GenerationResult:
         """Run one validated request (see ``pipeline.params.validate_params``)."""
         result = GenerationResult(
-            frames=np.empty(0), params=params, fps=self.model.sampling.fps, attention=self.attention.implementation
+            frames=np.empty(0),
+            params=params,
+            fps=self.model.sampling.fps,
+            attention=self.attention.implementation,
         )
         with _timed("text_encode", self.device, result.seconds):
             if progress:

@@ -12,8 +12,11 @@ from pipeline.loading import CheckpointError, assign_weights
 
 @pytest.mark.parametrize(
     ("model", "reference"),
-    [("wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b-dit"), ("wan2.1-t2v-14b", "wan2.1-t2v-14b-dit"),
-     ("wan2.2-t2v-a14b", "wan2.1-t2v-14b-dit")],
+    [
+        ("wan2.1-t2v-1.3b", "wan2.1-t2v-1.3b-dit"),
+        ("wan2.1-t2v-14b", "wan2.1-t2v-14b-dit"),
+        ("wan2.2-t2v-a14b", "wan2.1-t2v-14b-dit"),
+    ],
 )
 def test_meta_dit_matches_the_official_tensors(model, reference):
     with torch.device("meta"):
@@ -28,14 +31,23 @@ def test_rope_split_and_timestep_sinusoid():
     emb = timestep_embedding(256, t)
     # Cosine half first: at t = 0 the first half is 1, the second 0.
     assert torch.equal(emb[0, :128], torch.ones(128)) and torch.equal(emb[0, 128:], torch.zeros(128))
-    assert torch.allclose(emb[1, 1], torch.cos(torch.tensor(999.0 * 10000 ** (-1 / 128), dtype=torch.float64)).float())
+    assert torch.allclose(
+        emb[1, 1], torch.cos(torch.tensor(999.0 * 10000 ** (-1 / 128), dtype=torch.float64)).float()
+    )
 
 
 def tiny_pair(seed=0, layers=2):
     torch.manual_seed(seed)
     ref = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=256, ffn_dim=128, num_layers=layers,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=128,
+        num_layers=layers,
     ).eval()
     with torch.no_grad():
         for p in ref.parameters():  # diffusers zero-inits some tensors; make every weight matter
@@ -93,13 +105,18 @@ def test_wrong_shape_and_unknown_key_are_named():
     state["blocks.1.ffn.0.weight"] = torch.zeros(96, 64)
     with torch.device("meta"):
         dit = WanDiT(config)
-    with pytest.raises(CheckpointError, match=r"f\.safetensors: key 'blocks.1.ffn.0.weight' has shape \[96, 64\] "
-                                              r"in the file, the model expects \[128, 64\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"f\.safetensors: key 'blocks.1.ffn.0.weight' has shape \[96, 64\] "
+        r"in the file, the model expects \[128, 64\]",
+    ):
         assign_weights(dit, dict(state), "f.safetensors", torch.float32, "cpu")
     state["blocks.1.ffn.0.weight"] = torch.zeros(128, 64)
     state["blocks.9.extra"] = torch.zeros(1)
     del state["head.modulation"]
-    with pytest.raises(CheckpointError, match=r"missing keys \['head.modulation'\].*unexpected keys \['blocks.9.extra'\]"):
+    with pytest.raises(
+        CheckpointError, match=r"missing keys \['head.modulation'\].*unexpected keys \['blocks.9.extra'\]"
+    ):
         assign_weights(dit, state, "f.safetensors", torch.float32, "cpu")
     with pytest.raises(CheckpointError, match="unknown key 'blocks.0.attn9.x'"):
         diffusers_dit_key_to_official("blocks.0.attn9.x")

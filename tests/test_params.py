@@ -16,7 +16,14 @@ A14B = load_model_config("wan2.2-t2v-a14b")
 def test_defaults_are_the_official_ones():
     p = validate_params({"prompt": "a cat", "seed": 7}, WAN13)
     assert (p.width, p.height, p.frames, p.steps, p.guidance, p.shift, p.solver) == (
-        832, 480, 81, 50, 5.0, 5.0, "unipc")
+        832,
+        480,
+        81,
+        50,
+        5.0,
+        5.0,
+        "unipc",
+    )
     assert p.negative_prompt == DEFAULT_NEGATIVE_PROMPT and p.seed == 7
     a = validate_params({"prompt": "a cat"}, A14B)
     assert (a.steps, a.shift, a.guidance, a.guidance_low_noise, a.size) == (40, 12.0, 4.0, 3.0, "1280x720")
@@ -61,7 +68,12 @@ def test_width_height_and_size_are_equivalent():
         (WAN13, {"prompt": "x", "shift": 100}, "shift", "at most"),
         (WAN13, {"prompt": "x", "seed": -1}, "seed", "between"),
         (WAN13, {"prompt": "x", "seed": 2**64}, "seed", "between"),
-        (WAN13, {"prompt": "x", "solver": "ddim"}, "solver", "unknown solver 'ddim' (known: unipc, dpm++, euler)"),
+        (
+            WAN13,
+            {"prompt": "x", "solver": "ddim"},
+            "solver",
+            "unknown solver 'ddim' (known: unipc, dpm++, euler)",
+        ),
         (WAN13, {"prompt": "x", "guidance_low_noise": 3.0}, "guidance_low_noise", "two-expert"),
         (A14B, {"prompt": "x", "guidance_low_noise": 99}, "guidance_low_noise", "between"),
         (WAN13, {"prompt": "x", "colour": "red"}, "colour", "unknown parameter"),
@@ -80,9 +92,11 @@ def test_not_a_dict():
 
 
 def test_validation_imports_no_torch():
-    code = ("import sys; import pipeline.params, pipeline.config; "
-            "from pipeline.params import validate_params; "
-            "from pipeline.config import load_model_config; "
-            "validate_params({'prompt': 'x'}, load_model_config('tiny')); "
-            "assert 'torch' not in sys.modules, 'torch was imported'")
+    code = (
+        "import sys; import pipeline.params, pipeline.config; "
+        "from pipeline.params import validate_params; "
+        "from pipeline.config import load_model_config; "
+        "validate_params({'prompt': 'x'}, load_model_config('tiny')); "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

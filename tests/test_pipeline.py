@@ -1,0 +1,166 @@
+"""The whole pipeline on the tiny checkpoint: MP4 out, determinism, Wan2.2's expert switch, layouts."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.checkpoint import open_checkpoint
+from pipeline.config import load_model_config
+from pipeline.loading import CheckpointError
+from pipeline.params import validate_params
+from pipeline.tiny import write_tiny_checkpoint
+from pipeline.video import read_mp4
+from pipeline.wan import WanPipeline
+
+TINY = load_model_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    return WanPipeline.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+def test_generate_command_writes_a_valid_mp4(tiny_checkpoint, tmp_path):
+    out = tmp_path / "video.mp4"
+    command = [
+        sys.executable,
+        "-m",
+        "smartdiff",
+        "generate",
+        "--model-dir",
+        str(tiny_checkpoint),
+        "--prompt",
+        "a red ball moving left",
+        "--size",
+        "96x64",
+        "--frames",
+        "13",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--out",
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["seed"] == 5 and summary["frames"] == 13 and summary["model"] == "tiny"
+    assert "denoise" in done.stderr  # the progress bar names the stage
+
+    frames, meta = read_mp4(out)
+    assert frames.shape == (13, 64, 96, 3)
+    assert meta["codec"] == "h264" and meta["fps"] == 16.0 and meta["pix_fmt"].startswith("yuv420p")
+    assert out.read_bytes().find(b"moov") < out.read_bytes().find(b"mdat")  # faststart: index first
+
+    # The file holds the video the pipeline made: same per-frame brightness as a direct run.
+    pipe = WanPipeline.from_checkpoint(tiny_checkpoint, device="cpu")
+    params = validate_params(
+        {"prompt": "a red ball moving left", "size": "96x64", "frames": 13, "steps": 3, "seed": 5}, TINY
+    )
+    direct = pipe.generate(params).frames
+    assert np.abs(frames.mean(axis=(1, 2, 3)) - direct.mean(axis=(1, 2, 3))).max() < 2.0
+
+
+def test_bad_parameters_fail_before_loading(tiny_checkpoint, tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "smartdiff",
+        "generate",
+        "--model-dir",
+        str(tiny_checkpoint),
+        "--prompt",
+        "x",
+        "--frames",
+        "8",
+        "--out",
+        str(tmp_path / "x.mp4"),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "frames: must be 4n+1" in done.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_same_seed_same_video_and_seed_matters(pipe):
+    params = validate_params({"prompt": "a blue square", "seed": 3, "steps": 2}, TINY)
+    a = pipe.generate(params)
+    b = pipe.generate(params)
+    assert np.array_equal(a.frames, b.frames)
+    c = pipe.generate(validate_params({"prompt": "a blue square", "seed": 4, "steps": 2}, TINY))
+    assert not np.array_equal(a.frames, c.frames)
+    assert a.frames.shape == (9, 64, 64, 3) and a.frames.dtype == np.uint8
+    assert set(a.seconds) == {"text_encode", "denoise", "vae_decode"}
+
+
+def test_progress_reports_every_stage_and_step(pipe):
+    seen = []
+    pipe.generate(
+        validate_params({"prompt": "a cat", "seed": 1, "steps": 3}, TINY),
+        lambda stage, i, n: seen.append((stage, i, n)),
+    )
+    assert seen == [
+        ("text_encode", 0, 1),
+        ("denoise", 1, 3),
+        ("denoise", 2, 3),
+        ("denoise", 3, 3),
+        ("vae_decode", 0, 1),
+    ]
+
+
+def test_guidance_one_skips_the_unconditional_pass(pipe):
+    calls = []
+    handle = pipe.experts[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pipe.generate(validate_params({"prompt": "a cat", "seed": 1, "steps": 2, "guidance": 1.0}, TINY))
+        assert len(calls) == 2
+        calls.clear()
+        pipe.generate(validate_params({"prompt": "a cat", "seed": 1, "steps": 2, "guidance": 2.0}, TINY))
+        assert len(calls) == 4
+    finally:
+        handle.remove()
+
+
+def test_wan22_switches_experts_at_timestep_875(tmp_path):
+    root = write_tiny_checkpoint(tmp_path / "moe", model_name="tiny-moe")
+    pipe = WanPipeline.from_checkpoint(root, device="cpu")
+    assert pipe.model.name == "tiny-moe" and len(pipe.experts) == 2
+    calls = {0: 0, 1: 0}
+    for i, dit in enumerate(pipe.experts):
+        dit.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    params = validate_params({"prompt": "a red ball", "seed": 0, "frames": 1}, pipe.model)
+    assert (params.steps, params.shift, params.guidance, params.guidance_low_noise) == (40, 12.0, 4.0, 3.0)
+    result = pipe.generate(params)
+    assert result.expert_per_step == [0] * 26 + [1] * 14
+    assert result.guidance_per_step == [4.0] * 26 + [3.0] * 14
+    assert calls == {0: 52, 1: 28}  # two forwards (cond, uncond) per step
+
+
+def test_checkpoint_identity_and_errors(tiny_checkpoint, tmp_path):
+    assert open_checkpoint(tiny_checkpoint).model.name == "tiny"
+    with pytest.raises(CheckpointError, match="holds tiny, not wan2.1-t2v-1.3b"):
+        open_checkpoint(tiny_checkpoint, "wan2.1-t2v-1.3b")
+    with pytest.raises(CheckpointError, match="hub at run time is not supported"):
+        open_checkpoint("Wan-AI/Wan2.1-T2V-1.3B")
+    broken = tmp_path / "broken"
+    write_tiny_checkpoint(broken)
+    (broken / "Wan2.1_VAE.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"missing VAE weights: .*Wan2.1_VAE.pth does not exist"):
+        WanPipeline.from_checkpoint(broken, device="cpu")
+
+
+def test_sharded_dit_loads_like_a_single_file(tmp_path):
+    from pipeline.tiny import write_dit
+
+    single = write_tiny_checkpoint(tmp_path / "single")
+    write_dit(tmp_path / "sharded", TINY, seed=1, device=torch.device("cpu"), dtype=torch.float32, shards=3)
+    assert len(list((tmp_path / "sharded").glob("*-of-00003.safetensors"))) == 3
+    from pipeline.checkpoint import load_dit
+
+    a = load_dit(single, "official", TINY.dit, torch.float32, torch.device("cpu")).state_dict()
+    b = load_dit(tmp_path / "sharded", "official", TINY.dit, torch.float32, torch.device("cpu")).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
