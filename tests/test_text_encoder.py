@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import read_reference
 from safetensors.torch import save_file
 
-from pipeline.config import REPO_ROOT, T5Config, load_model_config
+from pipeline.config import T5Config, load_model_config
 from pipeline.loading import CheckpointError, assign_weights
 from pipeline.text_encoder import (
     TINY_VOCABULARY,
@@ -29,20 +29,6 @@ from pipeline.text_encoder import (
 TINY = load_model_config("tiny")
 TINY_T5: T5Config = TINY.t5
 TEXT_LEN = TINY.dit.text_len
-
-
-def reference_tsv(name: str) -> Path:
-    """$SMARTDIFF_REFERENCE_DIR if set, else shared/reference beside the repo, else the repo's copy."""
-    if "SMARTDIFF_REFERENCE_DIR" in os.environ:
-        folders = [Path(os.environ["SMARTDIFF_REFERENCE_DIR"])]
-    else:
-        folders = [REPO_ROOT.parent / "shared" / "reference", REPO_ROOT / "tests" / "data" / "reference"]
-    for folder in folders:
-        if (folder / name).is_file():
-            return folder / name
-    pytest.fail(
-        f"reference key list {name} missing from {[str(f) for f in folders]} (set SMARTDIFF_REFERENCE_DIR)"
-    )
 
 
 def random_official_state(config: T5Config, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -138,12 +124,7 @@ def official_forward(state: dict[str, torch.Tensor], c: T5Config, ids: torch.Ten
 
 
 def test_full_size_names_and_shapes_match_the_official_checkpoint():
-    tsv = reference_tsv("t5-umt5-xxl-enc.keys.tsv")
-    expected = {}
-    for line in tsv.read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, shape = line.split("\t")
-            expected[name] = [int(v) for v in shape.strip("[]").split(",")]
+    expected = {name: list(shape) for name, shape in read_reference("t5-umt5-xxl-enc").items()}
     assert len(expected) == 242
 
     model = build_text_encoder(T5Config())

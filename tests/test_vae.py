@@ -2,45 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_reference
 from diffusers import AutoencoderKLWan
 
-from pipeline.config import REPO_ROOT, VAEConfig
+from pipeline.config import VAEConfig
 from pipeline.loading import CheckpointError
 from pipeline.vae import LATENTS_MEAN, LATENTS_STD, WanVAE, diffusers_vae_key_to_official
 
 # Fidelity bound against diffusers, fp32 on CPU: max |ours - theirs| <= TOLERANCE * max(1, max |theirs|).
 TOLERANCE = 1e-4
-
-
-def _reference_file(name: str) -> Path:
-    candidates = []
-    if env := os.environ.get("SMARTDIFF_REFERENCE_DIR"):
-        candidates.append(Path(env))
-    candidates.append(REPO_ROOT.parent / "shared" / "reference")
-    candidates.append(Path(__file__).parent / "data" / "reference")  # the in-repo copy, where present
-    for folder in candidates:
-        if (folder / name).is_file():
-            return folder / name
-    pytest.fail(
-        f"reference file {name} not found in {[str(c) for c in candidates]}; "
-        "point SMARTDIFF_REFERENCE_DIR at the folder that holds it"
-    )
-
-
-def _read_keys_tsv(path: Path) -> list[tuple[str, list[int]]]:
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, shape = line.split("\t")
-            rows.append((name, json.loads(shape)))
-    return rows
 
 
 def _tiny_config(num_res_blocks: int) -> VAEConfig:
@@ -97,7 +71,7 @@ def _max_diff(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
 
 
 def test_meta_build_matches_official_checkpoint_layout() -> None:
-    expected = _read_keys_tsv(_reference_file("wan2.1-vae.keys.tsv"))
+    expected = [(name, list(shape)) for name, shape in read_reference("wan2.1-vae").items()]
     with torch.device("meta"):
         vae = WanVAE(VAEConfig())
     assert all(t.is_meta for t in vae.state_dict().values())
