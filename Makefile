@@ -12,10 +12,10 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,demo]"
 
 demo: install
-	$(BIN)/smartdiff generate --profile tiny --prompt "a red ball bouncing on a beach" --seed 42 --out out/demo.mp4
+	$(BIN)/smartdiff demo
 
 lint: install
 	$(BIN)/ruff check .

@@ -47,6 +47,7 @@ class GenerationResult:
     expert_per_step: list[int] = field(default_factory=list)
     guidance_per_step: list[float] = field(default_factory=list)
     attention: str = ""
+    forwards: int = 0  # DiT evaluations run
 
 
 class WanPipeline:
@@ -148,11 +149,14 @@ class WanPipeline:
             dit = self.experts[expert]
             t_batch = torch.tensor([t], device=self.device)
             velocity = dit(latents, t_batch, cond)
+            forwards = 1
             if guidance != 1.0:  # guidance 1 is the conditional prediction alone: skip the second pass
                 velocity_uncond = dit(latents, t_batch, uncond)
                 velocity = velocity_uncond + guidance * (velocity - velocity_uncond)
+                forwards = 2
             latents = scheduler.step(velocity, latents)
             if result is not None:
+                result.forwards += forwards
                 result.expert_per_step.append(expert)
                 result.guidance_per_step.append(guidance)
             if progress is not None:

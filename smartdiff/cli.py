@@ -7,10 +7,18 @@ import argparse
 import importlib
 import sys
 
-# command -> (module, help). Each module has ``add_arguments(parser)`` and ``run(args) -> int``.
+# command -> (module, help). A module has ``add_arguments(parser)`` and ``run(args) -> int``, or a
+# ``SUBCOMMANDS`` dict of name -> (add_arguments, run) when it serves several commands.
 COMMANDS = {
     "generate": ("pipeline.cli_generate", "generate one video on this machine, no farm"),
     "tiny-model": ("pipeline.cli_tiny", "write a small random-weight Wan checkpoint (official layout)"),
+    "worker": ("worker.cli", "run Celery worker(s) for a profile, model preloaded, one process per GPU"),
+    "worker-health": ("worker.health", "exit 0 if this host's worker for a profile is alive"),
+    "submit": ("producer.cli", "submit a job to the farm"),
+    "status": ("producer.cli", "print a job's record"),
+    "wait": ("producer.cli", "wait for a job to finish and print its record"),
+    "cancel": ("producer.cli", "cancel a job"),
+    "demo": ("smartdiff.demo", "the whole farm on this machine: Redis, S3, a worker, one job"),
 }
 
 
@@ -23,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         command = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             module = importlib.import_module(module_name)
-            module.add_arguments(command)
-            command.set_defaults(_run=module.run)
+            # A module serves one command (add_arguments, run) or several (SUBCOMMANDS).
+            subcommands = getattr(module, "SUBCOMMANDS", None)
+            add, run = subcommands[name] if subcommands else (module.add_arguments, module.run)
+            add(command)
+            command.set_defaults(_run=run)
     args = parser.parse_args(argv)
     return args._run(args)

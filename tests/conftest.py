@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,13 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny") / "tiny"
     write_tiny_checkpoint(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on loopback for the whole session; tests use their own bucket names."""
+    from s3_server import start_moto_server, stop_moto_server
+
+    server, url = start_moto_server()
+    yield url
+    stop_moto_server(server)

@@ -1,0 +1,139 @@
+"""``smartdiff submit | status | wait | cancel``: the client on the command line. ``--json`` for scripts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from pipeline.params import SOLVERS
+
+
+def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", required=True)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt")
+    parser.add_argument("--size", help="WIDTHxHEIGHT")
+    parser.add_argument("--frames", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--guidance-low-noise", type=float)
+    parser.add_argument("--shift", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--solver", choices=SOLVERS)
+    parser.add_argument("--priority", type=int, default=5, help="0..9, higher first (default 5)")
+    parser.add_argument("--job-id", help="your own id: submitting it again returns the same job")
+    parser.add_argument("--queue-anyway", action="store_true", help="queue even if no worker is live")
+    parser.add_argument("--wait", action="store_true", help="wait for the job and print its record")
+    parser.add_argument("--timeout", type=float, help="seconds to wait at most")
+    parser.add_argument("--json", action="store_true")
+
+
+def add_id_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("job_id")
+    parser.add_argument("--json", action="store_true")
+
+
+def add_wait_arguments(parser: argparse.ArgumentParser) -> None:
+    add_id_arguments(parser)
+    parser.add_argument("--timeout", type=float)
+
+
+def _print(record: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(record, ensure_ascii=False))
+        return
+    line = f"{record['id']}  {record['state']}"
+    if record["state"] == "RUNNING":
+        line += f"  {record['stage']} {record['step']}/{record['steps']}"
+    if record.get("error_code"):
+        line += f"  {record['error_code']}: {record['error_message']}"
+    if record.get("result", {}).get("url"):
+        line += f"\n  {record['result']['url']}"
+    print(line)
+
+
+def _failed(error, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps({"error": {"code": error.code, "message": error.message}, "record": error.record}))
+    else:
+        print(f"error: {error}", file=sys.stderr)
+    return 1
+
+
+def _wait(job, timeout: float | None, as_json: bool) -> int:
+    from producer.client import FarmError
+
+    try:
+        _print(job.wait(timeout=timeout), as_json)
+        return 0
+    except FarmError as error:
+        return _failed(error, as_json)
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    from producer.client import Client, FarmError
+
+    names = [
+        "negative_prompt",
+        "size",
+        "frames",
+        "steps",
+        "guidance",
+        "guidance_low_noise",
+        "shift",
+        "seed",
+        "solver",
+    ]
+    params = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    try:
+        job = Client().submit(
+            args.profile,
+            args.prompt,
+            priority=args.priority,
+            queue_anyway=args.queue_anyway,
+            job_id=args.job_id,
+            **params,
+        )
+    except FarmError as error:
+        return _failed(error, args.json)
+    if args.wait:
+        return _wait(job, args.timeout, args.json)
+    _print(job.status(), args.json)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from producer.client import Client, FarmError
+
+    try:
+        _print(Client().job(args.job_id).status(), args.json)
+    except FarmError as error:
+        return _failed(error, args.json)
+    return 0
+
+
+def run_wait(args: argparse.Namespace) -> int:
+    from producer.client import Client
+
+    return _wait(Client().job(args.job_id), args.timeout, args.json)
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    from producer.client import Client, FarmError
+
+    try:
+        state = Client().job(args.job_id).cancel()
+    except FarmError as error:
+        return _failed(error, args.json)
+    print(json.dumps({"id": args.job_id, "state": state}) if args.json else f"{args.job_id}  {state}")
+    return 0
+
+
+SUBCOMMANDS = {
+    "submit": (add_submit_arguments, run_submit),
+    "status": (add_id_arguments, run_status),
+    "wait": (add_wait_arguments, run_wait),
+    "cancel": (add_id_arguments, run_cancel),
+}

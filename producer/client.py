@@ -1,0 +1,153 @@
+"""The Python client other services use: submit, status, wait, cancel.
+
+    from producer import Client
+    job = Client().submit(profile="wan2.1-1.3b-lossless", prompt="a corgi on a beach", seed=42)
+    record = job.wait(timeout=600)      # raises FarmError if it failed or was cancelled
+    print(record["result"]["url"])      # a presigned link, made at poll time
+
+Configuration comes from the environment (SMARTDIFF_BROKER_URL, SMARTDIFF_S3_*, AWS_*).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import redis
+
+from farm.celery_app import DEFAULT_PRIORITY, MAX_PRIORITY, TASK_NAME, make_celery, transport_priority
+from farm.records import CANCELLED, FAILED, SUCCEEDED, JobStore
+from farm.settings import FarmSettings
+from farm.storage import VideoStore
+from farm.workers import WorkerRegistry
+from pipeline.config import load_profile
+from pipeline.params import ParamError, validate_params
+
+
+class FarmError(Exception):
+    """A request the farm refuses or a job that did not succeed; ``code`` is stable for scripts."""
+
+    def __init__(self, code: str, message: str, record: dict[str, Any] | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.record = record
+
+
+class Client:
+    def __init__(self, settings: FarmSettings | None = None):
+        self.settings = settings or FarmSettings.from_env()
+        client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        self.store = JobStore(client, self.settings.record_ttl_seconds)
+        self.registry = WorkerRegistry(client, self.settings.worker_ttl_seconds)
+        self._app = None
+        self._video_store = None
+
+    @property
+    def app(self):
+        if self._app is None:
+            self._app = make_celery(self.settings)
+        return self._app
+
+    @property
+    def video_store(self) -> VideoStore:
+        if self._video_store is None:
+            self._video_store = VideoStore(self.settings)
+        return self._video_store
+
+    def submit(
+        self,
+        profile: str,
+        prompt: str,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        queue_anyway: bool = False,
+        job_id: str | None = None,
+        **params: Any,
+    ) -> Job:
+        """Validate and enqueue one job. ``priority`` 0..9, higher first (default 5).
+
+        Raises ``FarmError`` (UNKNOWN_PROFILE, INVALID_INPUT, NO_WORKER) before anything is queued.
+        Submitting again with the same ``job_id`` returns the existing job and queues nothing.
+        """
+        try:
+            profile_config = load_profile(profile)
+        except ValueError as error:
+            raise FarmError("UNKNOWN_PROFILE", str(error)) from None
+        try:
+            validated = validate_params({"prompt": prompt, **params}, profile_config.model_config)
+        except ParamError as error:
+            raise FarmError("INVALID_INPUT", str(error)) from None
+        if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
+            raise FarmError("INVALID_INPUT", f"priority: must be an integer from 0 to {MAX_PRIORITY}")
+        if job_id is not None and (
+            not isinstance(job_id, str) or not 8 <= len(job_id) <= 64 or not job_id.replace("-", "").isalnum()
+        ):
+            raise FarmError("INVALID_INPUT", "job_id: 8 to 64 letters, digits and dashes")
+        if not queue_anyway and not self.registry.live_workers(profile):
+            raise FarmError(
+                "NO_WORKER",
+                f"no live worker serves profile {profile!r}; start one, or "
+                "submit with queue_anyway=True to wait in the queue",
+            )
+        job_id = job_id or uuid.uuid4().hex
+        if self.store.create(job_id, profile, validated.to_dict(), priority):
+            self.app.send_task(
+                TASK_NAME,
+                kwargs={"profile": profile, "params": validated.to_dict()},
+                task_id=job_id,
+                queue=profile,
+                priority=transport_priority(priority),
+            )
+        return Job(self, job_id)
+
+    def job(self, job_id: str) -> Job:
+        return Job(self, job_id)
+
+    def record(self, job_id: str) -> dict[str, Any]:
+        """The job's record as a dict, with a fresh presigned link if it succeeded."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise FarmError("NOT_FOUND", f"no job {job_id!r} (never submitted, or its record expired)")
+        out = record.to_dict()
+        if record.state == SUCCEEDED and record.result.get("key"):
+            out["result"]["url"] = self.video_store.presign(record.result["bucket"], record.result["key"])
+        return out
+
+    def workers(self, profile: str) -> list[dict[str, Any]]:
+        return self.registry.live_workers(profile)
+
+
+class Job:
+    def __init__(self, client: Client, job_id: str):
+        self.client = client
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def status(self) -> dict[str, Any]:
+        return self.client.record(self.id)
+
+    def wait(self, timeout: float | None = None, poll_seconds: float = 0.5) -> dict[str, Any]:
+        """Block until the job finishes; its record if it succeeded, else ``FarmError`` with it."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            record = self.status()
+            if record["state"] == SUCCEEDED:
+                return record
+            if record["state"] in (FAILED, CANCELLED):
+                raise FarmError(record["error_code"] or record["state"], record["error_message"], record)
+            if deadline is not None and time.monotonic() > deadline:
+                raise FarmError(
+                    "TIMEOUT", f"job {self.id} is still {record['state']} after {timeout} s", record
+                )
+            time.sleep(poll_seconds)
+
+    def cancel(self) -> str:
+        """Cancel: a queued job at once, a running one at its next denoising step. Returns the state."""
+        state = self.client.store.cancel(self.id)
+        if state == "missing":
+            raise FarmError("NOT_FOUND", f"no job {self.id!r}")
+        return state

@@ -1,0 +1,152 @@
+"""Real services for the farm's end-to-end tests: a private Redis with AOF, worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RedisServer:
+    """A private redis-server with AOF (as deployed), restartable on the same port and data."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is required for the farm tests"
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url)
+        wait_for(lambda: _pings(client), 10, "redis to answer")
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(10)
+            self.process = None
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        self.stop()
+        time.sleep(down_seconds)
+        self.start()
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+class WorkerProcess:
+    """``smartdiff worker --profile tiny --gpus none`` as a real process, output to a log file."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, profile: str = "tiny", extra_env=None):
+        self.log_path = log_path
+        self.env = {**env, **(extra_env or {})}
+        self.profile = profile
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "smartdiff", "worker", "--profile", self.profile, "--gpus", "none"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def worker_id(self) -> str:
+        return f"{socket.gethostname()}-{self.pid}"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def farm_env(redis_url: str, s3_endpoint: str, checkpoint_root: Path, work_dir: Path, **overrides) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMARTDIFF_", "AWS_"))}
+    env.update(
+        {
+            "SMARTDIFF_BROKER_URL": redis_url,
+            "SMARTDIFF_S3_ENDPOINT": s3_endpoint,
+            "SMARTDIFF_S3_BUCKET": "farm-test",
+            "SMARTDIFF_CHECKPOINT_ROOT": str(checkpoint_root),
+            "SMARTDIFF_WORK_DIR": str(work_dir),
+            "SMARTDIFF_LEASE_SECONDS": "4",
+            "SMARTDIFF_REAPER_SECONDS": "1",
+            "SMARTDIFF_WORKER_TTL_SECONDS": "5",
+            "AWS_ACCESS_KEY_ID": "farm-test-key-id",
+            "AWS_SECRET_ACCESS_KEY": "farm-test-secret-7f3a9c",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update({k: str(v) for k, v in overrides.items()})
+    return env

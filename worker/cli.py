@@ -1,0 +1,148 @@
+"""``smartdiff worker`` (one process per GPU, model preloaded) and ``smartdiff worker-health``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", required=True, help="profile to serve (configs/profiles/NAME.yaml)")
+    parser.add_argument(
+        "--gpus",
+        default="auto",
+        help="auto: claim a free GPU of this host through a Redis lease; 0,1: one worker process per "
+        "listed GPU; none: a CPU worker (default: auto)",
+    )
+    parser.add_argument("--loglevel", default="INFO")
+
+
+def parse_gpus(value: str) -> list[int] | str:
+    if value in ("auto", "none"):
+        return value
+    try:
+        gpus = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --gpus must be auto, none or a list like 0,1 (got {value!r})") from None
+    if not gpus or len(set(gpus)) != len(gpus):
+        raise SystemExit(f"error: --gpus lists no GPU or one twice: {value!r}")
+    return gpus
+
+
+def run(args: argparse.Namespace) -> int:
+    gpus = parse_gpus(args.gpus)
+    if isinstance(gpus, list) and len(gpus) > 1:
+        return supervise(args.profile, gpus, args.loglevel)
+    return serve(args.profile, gpus, args.loglevel)
+
+
+def supervise(profile: str, gpus: list[int], loglevel: str) -> int:
+    """One child process per GPU; restarted if it dies, stopped with the signal we receive."""
+    command = [sys.executable, "-m", "smartdiff", "worker", "--profile", profile, "--loglevel", loglevel]
+    children = {gpu: subprocess.Popen([*command, "--gpus", str(gpu)]) for gpu in gpus}
+    stopping = {"signal": 0}
+
+    def forward(signum, _frame):
+        stopping["signal"] = signum
+        for child in children.values():
+            child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    while True:
+        for gpu, child in list(children.items()):
+            code = child.poll()
+            if code is None:
+                continue
+            if stopping["signal"]:
+                children.pop(gpu)
+            else:
+                print(f"worker on GPU {gpu} exited with {code}; restarting in 5 s", file=sys.stderr)
+                time.sleep(5)
+                children[gpu] = subprocess.Popen([*command, "--gpus", str(gpu)])
+        if not children:
+            return 0
+        time.sleep(0.5)
+
+
+def _claim_gpu(registry, wanted: list[int] | str, worker_id: str):
+    """The GPU this process runs on, leased in Redis by UUID so no two workers share one."""
+    import torch
+
+    from worker.service import Gpu
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise SystemExit("error: no GPU is visible to this process; use --gpus none for a CPU worker")
+    candidates = range(count) if wanted == "auto" else wanted
+    for index in candidates:
+        if index >= count:
+            raise SystemExit(f"error: GPU {index} does not exist here ({count} visible)")
+        props = torch.cuda.get_device_properties(index)
+        gpu = Gpu(index, str(props.uuid), props.name)
+        if registry.claim_gpu(gpu.uuid, worker_id):
+            return gpu
+        if wanted != "auto":
+            raise SystemExit(f"error: GPU {index} ({gpu.uuid}) is leased by another worker")
+    raise SystemExit(f"error: all {count} GPUs of this host are leased by other workers")
+
+
+def serve(profile_name: str, gpus: list[int] | str, loglevel: str) -> int:
+    import redis
+    from celery.signals import worker_shutting_down
+
+    from farm.celery_app import make_celery
+    from farm.settings import FarmSettings
+    from farm.workers import WorkerRegistry
+    from pipeline.config import load_profile
+    from worker import metrics
+    from worker.logs import setup_logging
+    from worker.service import WorkerService, worker_identity
+    from worker.tasks import register
+
+    settings = FarmSettings.from_env()
+    profile = load_profile(profile_name)
+    setup_logging(worker_identity(), loglevel)
+    gpu = None
+    device = "cpu"
+    if gpus != "none":
+        registry = WorkerRegistry(
+            redis.Redis.from_url(settings.redis_url, decode_responses=True), settings.worker_ttl_seconds
+        )
+        gpu = _claim_gpu(registry, gpus, worker_identity())
+        device = f"cuda:{gpu.index}"
+
+    app = make_celery(settings)
+    service = WorkerService(settings, profile, app, device=device, gpu=gpu)
+    service.video_store.check_bucket()  # a missing bucket or bad credentials fail here, not per job
+    service.load()
+    metrics.serve(settings.metrics_port)
+    service.start_background()
+    register(app, service)
+
+    def on_shutdown(sig=None, how=None, **_):
+        if settings.shutdown == "requeue":
+            service.hand_back_requested.set()
+
+    worker_shutting_down.connect(on_shutdown, weak=False)
+    worker = app.Worker(
+        hostname=f"{service.worker_id}@{socket.gethostname()}",
+        queues=[profile.name],
+        pool="solo",
+        concurrency=1,
+        prefetch_multiplier=1,
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        loglevel=loglevel,
+        quiet=True,
+    )
+    try:
+        worker.start()
+    finally:
+        service.stop()
+    return worker.exitcode or 0

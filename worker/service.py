@@ -1,0 +1,382 @@
+"""One worker process: a preloaded pipeline, one job at a time, leases, a reaper, records, upload.
+
+Exactly-once effect on at-least-once delivery:
+- a job runs only after an atomic claim of its record (a duplicate delivery finds it RUNNING with a
+  live lease, or finished, and does nothing);
+- the running worker refreshes the job's lease; if the worker dies, every other worker's reaper
+  sees the lease run out, puts the job back to QUEUED and sends its message again, so the job
+  restarts elsewhere within lease_seconds + reaper_seconds;
+- a worker that lost its lease stops at its next step and can never write the final state;
+- the object key is the job's own (videos/<job id>.mp4) and written once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from farm.celery_app import REQUEUE_PRIORITY, TASK_NAME, transport_priority
+from farm.records import CANCELLED, FAILED, SUCCEEDED, JobStore, OwnershipLost
+from farm.settings import FarmSettings
+from farm.storage import StorageError, VideoStore
+from farm.workers import WorkerRegistry
+from pipeline.config import ProfileConfig
+from pipeline.params import ParamError, validate_params
+from worker import metrics
+from worker.logs import current_job
+
+log = logging.getLogger("worker")
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class HandBack(Exception):
+    """The worker is stopping in requeue mode: give the job back to the queue."""
+
+
+class BadMessage(ValueError):
+    """A message whose shape or parameters cannot be used; the job fails with this text."""
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: int
+    uuid: str
+    name: str
+
+
+def parse_message(args: Any, kwargs: Any, profile: ProfileConfig):
+    """Check a task message (never trust the queue): returns validated GenerationParams."""
+    if args:
+        raise BadMessage(f"positional arguments are not accepted (got {len(args)})")
+    if not isinstance(kwargs, dict):
+        raise BadMessage("the message body must be a JSON object")
+    unknown = sorted(set(kwargs) - {"profile", "params"})
+    if unknown:
+        raise BadMessage(f"unknown message fields: {', '.join(map(str, unknown))[:200]}")
+    if kwargs.get("profile") != profile.name:
+        raise BadMessage(
+            f"message for profile {str(kwargs.get('profile'))[:100]!r} reached a {profile.name!r} worker"
+        )
+    if not isinstance(kwargs.get("params"), dict):
+        raise BadMessage("params: missing, or not a JSON object")
+    try:
+        return validate_params(kwargs["params"], profile.model_config)
+    except ParamError as error:
+        raise BadMessage(str(error)) from None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def worker_identity() -> str:
+    """This process' worker id: host and pid, unique while it lives."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def oom_advice(stage: str, params) -> str:
+    return (
+        f"the GPU ran out of memory during {stage} at {params.size}x{params.frames}; "
+        "try a smaller size or fewer frames, or a worker with more free GPU memory"
+    )
+
+
+class WorkerService:
+    def __init__(
+        self,
+        settings: FarmSettings,
+        profile: ProfileConfig,
+        app: Celery,
+        device: str = "cpu",
+        gpu: Gpu | None = None,
+        pipeline=None,
+        video_store: VideoStore | None = None,
+    ):
+        self.settings = settings
+        self.profile = profile
+        self.app = app
+        self.device = device
+        self.gpu = gpu
+        self.pipeline = pipeline
+        self.worker_id = worker_identity()
+        client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+        self.store = JobStore(client, settings.record_ttl_seconds)
+        self.registry = WorkerRegistry(client, settings.worker_ttl_seconds)
+        self.video_store = video_store or VideoStore(settings)
+        self.current: str | None = None
+        self.hand_back_requested = threading.Event()
+        self.stopping = threading.Event()
+        self.lease_lost = threading.Event()
+        self.jobs_done = 0
+        self.started_at = time.time()
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the model before the first job is taken, so no visibility clock runs during load."""
+        if self.pipeline is None:
+            from pipeline.wan import WanPipeline
+
+            start = time.perf_counter()
+            self.pipeline = WanPipeline.from_profile(self.profile, self.device)
+            log.info(
+                "model %s loaded on %s in %.1f s, attention %s",
+                self.profile.model,
+                self.device,
+                time.perf_counter() - start,
+                self.pipeline.attention.implementation,
+            )
+        Path(self.settings.work_dir).mkdir(parents=True, exist_ok=True)
+
+    def start_background(self) -> None:
+        self.heartbeat()
+        for target in (self._heartbeat_loop, self._reaper_loop):
+            threading.Thread(target=target, daemon=True, name=target.__name__).start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        try:
+            self.registry.remove(self.worker_id, self.profile.name)
+            if self.gpu:
+                self.registry.release_gpu(self.gpu.uuid, self.worker_id)
+        except redis.RedisError:
+            log.warning("could not deregister from Redis while stopping")
+
+    def info(self) -> dict[str, Any]:
+        info = {
+            "node": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": self.device,
+            "gpu": self.gpu.__dict__ if self.gpu else None,
+            "job": self.current or "",
+            "state": "busy" if self.current else "idle",
+            "jobs_done": self.jobs_done,
+            "started_at": self.started_at,
+            "model": self.profile.model,
+        }
+        if self.pipeline is not None:
+            info["attention"] = self.pipeline.attention.implementation
+        if self.device.startswith("cuda"):
+            import torch
+
+            info["gpu_memory_resident"] = torch.cuda.memory_allocated(self.device)
+            info["gpu_memory_peak"] = torch.cuda.max_memory_allocated(self.device)
+            metrics.GPU_MEMORY.labels(self.profile.name, "resident").set(info["gpu_memory_resident"])
+            metrics.GPU_MEMORY.labels(self.profile.name, "peak").set(info["gpu_memory_peak"])
+        return info
+
+    def heartbeat(self) -> None:
+        self.registry.heartbeat(self.worker_id, self.profile.name, self.info())
+        if self.gpu and not self.registry.refresh_gpu(self.gpu.uuid, self.worker_id):
+            log.error("lost the lease on GPU %s", self.gpu.uuid)
+        job = self.current
+        if job:
+            try:
+                self.store.progress(job, self.worker_id, self.settings.lease_seconds)
+            except OwnershipLost:
+                self.lease_lost.set()
+
+    def _heartbeat_loop(self) -> None:
+        period = max(0.5, min(self.settings.lease_seconds, self.settings.worker_ttl_seconds) / 3)
+        while not self.stopping.wait(period):
+            try:
+                self.heartbeat()
+            except redis.RedisError as error:  # Redis restarting: keep trying, the job goes on
+                log.warning("heartbeat failed: %s", error)
+
+    def _reaper_loop(self) -> None:
+        while not self.stopping.wait(self.settings.reaper_seconds):
+            try:
+                self.reap()
+            except redis.RedisError as error:
+                log.warning("reaper failed: %s", error)
+
+    def reap(self) -> list[str]:
+        """Requeue every job whose worker stopped refreshing its lease; returns their ids."""
+        requeued = []
+        for job_id in self.store.expired_jobs():
+            if self.store.requeue_if_expired(job_id):
+                self.send(job_id)
+                requeued.append(job_id)
+                log.warning("job %s lost its worker; requeued", job_id, extra={"job_id": job_id})
+        return requeued
+
+    def send(self, job_id: str) -> None:
+        """(Re)send a job's message from its record, ahead of new work."""
+        record = self.store.get(job_id)
+        self.app.send_task(
+            TASK_NAME,
+            kwargs={"profile": record.profile, "params": record.params},
+            task_id=job_id,
+            queue=record.profile,
+            priority=transport_priority(REQUEUE_PRIORITY),
+        )
+
+    # --- one job ----------------------------------------------------------------------------
+
+    def execute(self, job_id: str, args: Any, kwargs: Any) -> dict[str, Any]:
+        """Run one delivered message to its end. Never raises for a job's own failure."""
+        token = current_job.set(job_id)
+        try:
+            return self._execute(job_id, args, kwargs)
+        finally:
+            current_job.reset(token)
+
+    def _execute(self, job_id: str, args: Any, kwargs: Any) -> dict[str, Any]:
+        try:
+            params = parse_message(args, kwargs, self.profile)
+        except BadMessage as error:
+            self.store.fail_unclaimed(job_id, "INVALID_INPUT", str(error), self.profile.name)
+            log.warning("rejected: %s", error, extra={"code": "INVALID_INPUT"})
+            metrics.JOBS.labels(self.profile.name, FAILED).inc()
+            return {"id": job_id, "state": FAILED}
+
+        if self.store.get(job_id) is None:  # a message pushed by another producer, without a record
+            self.store.create(job_id, self.profile.name, params.to_dict(), 0)
+        status = self.store.claim(
+            job_id, self.worker_id, self.settings.lease_seconds, self.settings.max_attempts
+        )
+        if status != "claimed":
+            log.info("not running: %s", status, extra={"state": status})
+            return {"id": job_id, "state": status}
+
+        record = self.store.get(job_id)
+        metrics.QUEUE_WAIT.labels(self.profile.name).observe(max(0.0, record.started_at - record.queued_at))
+        self.current = job_id
+        self.lease_lost.clear()
+        metrics.BUSY.labels(self.profile.name).set(1)
+        try:
+            state = self._run(job_id, params)
+        finally:
+            self.current = None
+            metrics.BUSY.labels(self.profile.name).set(0)
+        return {"id": job_id, "state": state}
+
+    def _run(self, job_id: str, params) -> str:
+        seconds: dict[str, float] = {}
+        stage = {"name": "text_encode"}
+        video_path = Path(self.settings.work_dir) / f"{job_id}.mp4"
+
+        def progress(name: str, step: int, total: int) -> None:
+            stage["name"] = name
+            if self.lease_lost.is_set():
+                raise OwnershipLost(job_id)
+            # step/steps count denoising steps; the other stages only name themselves.
+            fields = {"stage": name, "step": step, "steps": total} if name == "denoise" else {"stage": name}
+            try:
+                cancel = self.store.progress(job_id, self.worker_id, self.settings.lease_seconds, **fields)
+            except redis.RedisError as error:  # a Redis restart must not kill a running job
+                log.warning("progress not recorded: %s", error)
+                cancel = False
+            if cancel:
+                raise JobCancelled
+            if self.hand_back_requested.is_set() and name == "denoise":
+                raise HandBack
+
+        try:
+            result = self.pipeline.generate(params, progress)
+            seconds.update(result.seconds)
+            progress("encode", 0, 1)
+            start = time.perf_counter()
+            from pipeline.video import write_mp4
+
+            write_mp4(result.frames, video_path, fps=result.fps)
+            digest = sha256_of(video_path)
+            seconds["encode"] = time.perf_counter() - start
+            progress("upload", 0, 1)
+            start = time.perf_counter()
+            stored = self.video_store.upload(video_path, job_id, digest, {"job-id": job_id})
+            seconds["upload"] = time.perf_counter() - start
+            out = {
+                **stored.to_dict(),
+                "width": params.width,
+                "height": params.height,
+                "frames": params.frames,
+                "fps": result.fps,
+                "seed": params.seed,
+                "profile": self.profile.name,
+                "model": self.profile.model,
+                "attention": result.attention,
+                "cache": {"strategy": "none", "computed": result.forwards, "reused": 0},
+            }
+            return self._finish(job_id, SUCCEEDED, seconds, result=out)
+        except JobCancelled:
+            return self._finish(
+                job_id,
+                CANCELLED,
+                seconds,
+                error_code="CANCELLED",
+                error_message=f"cancelled during {stage['name']}",
+            )
+        except HandBack:
+            if self.store.hand_back(job_id, self.worker_id):
+                self.send(job_id)
+                log.info("handed back on shutdown")
+            return "QUEUED"
+        except OwnershipLost:
+            log.warning("lease lost during %s; another worker owns the job now", stage["name"])
+            return "LOST"
+        except StorageError as error:
+            return self._finish(job_id, FAILED, seconds, error_code="STORAGE_ERROR", error_message=str(error))
+        except Exception as error:
+            import torch
+
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+                return self._finish(
+                    job_id,
+                    FAILED,
+                    seconds,
+                    error_code="GPU_OUT_OF_MEMORY",
+                    error_message=oom_advice(stage["name"], params),
+                )
+            log.exception("job failed in %s", stage["name"])
+            return self._finish(
+                job_id,
+                FAILED,
+                seconds,
+                error_code="INTERNAL_ERROR",
+                error_message=f"{type(error).__name__} during {stage['name']}: {error}"[:1000],
+            )
+        finally:
+            video_path.unlink(missing_ok=True)
+
+    def _finish(self, job_id: str, state: str, seconds: dict[str, float], **fields: Any) -> str:
+        for name, value in seconds.items():
+            metrics.STAGE_SECONDS.labels(self.profile.name, name).observe(value)
+        seconds = {k: round(v, 4) for k, v in seconds.items()}
+        # Redis may be restarting: keep trying for a while, the video is already stored.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                done = self.store.finish(job_id, self.worker_id, state, stage="", seconds=seconds, **fields)
+                break
+            except redis.RedisError as error:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("could not record the final state yet: %s", error)
+                time.sleep(1)
+        if not done:
+            log.warning("finished as %s but the job is no longer ours; result dropped", state)
+            return "LOST"
+        self.jobs_done += 1
+        metrics.JOBS.labels(self.profile.name, state).inc()
+        log.info("job %s", state, extra={"state": state, "seconds": seconds})
+        return state
