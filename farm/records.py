@@ -307,12 +307,11 @@ class JobStore:
         """Ask for a cancel; returns the state after the call ('missing' if there is no such job)."""
         return self._cancel(keys=[job_key(job_id)], args=[time.time()])
 
-    def reject(self, reason: str, message_id: str | None, detail: str) -> None:
-        """Keep a note of a message that could not be read (bounded list, for operators)."""
-        entry = json.dumps(
-            {"at": time.time(), "reason": reason, "message_id": message_id, "detail": detail[:500]}
-        )
-        pipe = self.redis.pipeline()
-        pipe.lpush(REJECTED_LIST, entry)
-        pipe.ltrim(REJECTED_LIST, 0, 999)
-        pipe.execute()
+
+def record_rejection(client: redis.Redis, reason: str, message_id: str | None) -> None:
+    """Note a message that could not be used at all (bounded list, newest first, for operators)."""
+    entry = json.dumps({"at": time.time(), "reason": reason[:500], "message_id": message_id})
+    pipe = client.pipeline()
+    pipe.lpush(REJECTED_LIST, entry)
+    pipe.ltrim(REJECTED_LIST, 0, 999)
+    pipe.execute()

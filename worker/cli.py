@@ -100,6 +100,7 @@ def serve(profile_name: str, gpus: list[int] | str, loglevel: str) -> int:
     from farm.workers import WorkerRegistry
     from pipeline.config import load_profile
     from worker import metrics
+    from worker.consumer import Consumer
     from worker.logs import setup_logging
     from worker.service import WorkerService, worker_identity
     from worker.tasks import register
@@ -117,12 +118,15 @@ def serve(profile_name: str, gpus: list[int] | str, loglevel: str) -> int:
         device = f"cuda:{gpu.index}"
 
     app = make_celery(settings)
+    app.conf.broker_transport = "worker.transport:Transport"
+    app.conf.worker_consumer = "worker.consumer:Consumer"
     service = WorkerService(settings, profile, app, device=device, gpu=gpu)
     service.video_store.check_bucket()  # a missing bucket or bad credentials fail here, not per job
     service.load()
     metrics.serve(settings.metrics_port)
     service.start_background()
     register(app, service)
+    Consumer.on_reject = staticmethod(service.record_rejected)
 
     def on_shutdown(sig=None, how=None, **_):
         if settings.shutdown == "requeue":

@@ -26,7 +26,7 @@ import redis
 from celery import Celery
 
 from farm.celery_app import REQUEUE_PRIORITY, TASK_NAME, transport_priority
-from farm.records import CANCELLED, FAILED, SUCCEEDED, JobStore, OwnershipLost
+from farm.records import CANCELLED, FAILED, SUCCEEDED, JobStore, OwnershipLost, record_rejection
 from farm.settings import FarmSettings
 from farm.storage import StorageError, VideoStore
 from farm.workers import WorkerRegistry
@@ -227,6 +227,22 @@ class WorkerService:
             task_id=job_id,
             queue=record.profile,
             priority=transport_priority(REQUEUE_PRIORITY),
+        )
+
+    def record_rejected(self, message: Any, reason: str) -> None:
+        """A message Celery refused: fail its job's record (if it names one) and note it."""
+        headers = getattr(message, "headers", None)
+        job_id = headers.get("id") if isinstance(headers, dict) else None
+        if not (isinstance(job_id, str) and 8 <= len(job_id) <= 64 and job_id.replace("-", "").isalnum()):
+            job_id = None
+        try:
+            if job_id:
+                self.store.fail_unclaimed(job_id, "INVALID_MESSAGE", reason, self.profile.name)
+            record_rejection(self.store.redis, reason, job_id)
+        except redis.RedisError:
+            log.warning("could not record a refused message")
+        log.warning(
+            "refused a message: %s", reason, extra={"job_id": job_id or "", "code": "INVALID_MESSAGE"}
         )
 
     # --- one job ----------------------------------------------------------------------------
