@@ -89,7 +89,7 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], log_path: Path, profile: str = "tiny", extra_env=None):
         self.log_path = log_path
-        self.env = {**env, **(extra_env or {})}
+        self.env = {**env, **{k: str(v) for k, v in (extra_env or {}).items()}}
         self.profile = profile
         self.process: subprocess.Popen | None = None
 
@@ -146,6 +146,8 @@ def farm_env(redis_url: str, s3_endpoint: str, checkpoint_root: Path, work_dir: 
             "AWS_SECRET_ACCESS_KEY": "farm-test-secret-7f3a9c",
             "AWS_DEFAULT_REGION": "us-east-1",
             "PYTHONUNBUFFERED": "1",
+            # Several CPU workers share two cores in CI: one thread each avoids oversubscription.
+            "OMP_NUM_THREADS": "1",
         }
     )
     env.update({k: str(v) for k, v in overrides.items()})

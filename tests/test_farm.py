@@ -469,3 +469,24 @@ def test_credentials_never_in_records_messages_or_logs(farm):
     assert SECRET not in text and KEY_ID not in text
     assert job.id in text  # the capture is not empty
     assert farm.redis.exists(job_key(job.id))
+
+
+def test_metrics_and_structured_logs(farm):
+    from farm_helpers import free_port
+
+    port = free_port()
+    worker = farm.worker(SMARTDIFF_METRICS_PORT=port)
+    job = farm.submit(seed=6)
+    job.wait(timeout=60)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+        metrics = response.read().decode()
+    assert 'smartdiff_jobs_total{profile="tiny",state="SUCCEEDED"} 1.0' in metrics
+    assert 'smartdiff_stage_seconds_count{profile="tiny",stage="upload"} 1.0' in metrics
+    assert 'smartdiff_stage_seconds_bucket{le="3600.0",profile="tiny",stage="denoise"} 1.0' in metrics
+    assert 'smartdiff_queue_wait_seconds_count{profile="tiny"} 1.0' in metrics
+    # Every line the worker logged about the job is JSON and carries the job id.
+    lines = [
+        json.loads(line) for line in worker.log().splitlines() if line.startswith("{") and job.id in line
+    ]
+    assert len(lines) >= 2 and all(entry["job_id"] == job.id for entry in lines)
+    assert {"ts", "level", "logger", "msg", "worker"} <= set(lines[-1])
