@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import load_profile
-from pipeline.params import SOLVERS, ParamError, validate_params
+from pipeline.params import ParamError, add_request_arguments, request_from_args, validate_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,36 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--profile", help="profile name (configs/profiles/NAME.yaml)")
     source.add_argument("--model-dir", type=Path, help="checkpoint folder (official or Diffusers layout)")
     parser.add_argument("--model", help="model name the checkpoint must hold (default: detected)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", help="default: the official Wan negative prompt")
-    parser.add_argument("--size", help="WIDTHxHEIGHT, e.g. 832x480 (default: the model's)")
-    parser.add_argument("--frames", type=int, help="4n+1 (default: the model's, 81 for Wan)")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float)
-    parser.add_argument("--guidance-low-noise", type=float, help="Wan2.2 low-noise expert's guidance")
-    parser.add_argument("--shift", type=float)
-    parser.add_argument("--seed", type=int, help="default: random (printed, so it can be reused)")
-    parser.add_argument("--solver", choices=SOLVERS)
+    add_request_arguments(parser)
     parser.add_argument("--attn", help="attention backend (default: the profile's, else sdpa)")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: auto")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
     parser.add_argument("--out", type=Path, required=True, help="output .mp4")
-
-
-def _request(args: argparse.Namespace) -> dict:
-    names = [
-        "prompt",
-        "negative_prompt",
-        "size",
-        "frames",
-        "steps",
-        "guidance",
-        "guidance_low_noise",
-        "shift",
-        "seed",
-        "solver",
-    ]
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             root, model_name = args.model_dir, args.model
             attention, dtype = args.attn or "sdpa", args.dtype or "auto"
         model = open_checkpoint(root, model_name).model
-        params = validate_params(_request(args), model)
+        params = validate_params(request_from_args(args), model)
     except (ParamError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

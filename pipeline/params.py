@@ -6,6 +6,7 @@ running (a queue is never trusted). Every rejection names the field and says wha
 
 from __future__ import annotations
 
+import argparse
 import secrets
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -183,3 +184,36 @@ def validate_params(raw: dict[str, Any], model: ModelConfig) -> GenerationParams
         solver=solver,
         guidance_low_noise=guidance_low,
     )
+
+
+# The request fields a command line sets, besides the prompt (``smartdiff generate`` and ``submit``).
+OPTIONAL_FIELDS = (
+    "negative_prompt",
+    "size",
+    "frames",
+    "steps",
+    "guidance",
+    "guidance_low_noise",
+    "shift",
+    "seed",
+    "solver",
+)
+
+
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generation parameters as command-line options; unset ones take the model's defaults."""
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", help="default: the official Wan negative prompt")
+    parser.add_argument("--size", help="WIDTHxHEIGHT, e.g. 832x480 (default: the model's)")
+    parser.add_argument("--frames", type=int, help="4n+1 (default: the model's, 81 for Wan)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--guidance-low-noise", type=float, help="Wan2.2 low-noise expert's guidance")
+    parser.add_argument("--shift", type=float)
+    parser.add_argument("--seed", type=int, help="default: random (recorded, so it can be reused)")
+    parser.add_argument("--solver", choices=SOLVERS)
+
+
+def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("prompt", *OPTIONAL_FIELDS)
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}

@@ -7,21 +7,12 @@ import json
 import sys
 from typing import Any
 
-from pipeline.params import SOLVERS
+from pipeline.params import add_request_arguments, request_from_args
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", required=True)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt")
-    parser.add_argument("--size", help="WIDTHxHEIGHT")
-    parser.add_argument("--frames", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float)
-    parser.add_argument("--guidance-low-noise", type=float)
-    parser.add_argument("--shift", type=float)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--solver", choices=SOLVERS)
+    add_request_arguments(parser)
     parser.add_argument("--priority", type=int, default=5, help="0..9, higher first (default 5)")
     parser.add_argument("--job-id", help="your own id: submitting it again returns the same job")
     parser.add_argument("--queue-anyway", action="store_true", help="queue even if no worker is live")
@@ -75,22 +66,12 @@ def _wait(job, timeout: float | None, as_json: bool) -> int:
 def run_submit(args: argparse.Namespace) -> int:
     from producer.client import Client, FarmError
 
-    names = [
-        "negative_prompt",
-        "size",
-        "frames",
-        "steps",
-        "guidance",
-        "guidance_low_noise",
-        "shift",
-        "seed",
-        "solver",
-    ]
-    params = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    params = request_from_args(args)
+    prompt = params.pop("prompt")
     try:
         job = Client().submit(
             args.profile,
-            args.prompt,
+            prompt,
             priority=args.priority,
             queue_anyway=args.queue_anyway,
             job_id=args.job_id,

@@ -490,3 +490,52 @@ def test_metrics_and_structured_logs(farm):
     ]
     assert len(lines) >= 2 and all(entry["job_id"] == job.id for entry in lines)
     assert {"ts", "level", "logger", "msg", "worker"} <= set(lines[-1])
+
+
+def test_command_line_submit_status_wait_cancel(farm):
+    import subprocess
+    import sys
+
+    farm.worker()
+
+    def smartdiff(*args):
+        done = subprocess.run(
+            [sys.executable, "-m", "smartdiff", *args],
+            env=farm.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        return done.returncode, json.loads(done.stdout.strip().splitlines()[-1])
+
+    code, record = smartdiff(
+        "submit", "--profile", "tiny", "--prompt", "a cat", "--seed", "3", "--wait", "--json"
+    )
+    assert (
+        code == 0 and record["state"] == "SUCCEEDED" and record["result"]["url"].startswith(farm.s3_endpoint)
+    )
+    code, status = smartdiff("status", record["id"], "--json")
+    assert code == 0 and status["result"]["sha256"] == record["result"]["sha256"]
+    code, waited = smartdiff("wait", record["id"], "--json")
+    assert code == 0 and waited["id"] == record["id"]
+    code, error = smartdiff("submit", "--profile", "tiny", "--prompt", "a cat", "--frames", "6", "--json")
+    assert code == 1 and error["error"]["code"] == "INVALID_INPUT" and "frames" in error["error"]["message"]
+    code, queued = smartdiff(
+        "submit", "--profile", "wan2.1-1.3b-lossless", "--prompt", "x", "--queue-anyway", "--json"
+    )
+    assert code == 0 and queued["state"] == "QUEUED"
+    code, cancelled = smartdiff("cancel", queued["id"], "--json")
+    assert code == 0 and cancelled["state"] == "CANCELLED"
+    code, missing = smartdiff("status", "0123456789abcdef", "--json")
+    assert code == 1 and missing["error"]["code"] == "NOT_FOUND"
+
+
+def test_producer_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, producer, producer.cli, farm.records, farm.storage, farm.celery_app; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
