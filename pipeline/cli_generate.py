@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
             profile = load_profile(args.profile)
             root, model_name = profile.checkpoint_dir, profile.model
             attention, dtype = args.attn or profile.attention, args.dtype or profile.dtype
+            allowed = profile.flexcache
             if profile.model == "tiny" and not root.exists():
                 from pipeline.tiny import write_tiny_checkpoint
 
@@ -45,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             root, model_name = args.model_dir, args.model
             attention, dtype = args.attn or "sdpa", args.dtype or "auto"
+            allowed = None  # a checkpoint folder on this machine: every strategy is allowed
         model = open_checkpoint(root, model_name).model
-        params = validate_params(request_from_args(args), model)
+        params = validate_params(request_from_args(args), model, allowed)
     except (ParamError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     write_mp4(result.frames, args.out, fps=result.fps)
     summary = {
+        "cache": result.cache,
         "out": str(args.out),
         "model": model.name,
         "attention": result.attention,

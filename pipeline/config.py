@@ -76,6 +76,20 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class TeaCacheConfig:
+    """TeaCache for one model: the published polynomial that rescales the relative L1 change of
+    the timestep-modulated input into an estimate of the output change, and its operating point."""
+
+    coefficients: tuple[float, ...] = (0.0, 0.0, 0.0, 1.0, 0.0)  # highest power first (numpy.poly1d)
+    # "time_embedding" (the official default, e) or "time_projection" (its "ret_steps" variant, e0).
+    modulated_input: str = "time_embedding"
+    threshold: float = 0.08
+    first_steps: int = 1  # always computed at the start
+    last_steps: int = 1  # always computed at the end
+    source: str = ""  # where the coefficients come from
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """One Wan text-to-video model: what it is and how it samples by default."""
 
@@ -85,6 +99,7 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     t5: T5Config = field(default_factory=T5Config)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)
     # Names of the DiT experts, in the order of use; one entry means a single DiT.
     experts: tuple[str, ...] = ("dit",)
 
@@ -113,6 +128,7 @@ def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
         vae=_build(VAEConfig, raw.get("vae")),
         t5=_build(T5Config, raw.get("t5")),
         sampling=_build(SamplingConfig, raw.get("sampling")),
+        teacache=_build(TeaCacheConfig, raw.get("teacache")),
         experts=tuple(raw.get("experts", ["dit"])),
     )
 
@@ -146,6 +162,8 @@ class ProfileConfig:
     attention: str = "sdpa"
     # "auto": bf16 on GPU, fp32 on CPU.
     dtype: str = "auto"
+    # Feature-caching strategies a request may ask for on this worker ("teacache", "pab").
+    flexcache: tuple[str, ...] = ()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -172,6 +190,9 @@ def load_profile(name: str) -> ProfileConfig:
         profile = _build(ProfileConfig, yaml.safe_load(f))
     if profile.name != name:
         raise ValueError(f"{path}: name {profile.name!r} does not match the file name")
+    unknown = set(profile.flexcache) - {"teacache", "pab"}
+    if unknown:
+        raise ValueError(f"{path}: unknown flexcache strategies {sorted(unknown)} (known: teacache, pab)")
     if profile.dtype not in DTYPES:
         raise ValueError(f"{path}: dtype {profile.dtype!r} is not one of {', '.join(DTYPES)}")
     load_model_config(profile.model)  # an unknown model is an error here, not at the first job

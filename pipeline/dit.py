@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +112,26 @@ class Attention(nn.Module):
         return self.o(attention(q, k, v).flatten(2))
 
 
+class AttentionReuse(Protocol):
+    """Per block and CFG branch: returns a stored attention output or computes (and stores) one."""
+
+    def self_attention(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+
+    def cross_attention(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor: ...
+
+
+@dataclass
+class DiTInputs:
+    """Everything the block stack and the head need for one forward, computed once."""
+
+    x: torch.Tensor  # [B, L, dim] patch tokens
+    grid: tuple[int, int, int]
+    time_embedding: torch.Tensor  # [B, dim] fp32: the head's modulation input
+    time: torch.Tensor  # [B, 6, dim] fp32: the blocks' modulation input
+    context: torch.Tensor  # [B, text_len, dim]
+    rope: tuple[torch.Tensor, torch.Tensor]
+
+
 class WanBlock(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -130,15 +153,28 @@ class WanBlock(nn.Module):
         context: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         attention: AttentionBackend,
+        reuse: AttentionReuse | None = None,
     ) -> torch.Tensor:
-        """x [B, L, dim]; time [B, 6, dim] fp32 (the projected timestep); context [B, text_len, dim]."""
+        """x [B, L, dim]; time [B, 6, dim] fp32 (the projected timestep); context [B, text_len, dim].
+
+        ``reuse`` (PAB) may serve the self- and cross-attention outputs from an earlier step.
+        """
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time).unbind(1)
         dtype = x.dtype
 
         h = (self.norm1(x) * (1 + scale_sa[:, None]) + shift_sa[:, None]).to(dtype)
-        x = (x.float() + self.self_attn(h, h, attention, rope).float() * gate_sa[:, None]).to(dtype)
+        if reuse is None:
+            y = self.self_attn(h, h, attention, rope)
+        else:
+            y = reuse.self_attention(lambda: self.self_attn(h, h, attention, rope))
+        x = (x.float() + y.float() * gate_sa[:, None]).to(dtype)
 
-        x = x + self.cross_attn(self.norm3(x).to(dtype), context, attention)
+        h = self.norm3(x).to(dtype)
+        if reuse is None:
+            y = self.cross_attn(h, context, attention)
+        else:
+            y = reuse.cross_attention(lambda: self.cross_attn(h, context, attention))
+        x = x + y
 
         h = (self.norm2(x) * (1 + scale_ff[:, None]) + shift_ff[:, None]).to(dtype)
         return (x.float() + self.ffn(h).float() * gate_ff[:, None]).to(dtype)
@@ -203,18 +239,40 @@ class WanDiT(nn.Module):
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """latents [B, C, F, H, W], timesteps [B], context [B, text_len, text_dim] -> velocity."""
+        inputs = self.prepare(latents, timesteps, context)
+        return self.finish(self.run_blocks(inputs), inputs)
+
+    def prepare(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> DiTInputs:
         dtype = self.patch_embedding.weight.dtype
         x = self.patch_embedding(latents.to(dtype))
         grid = tuple(x.shape[2:])
-        x = x.flatten(2).transpose(1, 2)
-
         time_embedding, time = self.embed_time(timesteps)
-        context = self.text_embedding(context.to(dtype))
-        rope = self.rope(grid, x.device)
-        for block in self.blocks:
-            x = block(x, time, context, rope, self.attention)
-        x = self.head(x, time_embedding)
-        return self.unpatchify(x, grid).float()
+        return DiTInputs(
+            x=x.flatten(2).transpose(1, 2),
+            grid=grid,
+            time_embedding=time_embedding,
+            time=time,
+            context=self.text_embedding(context.to(dtype)),
+            rope=self.rope(grid, x.device),
+        )
+
+    def run_blocks(self, inputs: DiTInputs, reuse: list[AttentionReuse] | None = None) -> torch.Tensor:
+        """The block stack on the patch tokens; ``reuse`` gives one AttentionReuse per block (PAB)."""
+        x = inputs.x
+        for i, block in enumerate(self.blocks):
+            x = block(
+                x,
+                inputs.time,
+                inputs.context,
+                inputs.rope,
+                self.attention,
+                None if reuse is None else reuse[i],
+            )
+        return x
+
+    def finish(self, x: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
+        """Head and unpatchify: tokens after the blocks -> velocity [B, C, F, H, W] in fp32."""
+        return self.unpatchify(self.head(x, inputs.time_embedding), inputs.grid).float()
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, L, p_t*p_h*p_w*C] -> [B, C, F, H, W]."""

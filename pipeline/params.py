@@ -14,6 +14,18 @@ from typing import Any
 from pipeline.config import ModelConfig
 
 SOLVERS = ("unipc", "dpm++", "euler")
+FLEXCACHE = ("none", "teacache", "pab")
+# PAB's published schedule for full 3D attention: broadcast while 100 < t < 850; self-attention
+# recomputed every 2nd step, cross-attention every 6th.
+PAB_DEFAULTS = {
+    "pab_self_start": 100,
+    "pab_self_end": 850,
+    "pab_self_interval": 2,
+    "pab_cross_start": 100,
+    "pab_cross_end": 850,
+    "pab_cross_interval": 6,
+}
+MAX_PAB_INTERVAL = 20
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 30.0
@@ -52,6 +64,15 @@ class GenerationParams:
     solver: str
     # Wan2.2 only: guidance of the low-noise expert (the high-noise one uses ``guidance``).
     guidance_low_noise: float | None = None
+    # Feature caching across steps: "none", "teacache" or "pab", with that strategy's knobs.
+    flexcache: str = "none"
+    teacache_threshold: float | None = None
+    pab_self_start: int | None = None
+    pab_self_end: int | None = None
+    pab_self_interval: int | None = None
+    pab_cross_start: int | None = None
+    pab_cross_end: int | None = None
+    pab_cross_interval: int | None = None
 
     @property
     def size(self) -> str:
@@ -111,12 +132,42 @@ def parse_size(value: Any) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
-def validate_params(raw: dict[str, Any], model: ModelConfig) -> GenerationParams:
+def _flexcache(raw: dict[str, Any], model: ModelConfig, allowed: tuple[str, ...] | None) -> dict[str, Any]:
+    strategy = raw.get("flexcache", "none")
+    if strategy not in FLEXCACHE:
+        raise ParamError("flexcache", f"unknown strategy {strategy!r} (known: {', '.join(FLEXCACHE)})")
+    if strategy != "none" and allowed is not None and strategy not in allowed:
+        offered = ", ".join(allowed) or "none"
+        raise ParamError("flexcache", f"{strategy!r} is not allowed on this profile (allowed: {offered})")
+    out: dict[str, Any] = {"flexcache": strategy}
+    for name in ("teacache_threshold", *PAB_DEFAULTS):
+        if raw.get(name) is not None and not name.startswith(strategy):
+            raise ParamError(name, f"only applies with flexcache={name.split('_')[0]}")
+    if strategy == "teacache":
+        threshold = _number(raw, "teacache_threshold", model.teacache.threshold, float)
+        _in_range("teacache_threshold", threshold, 0.0, 1.0)
+        out["teacache_threshold"] = threshold
+    if strategy == "pab":
+        for name, default in PAB_DEFAULTS.items():
+            out[name] = _number(raw, name, default, int)
+            if name.endswith("interval"):
+                _in_range(name, out[name], 1, MAX_PAB_INTERVAL)
+            else:
+                _in_range(name, out[name], 0, 1000)
+        for kind in ("self", "cross"):
+            if out[f"pab_{kind}_start"] >= out[f"pab_{kind}_end"]:
+                raise ParamError(f"pab_{kind}_start", f"must be below pab_{kind}_end")
+    return out
+
+
+def validate_params(
+    raw: dict[str, Any], model: ModelConfig, allowed_flexcache: tuple[str, ...] | None = None
+) -> GenerationParams:
     """Check a request against ``model`` and fill in its defaults; raise ``ParamError`` if it is bad.
 
     ``raw`` may hold ``size`` ("WxH") or ``width`` and ``height``; ``seed`` may be omitted or
     None for a random one (the chosen seed is part of the returned parameters, so the video can be
-    reproduced).
+    reproduced). ``allowed_flexcache`` is the profile's list of caching strategies (None: any).
     """
     if not isinstance(raw, dict):
         raise ParamError("params", f"must be a JSON object, got {type(raw).__name__}")
@@ -183,6 +234,7 @@ def validate_params(raw: dict[str, Any], model: ModelConfig) -> GenerationParams
         seed=seed,
         solver=solver,
         guidance_low_noise=guidance_low,
+        **_flexcache(raw, model, allowed_flexcache),
     )
 
 
@@ -212,6 +264,10 @@ def add_request_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shift", type=float)
     parser.add_argument("--seed", type=int, help="default: random (recorded, so it can be reused)")
     parser.add_argument("--solver", choices=SOLVERS)
+    parser.add_argument("--flexcache", choices=FLEXCACHE, help="feature caching across steps (default none)")
+    parser.add_argument("--teacache-threshold", type=float, help="default: the model's (0.08 for 1.3B)")
+    for name, default in PAB_DEFAULTS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"PAB schedule (default {default})")
 
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:

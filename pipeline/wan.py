@@ -15,6 +15,7 @@ from kernels import AttentionBackend, get_backend
 from pipeline.checkpoint import Checkpoint, load_dit, load_text_encoder, load_vae, open_checkpoint
 from pipeline.config import ModelConfig, ProfileConfig
 from pipeline.dit import WanDiT
+from pipeline.flexcache import COND, UNCOND, FlexCache
 from pipeline.params import GenerationParams
 from pipeline.schedulers import make_scheduler
 from pipeline.video import to_uint8_frames
@@ -47,7 +48,9 @@ class GenerationResult:
     expert_per_step: list[int] = field(default_factory=list)
     guidance_per_step: list[float] = field(default_factory=list)
     attention: str = ""
-    forwards: int = 0  # DiT evaluations run
+    # FlexCache statistics: block-stack evaluations computed and reused, peak cache bytes.
+    cache: dict = field(default_factory=dict)
+    cache_log: list = field(default_factory=list)  # one StepRecord per DiT evaluation
 
 
 class WanPipeline:
@@ -143,24 +146,25 @@ class WanPipeline:
     ) -> torch.Tensor:
         scheduler = make_scheduler(params.solver, params.steps, params.shift)
         timesteps = scheduler.timesteps.tolist()
+        cache = FlexCache(params, self.model, timesteps)
         for i, t in enumerate(timesteps):
             expert = self.expert_for(t)
             guidance = self.guidance_for(expert, params)
             dit = self.experts[expert]
             t_batch = torch.tensor([t], device=self.device)
-            velocity = dit(latents, t_batch, cond)
-            forwards = 1
+            velocity = cache.forward(dit, expert, COND, i, latents, t_batch, cond)
             if guidance != 1.0:  # guidance 1 is the conditional prediction alone: skip the second pass
-                velocity_uncond = dit(latents, t_batch, uncond)
+                velocity_uncond = cache.forward(dit, expert, UNCOND, i, latents, t_batch, uncond)
                 velocity = velocity_uncond + guidance * (velocity - velocity_uncond)
-                forwards = 2
             latents = scheduler.step(velocity, latents)
             if result is not None:
-                result.forwards += forwards
                 result.expert_per_step.append(expert)
                 result.guidance_per_step.append(guidance)
             if progress is not None:
                 progress("denoise", i + 1, len(timesteps))
+        if result is not None:
+            result.cache = cache.stats()
+            result.cache_log = cache.log
         return latents
 
     @torch.no_grad()

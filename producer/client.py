@@ -76,7 +76,9 @@ class Client:
         except ValueError as error:
             raise FarmError("UNKNOWN_PROFILE", str(error)) from None
         try:
-            validated = validate_params({"prompt": prompt, **params}, profile_config.model_config)
+            validated = validate_params(
+                {"prompt": prompt, **params}, profile_config.model_config, profile_config.flexcache
+            )
         except ParamError as error:
             raise FarmError("INVALID_INPUT", str(error)) from None
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:

@@ -171,7 +171,12 @@ def test_eight_jobs_over_two_workers(farm):
         check_video(record, 9 + 4 * (i % 3))
         assert record["result"]["seed"] == i and record["result"]["profile"] == "tiny"
         assert set(record["seconds"]) == {"text_encode", "denoise", "vae_decode", "encode", "upload"}
-        assert record["result"]["cache"] == {"strategy": "none", "computed": 300, "reused": 0}
+        assert record["result"]["cache"] == {
+            "strategy": "none",
+            "computed": 300,
+            "reused": 0,
+            "peak_cache_bytes": 0,
+        }
         assert record["attempt"] == 1 and record["step"] == record["steps"] == 150
     # Progress was visible and rising while jobs ran.
     rising = [sorted(s) for s in seen_steps.values() if len(s) >= 2]

@@ -73,7 +73,7 @@ def parse_message(args: Any, kwargs: Any, profile: ProfileConfig):
     if not isinstance(kwargs.get("params"), dict):
         raise BadMessage("params: missing, or not a JSON object")
     try:
-        return validate_params(kwargs["params"], profile.model_config)
+        return validate_params(kwargs["params"], profile.model_config, profile.flexcache)
     except ParamError as error:
         raise BadMessage(str(error)) from None
 
@@ -330,7 +330,7 @@ class WorkerService:
                 "profile": self.profile.name,
                 "model": self.profile.model,
                 "attention": result.attention,
-                "cache": {"strategy": "none", "computed": result.forwards, "reused": 0},
+                "cache": result.cache,
             }
             return self._finish(job_id, SUCCEEDED, seconds, result=out)
         except JobCancelled:

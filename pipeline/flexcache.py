@@ -1,0 +1,193 @@
+"""FlexCache: reuse of DiT features across denoising steps, one manager per request.
+
+Strategies:
+- ``teacache``: per expert and CFG branch, accumulate the polynomial-rescaled relative L1 change of
+  the timestep-modulated input; while it stays under the threshold, skip the whole block stack and
+  add the residual it produced last time; else compute it and store the new residual.
+- ``pab`` (Pyramid Attention Broadcast): inside a timestep window, serve each block's self- and
+  cross-attention outputs from the last step that computed them, recomputing every n-th step.
+- ``none``: every forward computed.
+
+State lives in the manager, keyed by (expert, branch), so cond and uncond never share anything and
+a new request starts empty; the model itself is never wrapped or modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.config import ModelConfig
+from pipeline.dit import WanDiT
+from pipeline.params import GenerationParams
+
+COND, UNCOND = 0, 1
+
+
+def _bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+@dataclass
+class StepRecord:
+    """What one forward did, for statistics and tests."""
+
+    step: int
+    expert: int
+    branch: int
+    computed: bool  # the block stack ran (False: TeaCache reused the residual)
+    self_reused: int = 0  # blocks whose self-attention output was reused (PAB)
+    cross_reused: int = 0
+
+
+class FlexCache:
+    def __init__(self, params: GenerationParams, model: ModelConfig, timesteps: list[int]):
+        self.strategy = params.flexcache
+        self.timesteps = timesteps
+        self.log: list[StepRecord] = []
+        self.peak_bytes = 0
+        if self.strategy == "teacache":
+            self._impl = _TeaCache(params, model)
+        elif self.strategy == "pab":
+            self._impl = _PAB(params, timesteps)
+        else:
+            self._impl = None
+
+    def forward(
+        self,
+        dit: WanDiT,
+        expert: int,
+        branch: int,
+        step: int,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+    ) -> torch.Tensor:
+        """One DiT evaluation for (expert, branch) at ``step``, with the request's caching."""
+        if self._impl is None:
+            self.log.append(StepRecord(step, expert, branch, computed=True))
+            return dit(latents, t, context)
+        inputs = dit.prepare(latents, t, context)
+        record = StepRecord(step, expert, branch, computed=True)
+        tokens = self._impl.blocks(dit, inputs, expert, branch, step, len(self.timesteps), record)
+        self.log.append(record)
+        self.peak_bytes = max(self.peak_bytes, self._impl.held_bytes())
+        return dit.finish(tokens, inputs)
+
+    def stats(self) -> dict:
+        computed = sum(r.computed for r in self.log)
+        out = {
+            "strategy": self.strategy,
+            "computed": computed,
+            "reused": len(self.log) - computed,
+            "peak_cache_bytes": self.peak_bytes,
+        }
+        if self.strategy == "pab":
+            blocks = self._impl.num_blocks
+            out["attention"] = {
+                kind: {
+                    "reused": sum(getattr(r, f"{kind}_reused") for r in self.log),
+                    "computed": blocks * len(self.log) - sum(getattr(r, f"{kind}_reused") for r in self.log),
+                }
+                for kind in ("self", "cross")
+            }
+        return out
+
+
+@dataclass
+class _TeaState:
+    previous: torch.Tensor | None = None  # the modulated input of the last call
+    residual: torch.Tensor | None = None  # block stack output minus input, last time it ran
+    accumulated: float = 0.0
+
+
+class _TeaCache:
+    def __init__(self, params: GenerationParams, model: ModelConfig):
+        config = model.teacache
+        self.threshold = params.teacache_threshold
+        self.rescale = np.poly1d(config.coefficients)
+        self.use_projection = config.modulated_input == "time_projection"
+        self.first_steps = config.first_steps
+        self.last_steps = config.last_steps
+        self.states: dict[tuple[int, int], _TeaState] = {}
+
+    def should_compute(self, state: _TeaState, modulated: torch.Tensor, step: int, steps: int) -> bool:
+        forced = step < self.first_steps or step >= steps - self.last_steps or state.residual is None
+        if forced:
+            state.accumulated = 0.0
+        else:
+            change = ((modulated - state.previous).abs().mean() / state.previous.abs().mean()).item()
+            state.accumulated += float(self.rescale(change))
+        state.previous = modulated
+        if forced or state.accumulated >= self.threshold:
+            state.accumulated = 0.0
+            return True
+        return False
+
+    def blocks(self, dit, inputs, expert, branch, step, steps, record) -> torch.Tensor:
+        state = self.states.setdefault((expert, branch), _TeaState())
+        modulated = inputs.time if self.use_projection else inputs.time_embedding
+        if not self.should_compute(state, modulated, step, steps):
+            record.computed = False
+            return inputs.x + state.residual
+        out = dit.run_blocks(inputs)
+        state.residual = out - inputs.x
+        return out
+
+    def held_bytes(self) -> int:
+        return sum(_bytes(s.previous) + _bytes(s.residual) for s in self.states.values())
+
+
+class _PAB:
+    def __init__(self, params: GenerationParams, timesteps: list[int]):
+        self.timesteps = timesteps
+        self.windows = {
+            "self": (params.pab_self_start, params.pab_self_end, params.pab_self_interval),
+            "cross": (params.pab_cross_start, params.pab_cross_end, params.pab_cross_interval),
+        }
+        self.store: dict[tuple[int, int, int, str], torch.Tensor] = {}
+        self.num_blocks = 0
+
+    def reuses(self, kind: str, step: int) -> bool:
+        """The schedule: inside (start, end), reuse except every ``interval``-th step."""
+        if step >= len(self.timesteps):
+            return False
+        start, end, interval = self.windows[kind]
+        return interval > 1 and start < self.timesteps[step] < end and step % interval != 0
+
+    def blocks(self, dit, inputs, expert, branch, step, steps, record) -> torch.Tensor:
+        self.num_blocks = len(dit.blocks)
+        reuse = [_BlockReuse(self, (expert, branch, i), step, record) for i in range(self.num_blocks)]
+        return dit.run_blocks(inputs, reuse)
+
+    def held_bytes(self) -> int:
+        return sum(_bytes(t) for t in self.store.values())
+
+
+class _BlockReuse:
+    """AttentionReuse for one block of one forward."""
+
+    def __init__(self, pab: _PAB, key: tuple[int, int, int], step: int, record: StepRecord):
+        self.pab, self.key, self.step, self.record = pab, key, step, record
+
+    def _serve(self, kind: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        key = (*self.key, kind)
+        if self.pab.reuses(kind, self.step) and key in self.pab.store:
+            setattr(self.record, f"{kind}_reused", getattr(self.record, f"{kind}_reused") + 1)
+            return self.pab.store[key]
+        out = compute()
+        # Keep it only if the next step will want it: outside the window nothing is held.
+        if self.pab.reuses(kind, self.step + 1):
+            self.pab.store[key] = out
+        else:
+            self.pab.store.pop(key, None)
+        return out
+
+    def self_attention(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return self._serve("self", compute)
+
+    def cross_attention(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return self._serve("cross", compute)
