@@ -23,6 +23,10 @@ STAGES = ("text_encode", "denoise", "vae_decode", "encode", "upload")
 
 PREFIX = "smartdiff"
 RUNNING_SET = f"{PREFIX}:running"  # zset: job id -> lease expiry (unix seconds)
+# Stream of final states ({job_id, state}), appended in the same atomic step that ends a job; a
+# consumer (webhook delivery) reads it with a consumer group. Capped, oldest entries dropped.
+EVENTS_STREAM = f"{PREFIX}:events"
+EVENTS_MAXLEN = 100_000
 REJECTED_LIST = f"{PREFIX}:rejected"  # messages that could not be read at all, newest first
 
 _JSON_FIELDS = ("params", "result", "seconds")
@@ -93,7 +97,8 @@ class JobRecord:
         return cls(**values)
 
 
-# KEYS[1] job, KEYS[2] running zset. ARGV: worker, now, lease_until, max_attempts.
+# KEYS[1] job, KEYS[2] running zset, KEYS[3] events. ARGV: worker, now, lease_until, max_attempts,
+# events maxlen.
 _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
@@ -106,6 +111,8 @@ if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'finished_at', ARGV[2], 'updated_at', ARGV[2],
              'error_code', 'CANCELLED', 'error_message', 'cancelled before it started', 'worker', '')
   redis.call('ZREM', KEYS[2], KEYS[1])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'job_id', redis.call('HGET', KEYS[1], 'id'),
+             'state', 'CANCELLED')
   return 'cancelled'
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
@@ -115,6 +122,8 @@ if attempt > tonumber(ARGV[4]) then
              'error_message',
              'the job was started ' .. (attempt - 1) .. ' times and its worker died each time')
   redis.call('ZREM', KEYS[2], KEYS[1])
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'job_id', redis.call('HGET', KEYS[1], 'id'),
+             'state', 'FAILED')
   return 'failed'
 end
 redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'worker', ARGV[1], 'started_at', ARGV[2],
@@ -135,15 +144,18 @@ redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
 return redis.call('HGET', KEYS[1], 'cancel_requested') or '0'
 """
 
-# KEYS[1] job, KEYS[2] running. ARGV: worker, ttl, then field/value pairs (including state).
+# KEYS[1] job, KEYS[2] running, KEYS[3] events. ARGV: worker, ttl, events maxlen, then field/value
+# pairs (including state).
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then
   return 'lost'
 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('HSET', KEYS[1], 'lease_until', 0)
 redis.call('ZREM', KEYS[2], KEYS[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'job_id', redis.call('HGET', KEYS[1], 'id'),
+           'state', redis.call('HGET', KEYS[1], 'state'))
 return 'ok'
 """
 
@@ -168,7 +180,8 @@ redis.call('ZREM', KEYS[2], KEYS[1])
 return 1
 """
 
-# KEYS[1] job. ARGV: now. A queued job is cancelled at once, a running one at its next step.
+# KEYS[1] job, KEYS[2] events. ARGV: now, events maxlen. A queued job is cancelled at once, a running
+# one at its next step.
 _CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
@@ -176,6 +189,8 @@ if state == 'QUEUED' then
   redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'finished_at', ARGV[1], 'updated_at', ARGV[1],
              'error_code', 'CANCELLED', 'error_message', 'cancelled before it started',
              'cancel_requested', '1')
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'job_id', redis.call('HGET', KEYS[1], 'id'),
+             'state', 'CANCELLED')
   return 'CANCELLED'
 end
 if state == 'RUNNING' then redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', ARGV[1]) end
@@ -190,7 +205,7 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-# KEYS[1] job. ARGV: id, code, message, now, profile, ttl.
+# KEYS[1] job, KEYS[2] events. ARGV: id, code, message, now, profile, ttl, events maxlen.
 _REJECT = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and state ~= 'QUEUED' then return state end
@@ -198,6 +213,7 @@ if not state then redis.call('HSET', KEYS[1], 'id', ARGV[1], 'profile', ARGV[5],
 redis.call('HSET', KEYS[1], 'state', 'FAILED', 'error_code', ARGV[2], 'error_message', ARGV[3],
            'finished_at', ARGV[4], 'updated_at', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'job_id', ARGV[1], 'state', 'FAILED')
 return 'FAILED'
 """
 
@@ -246,8 +262,8 @@ class JobStore:
         """Fail a job before any worker ran it (its message was unusable); creates the record if
         there is none, so the caller can read why. A running or finished job is left alone."""
         return self._reject(
-            keys=[job_key(job_id)],
-            args=[job_id, code, message, time.time(), profile, self.record_ttl_seconds],
+            keys=[job_key(job_id), EVENTS_STREAM],
+            args=[job_id, code, message, time.time(), profile, self.record_ttl_seconds, EVENTS_MAXLEN],
         )
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -258,7 +274,8 @@ class JobStore:
         """'claimed', 'busy' (another live worker runs it), 'finished', 'cancelled', 'failed' or 'missing'."""
         now = time.time()
         return self._claim(
-            keys=[job_key(job_id), RUNNING_SET], args=[worker, now, now + lease_seconds, max_attempts]
+            keys=[job_key(job_id), RUNNING_SET, EVENTS_STREAM],
+            args=[worker, now, now + lease_seconds, max_attempts, EVENTS_MAXLEN],
         )
 
     def progress(self, job_id: str, worker: str, lease_seconds: float, **fields: Any) -> bool:
@@ -286,7 +303,8 @@ class JobStore:
         for name, value in fields.items():
             pairs += [name, json.dumps(value) if name in _JSON_FIELDS else value]
         answer = self._finish(
-            keys=[job_key(job_id), RUNNING_SET], args=[worker, self.record_ttl_seconds, *pairs]
+            keys=[job_key(job_id), RUNNING_SET, EVENTS_STREAM],
+            args=[worker, self.record_ttl_seconds, EVENTS_MAXLEN, *pairs],
         )
         return answer == "ok"
 
@@ -305,7 +323,7 @@ class JobStore:
 
     def cancel(self, job_id: str) -> str:
         """Ask for a cancel; returns the state after the call ('missing' if there is no such job)."""
-        return self._cancel(keys=[job_key(job_id)], args=[time.time()])
+        return self._cancel(keys=[job_key(job_id), EVENTS_STREAM], args=[time.time(), EVENTS_MAXLEN])
 
 
 def record_rejection(client: redis.Redis, reason: str, message_id: str | None) -> None:

@@ -341,10 +341,14 @@ def test_unknown_profile_and_no_live_worker(farm):
         farm.client.submit("nope", "a cat")
     with pytest.raises(FarmError, match="NO_WORKER: no live worker serves profile 'tiny'"):
         farm.client.submit("tiny", "a cat")
-    queued = farm.client.submit("tiny", "a cat", queue_anyway=True)
+    with pytest.raises(FarmError, match="flexcache: 'teacache' is not allowed on this profile"):
+        farm.client.submit("wan2.1-1.3b-lossless", "a cat", queue_anyway=True, flexcache="teacache")
+    queued = farm.client.submit("tiny", "a cat", queue_anyway=True, flexcache="pab")
     assert queued.status()["state"] == "QUEUED"
     worker = farm.worker()  # a worker started later takes the waiting job
-    assert queued.wait(timeout=60)["worker"] == worker.worker_id()
+    record = queued.wait(timeout=60)
+    assert record["worker"] == worker.worker_id()
+    assert record["result"]["cache"]["strategy"] == "pab"
 
 
 def raw_publish(farm, body, *, serializer="json", task=TASK_NAME, job_id=None, content_type=None):
