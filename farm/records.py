@@ -71,6 +71,10 @@ class JobRecord:
     updated_at: float = 0.0
     lease_until: float = 0.0
     cancel_requested: bool = False
+    # Set by producers that say who submitted the job (the gateway: its API key id) and where its
+    # final record is posted (webhooks); empty for jobs that did not ask.
+    owner: str = ""
+    callback_url: str = ""
 
     @property
     def finished(self) -> bool:
@@ -240,8 +244,18 @@ class JobStore:
     def from_url(cls, url: str, record_ttl_seconds: int = 7 * 24 * 3600) -> JobStore:
         return cls(redis.Redis.from_url(url, decode_responses=True), record_ttl_seconds)
 
-    def create(self, job_id: str, profile: str, params: dict[str, Any], priority: int) -> bool:
-        """A QUEUED record; False (and nothing changed) if the id exists already."""
+    def create(
+        self,
+        job_id: str,
+        profile: str,
+        params: dict[str, Any],
+        priority: int,
+        extra: dict[str, str] | None = None,
+    ) -> bool:
+        """A QUEUED record; False (and nothing changed) if the id exists already.
+
+        ``extra``: more string fields stored with it (e.g. ``owner``, ``callback_url``).
+        """
         now = time.time()
         fields = {
             "id": job_id,
@@ -254,6 +268,7 @@ class JobStore:
             "updated_at": now,
             "attempt": 0,
             "steps": params.get("steps", 0),
+            **(extra or {}),
         }
         pairs = [item for pair in fields.items() for item in pair]
         return bool(self._create(keys=[job_key(job_id)], args=pairs))

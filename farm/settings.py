@@ -21,6 +21,20 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from None
+
+
+def _env_list(name: str) -> tuple[str, ...]:
+    return tuple(item.strip().lower() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class FarmSettings:
     # Redis: the Celery broker and the job records (the same server unless told otherwise).
@@ -49,6 +63,18 @@ class FarmSettings:
     worker_ttl_seconds: int = 15
     work_dir: str = "/tmp/smartdiff"
     metrics_port: int = 0  # 0: no metrics server
+    # HTTP gateway (producer/gateway.py): request bodies above this are refused before parsing.
+    gateway_max_body_bytes: int = 64 * 1024
+    # Webhooks: callback URLs may only name these hosts ("hooks.example.com", or "*.example.com" for
+    # its subdomains); empty: no callbacks. The signing secret is SMARTDIFF_WEBHOOK_SECRET, read by
+    # the gateway itself (no credential lives in this object).
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    # A failed delivery is retried after backoff, 2 * backoff, 4 * backoff, ... (at most
+    # backoff_max), max_attempts deliveries in all, then given up (noted on the job's webhook state).
+    webhook_max_attempts: int = 8
+    webhook_backoff_seconds: float = 2.0
+    webhook_backoff_max_seconds: float = 300.0
+    webhook_timeout_seconds: float = 5.0
 
     @classmethod
     def from_env(cls) -> FarmSettings:
@@ -74,9 +100,25 @@ class FarmSettings:
             worker_ttl_seconds=_env_int("SMARTDIFF_WORKER_TTL_SECONDS", cls.worker_ttl_seconds),
             work_dir=_env("SMARTDIFF_WORK_DIR", cls.work_dir),
             metrics_port=_env_int("SMARTDIFF_METRICS_PORT", cls.metrics_port),
+            gateway_max_body_bytes=_env_int("SMARTDIFF_GATEWAY_MAX_BODY_BYTES", cls.gateway_max_body_bytes),
+            webhook_allowed_hosts=_env_list("SMARTDIFF_WEBHOOK_ALLOWED_HOSTS"),
+            webhook_max_attempts=_env_int("SMARTDIFF_WEBHOOK_MAX_ATTEMPTS", cls.webhook_max_attempts),
+            webhook_backoff_seconds=_env_float(
+                "SMARTDIFF_WEBHOOK_BACKOFF_SECONDS", cls.webhook_backoff_seconds
+            ),
+            webhook_backoff_max_seconds=_env_float(
+                "SMARTDIFF_WEBHOOK_BACKOFF_MAX_SECONDS", cls.webhook_backoff_max_seconds
+            ),
+            webhook_timeout_seconds=_env_float(
+                "SMARTDIFF_WEBHOOK_TIMEOUT_SECONDS", cls.webhook_timeout_seconds
+            ),
         )
         if "{job_id}" not in settings.object_key_template:
             raise ValueError("SMARTDIFF_OBJECT_KEY_TEMPLATE must contain {job_id}: object keys are per job")
         if settings.lease_seconds < 3 or settings.reaper_seconds < 1:
             raise ValueError("SMARTDIFF_LEASE_SECONDS must be >= 3 and SMARTDIFF_REAPER_SECONDS >= 1")
+        if settings.gateway_max_body_bytes < 1024 or settings.webhook_max_attempts < 1:
+            raise ValueError(
+                "SMARTDIFF_GATEWAY_MAX_BODY_BYTES must be >= 1024 and SMARTDIFF_WEBHOOK_MAX_ATTEMPTS >= 1"
+            )
         return settings

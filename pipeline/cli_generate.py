@@ -20,6 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attn", help="attention backend (default: the profile's, else sdpa)")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: auto")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
+    parser.add_argument(
+        "--low-mem-level",
+        type=int,
+        choices=range(5),
+        help="memory level 0-4 (default: the "
+        "profile's, else 0): 1 tiled VAE, 2 streamed T5, 3 streamed DiT, 4 chunked FFN",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output .mp4")
 
 
@@ -38,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
             root, model_name = profile.checkpoint_dir, profile.model
             attention, dtype = args.attn or profile.attention, args.dtype or profile.dtype
             allowed = profile.flexcache
+            level = profile.low_mem_level if args.low_mem_level is None else args.low_mem_level
             if profile.model == "tiny" and not root.exists():
                 from pipeline.tiny import write_tiny_checkpoint
 
@@ -47,13 +55,14 @@ def run(args: argparse.Namespace) -> int:
             root, model_name = args.model_dir, args.model
             attention, dtype = args.attn or "sdpa", args.dtype or "auto"
             allowed = None  # a checkpoint folder on this machine: every strategy is allowed
+            level = args.low_mem_level or 0
         model = open_checkpoint(root, model_name).model
         params = validate_params(request_from_args(args), model, allowed)
     except (ParamError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    pipe = WanPipeline.from_checkpoint(root, model.name, args.device, dtype, attention)
+    pipe = WanPipeline.from_checkpoint(root, model.name, args.device, dtype, attention, level)
     bar = tqdm(total=params.steps, unit="step", file=sys.stderr)
 
     def progress(stage: str, step: int, total: int) -> None:

@@ -164,6 +164,9 @@ class ProfileConfig:
     dtype: str = "auto"
     # Feature-caching strategies a request may ask for on this worker ("teacache", "pab").
     flexcache: tuple[str, ...] = ()
+    # 0 all on the GPU, 1 tiled VAE, 2 + streamed T5, 3 + streamed DiT, 4 + chunked FFN
+    # (pipeline/memory.py).
+    low_mem_level: int = 0
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -193,6 +196,8 @@ def load_profile(name: str) -> ProfileConfig:
     unknown = set(profile.flexcache) - {"teacache", "pab"}
     if unknown:
         raise ValueError(f"{path}: unknown flexcache strategies {sorted(unknown)} (known: teacache, pab)")
+    if profile.low_mem_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"{path}: low_mem_level must be 0 to 4, got {profile.low_mem_level}")
     if profile.dtype not in DTYPES:
         raise ValueError(f"{path}: dtype {profile.dtype!r} is not one of {', '.join(DTYPES)}")
     load_model_config(profile.model)  # an unknown model is an error here, not at the first job

@@ -145,6 +145,9 @@ class WanBlock(nn.Module):
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
         )
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
+        # >1 (memory level 4): the FFN runs on this many token chunks, never holding its whole
+        # 4.7x-wide hidden activation.
+        self.ffn_chunks = 1
 
     def forward(
         self,
@@ -177,7 +180,11 @@ class WanBlock(nn.Module):
         x = x + y
 
         h = (self.norm2(x) * (1 + scale_ff[:, None]) + shift_ff[:, None]).to(dtype)
-        return (x.float() + self.ffn(h).float() * gate_ff[:, None]).to(dtype)
+        if self.ffn_chunks > 1:
+            y = torch.cat([self.ffn(part) for part in h.chunk(self.ffn_chunks, dim=1)], dim=1)
+        else:
+            y = self.ffn(h)
+        return (x.float() + y.float() * gate_ff[:, None]).to(dtype)
 
 
 class Head(nn.Module):
@@ -215,6 +222,14 @@ class WanDiT(nn.Module):
 
     def set_attention(self, attention: AttentionBackend) -> None:
         self.attention = attention
+
+    def set_ffn_chunks(self, chunks: int) -> None:
+        for block in self.blocks:
+            block.ffn_chunks = chunks
+
+    def non_block_modules(self) -> list[nn.Module]:
+        """Embeddings and head: what stays on the GPU when the blocks are streamed."""
+        return [module for name, module in self.named_children() if name != "blocks"]
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid, str(device))

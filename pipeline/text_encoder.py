@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import re
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT
 
 from pipeline.config import T5Config
 from pipeline.loading import CheckpointError, read_safetensors, read_weights, require_file
+from pipeline.memory import BlockStreamer
 
 try:  # Wan cleans prompts with ftfy; without it we still do the html/whitespace part.
     import ftfy
@@ -259,25 +261,57 @@ def clean_prompt(text: str) -> str:
 
 
 class TextEncoder:
-    """UMT5 encoder + tokenizer: prompts -> one [tokens, d_model] embedding per prompt."""
+    """UMT5 encoder + tokenizer: prompts -> one [tokens, d_model] embedding per prompt.
 
-    def __init__(self, model: UMT5EncoderModel, tokenizer: PreTrainedTokenizerBase, text_len: int) -> None:
+    Embeddings are cached per cleaned prompt text (on the CPU), so a repeated prompt, and the
+    default negative prompt of every job, costs nothing after the first time.
+    """
+
+    def __init__(
+        self, model: UMT5EncoderModel, tokenizer: PreTrainedTokenizerBase, text_len: int, cache_size: int = 64
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.text_len = text_len
+        self.cache_size = cache_size
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.encoder_runs = 0  # batches actually run through the encoder
+        self.streamer: BlockStreamer | None = None
+        self._device = next(self.model.parameters()).device
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the encoder computes (its blocks may live elsewhere when streamed)."""
+        return self._device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
+    def stream_to(self, device: torch.device) -> None:
+        """Keep the weights where they are (CPU) and run each block on ``device``, streamed."""
+        self._device = torch.device(device)
+        self.model.encoder.final_layer_norm.to(self._device)
+        self.streamer = BlockStreamer(self.model.encoder.block, self._device)
+
     def encode(self, prompts: list[str]) -> list[torch.Tensor]:
         """One tensor per prompt, trimmed to its real token count (``</s>`` included), as Wan does."""
+        texts = [clean_prompt(p) for p in prompts]
+        missing = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        if missing:
+            for text, states in zip(missing, self._run(missing)):
+                self.cache[text] = states.cpu()
+        out = []
+        for text in texts:
+            self.cache.move_to_end(text)
+            out.append(self.cache[text].to(self._device))
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return out
+
+    def _run(self, texts: list[str]) -> list[torch.Tensor]:
         batch = self.tokenizer(
-            [clean_prompt(p) for p in prompts],
+            texts,
             padding="max_length",
             truncation=True,
             max_length=self.text_len,
@@ -285,9 +319,13 @@ class TextEncoder:
             return_attention_mask=True,
             return_tensors="pt",
         )
-        ids = batch["input_ids"].to(self.device)
-        mask = batch["attention_mask"].to(self.device)
+        mask = batch["attention_mask"].to(self._device)
         with torch.no_grad():
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            if self.streamer is None:
+                hidden = self.model(input_ids=batch["input_ids"].to(self._device), attention_mask=mask)
+            else:  # the embedding table stays on the CPU: look up there, compute on the device
+                embeds = self.model.shared(batch["input_ids"]).to(self._device)
+                hidden = self.model(inputs_embeds=embeds, attention_mask=mask)
+        self.encoder_runs += 1
         lengths = mask.gt(0).sum(dim=1).tolist()
-        return [h[:n] for h, n in zip(hidden, lengths)]
+        return [h[:n] for h, n in zip(hidden.last_hidden_state, lengths)]

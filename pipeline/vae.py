@@ -319,6 +319,71 @@ class WanVAE(nn.Module):
         frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
         return torch.cat(frames, dim=2).clamp_(-1.0, 1.0)
 
+    # Tiles of 32 latents (256 pixels) overlapping by 8 latents (64 pixels), like diffusers' default.
+    TILE_LATENTS = 32
+    OVERLAP_LATENTS = 8
+
+    @torch.no_grad()
+    def tiled_decode(self, latents: Tensor) -> Tensor:
+        """``decode`` in overlapping spatial tiles: peak memory of one tile, seams blended."""
+        video = run_tiled(
+            self.decode, latents, self.TILE_LATENTS, self.OVERLAP_LATENTS, self.config.stride[1]
+        )
+        return video.to(self.dtype)
+
+    @torch.no_grad()
+    def tiled_encode(self, video: Tensor) -> Tensor:
+        """``encode`` in overlapping spatial tiles (pixel tiles of 8x the latent tile)."""
+        down = self.config.stride[1]
+        return run_tiled(self.encode, video, self.TILE_LATENTS * down, self.OVERLAP_LATENTS * down, -down)
+
+
+def _tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile origins covering [0, size): every ``stride``, the last one flush with the end."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(length: int, overlap: int, fade_in: bool, fade_out: bool, device: torch.device) -> Tensor:
+    """Blend weights along one axis: linear over the overlap on sides that meet another tile."""
+    weights = torch.ones(length, device=device)
+    ramp = torch.linspace(0, 1, overlap + 2, device=device)[1:-1]
+    if fade_in and overlap:
+        weights[:overlap] = ramp
+    if fade_out and overlap:
+        weights[-overlap:] = ramp.flip(0)
+    return weights
+
+
+def run_tiled(fn, x: Tensor, tile: int, overlap: int, scale: int) -> Tensor:
+    """Apply ``fn`` (decode or encode) to overlapping spatial tiles of ``x`` [B, C, T, H, W] and blend.
+
+    ``scale`` is the output size per input pixel (8 for decode, 1/8 as ``-8`` for encode). Each tile
+    runs the whole chunked pass with its own causal cache; seams are blended linearly over the overlap.
+    """
+    height, width = x.shape[-2:]
+    stride = tile - overlap
+    out = weight = None
+    for y in _tile_starts(height, tile, stride):
+        for x0 in _tile_starts(width, tile, stride):
+            part = fn(x[..., y : y + tile, x0 : x0 + tile]).float()
+            th, tw = part.shape[-2:]
+            oy, ox = (y * scale, x0 * scale) if scale > 0 else (y // -scale, x0 // -scale)
+            ov = overlap * scale if scale > 0 else overlap // -scale
+            if out is None:
+                out_h = height * scale if scale > 0 else height // -scale
+                out_w = width * scale if scale > 0 else width // -scale
+                out = torch.zeros(*part.shape[:-2], out_h, out_w, device=part.device)
+                weight = torch.zeros(out_h, out_w, device=part.device)
+            wy = _ramp(th, ov, y > 0, y + tile < height, part.device)
+            wx = _ramp(tw, ov, x0 > 0, x0 + tile < width, part.device)
+            w = wy[:, None] * wx[None, :]
+            out[..., oy : oy + th, ox : ox + tw] += part * w
+            weight[oy : oy + th, ox : ox + tw] += w
+    return out / weight
+
 
 def _check_config(config: VAEConfig) -> None:
     if config.z_dim != len(LATENTS_MEAN):

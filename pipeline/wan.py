@@ -16,6 +16,7 @@ from pipeline.checkpoint import Checkpoint, load_dit, load_text_encoder, load_va
 from pipeline.config import ModelConfig, ProfileConfig
 from pipeline.dit import WanDiT
 from pipeline.flexcache import COND, UNCOND, FlexCache
+from pipeline.memory import BlockStreamer, MemoryPlan
 from pipeline.params import GenerationParams
 from pipeline.schedulers import make_scheduler
 from pipeline.video import to_uint8_frames
@@ -51,6 +52,7 @@ class GenerationResult:
     # FlexCache statistics: block-stack evaluations computed and reused, peak cache bytes.
     cache: dict = field(default_factory=dict)
     cache_log: list = field(default_factory=list)  # one StepRecord per DiT evaluation
+    peak_memory: dict[str, int] = field(default_factory=dict)  # GPU bytes per stage (GPU only)
 
 
 class WanPipeline:
@@ -64,6 +66,7 @@ class WanPipeline:
         text_encoder,
         device: torch.device,
         attention: AttentionBackend,
+        plan: MemoryPlan | None = None,
     ):
         if len(experts) != len(model.experts):
             raise ValueError(f"{model.name} needs {len(model.experts)} DiT(s), got {len(experts)}")
@@ -73,8 +76,16 @@ class WanPipeline:
         self.text_encoder = text_encoder
         self.device = device
         self.attention = attention
+        self.plan = plan or MemoryPlan(0)
         for dit in experts:
             dit.set_attention(attention)
+            dit.set_ffn_chunks(self.plan.ffn_chunks)
+        # Level 3+: DiT blocks stay in (pinned) CPU memory and stream in; only the active expert's
+        # embeddings and head are on the device.
+        self.streamers = [BlockStreamer(d.blocks, device) for d in experts] if self.plan.stream_dit else []
+        self.active_expert: int | None = None
+        if self.plan.stream_dit:
+            self.activate_expert(0)
 
     @classmethod
     def from_checkpoint(
@@ -84,29 +95,48 @@ class WanPipeline:
         device: torch.device | str | None = None,
         dtype: str = "auto",
         attention: str = "sdpa",
+        low_mem_level: int = 0,
     ) -> WanPipeline:
         device = torch.device(device) if device is not None else default_device()
+        plan = MemoryPlan(low_mem_level)
         backend = get_backend(attention, device)  # an unavailable backend fails here, before loading
         checkpoint: Checkpoint = open_checkpoint(root, model_name)
         torch_dtype = resolve_dtype(dtype, device)
         model = checkpoint.model
+        cpu = torch.device("cpu")
+        dit_device = cpu if plan.stream_dit else device
         experts = [
-            load_dit(d, checkpoint.layout, model.dit, torch_dtype, device) for d in checkpoint.expert_dirs
+            load_dit(d, checkpoint.layout, model.dit, torch_dtype, dit_device) for d in checkpoint.expert_dirs
         ]
-        return cls(
-            model,
-            experts,
-            load_vae(checkpoint, torch_dtype, device),
-            load_text_encoder(checkpoint, torch_dtype, device),
-            device,
-            backend,
-        )
+        text_encoder = load_text_encoder(checkpoint, torch_dtype, cpu if plan.stream_text_encoder else device)
+        if plan.stream_text_encoder:
+            text_encoder.stream_to(device)
+        vae = load_vae(checkpoint, torch_dtype, device)
+        return cls(model, experts, vae, text_encoder, device, backend, plan)
 
     @classmethod
     def from_profile(cls, profile: ProfileConfig, device: torch.device | str | None = None) -> WanPipeline:
         return cls.from_checkpoint(
-            profile.checkpoint_dir, profile.model, device, profile.dtype, profile.attention
+            profile.checkpoint_dir,
+            profile.model,
+            device,
+            profile.dtype,
+            profile.attention,
+            profile.low_mem_level,
         )
+
+    def activate_expert(self, index: int) -> None:
+        """Level 3+: give the device to one expert; the others hold no device memory at all."""
+        if not self.plan.stream_dit or index == self.active_expert:
+            return
+        for i, dit in enumerate(self.experts):
+            if i != index:
+                self.streamers[i].release_all()
+                for module in dit.non_block_modules():
+                    module.to("cpu")
+        for module in self.experts[index].non_block_modules():
+            module.to(self.device)
+        self.active_expert = index
 
     def latent_shape(self, params: GenerationParams) -> tuple[int, int, int, int]:
         st, sh, sw = self.model.vae.stride
@@ -150,6 +180,7 @@ class WanPipeline:
         for i, t in enumerate(timesteps):
             expert = self.expert_for(t)
             guidance = self.guidance_for(expert, params)
+            self.activate_expert(expert)
             dit = self.experts[expert]
             t_batch = torch.tensor([t], device=self.device)
             velocity = cache.forward(dit, expert, COND, i, latents, t_batch, cond)
@@ -169,7 +200,7 @@ class WanPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        video = self.vae.decode(latents)
+        video = self.vae.tiled_decode(latents) if self.plan.tiled_vae else self.vae.decode(latents)
         return to_uint8_frames(video[0])
 
     def generate(self, params: GenerationParams, progress: ProgressFn | None = None) -> GenerationResult:
@@ -180,13 +211,13 @@ class WanPipeline:
             fps=self.model.sampling.fps,
             attention=self.attention.implementation,
         )
-        with _timed("text_encode", self.device, result.seconds):
+        with _stage("text_encode", self.device, result):
             if progress:
                 progress("text_encode", 0, 1)
             cond, uncond = self.encode_text(params)
-        with _timed("denoise", self.device, result.seconds):
+        with _stage("denoise", self.device, result):
             latents = self.denoise(self.initial_noise(params), cond, uncond, params, progress, result)
-        with _timed("vae_decode", self.device, result.seconds):
+        with _stage("vae_decode", self.device, result):
             if progress:
                 progress("vae_decode", 0, 1)
             result.frames = self.decode(latents)
@@ -194,10 +225,15 @@ class WanPipeline:
 
 
 @contextmanager
-def _timed(stage: str, device: torch.device, seconds: dict[str, float]):
-    """Wall seconds of a stage; synchronises the GPU so queued kernels count where they ran."""
+def _stage(stage: str, device: torch.device, result: GenerationResult):
+    """Wall seconds of a stage and, on a GPU, its peak memory (synchronised, so queued kernels
+    count in the stage that issued them)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     yield
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize(device)
-    seconds[stage] = time.perf_counter() - start
+        result.peak_memory[stage] = torch.cuda.max_memory_allocated(device)
+    result.seconds[stage] = time.perf_counter() - start

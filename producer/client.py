@@ -23,6 +23,7 @@ from farm.storage import VideoStore
 from farm.workers import WorkerRegistry
 from pipeline.config import load_profile
 from pipeline.params import ParamError, validate_params
+from producer.webhooks import check_callback_url
 
 
 class FarmError(Exception):
@@ -64,12 +65,17 @@ class Client:
         priority: int = DEFAULT_PRIORITY,
         queue_anyway: bool = False,
         job_id: str | None = None,
+        callback_url: str | None = None,
+        owner: str | None = None,
         **params: Any,
     ) -> Job:
         """Validate and enqueue one job. ``priority`` 0..9, higher first (default 5).
 
         Raises ``FarmError`` (UNKNOWN_PROFILE, INVALID_INPUT, NO_WORKER) before anything is queued.
         Submitting again with the same ``job_id`` returns the existing job and queues nothing.
+        ``callback_url``: the final record is posted there by the gateway's webhook delivery (its
+        host must be in SMARTDIFF_WEBHOOK_ALLOWED_HOSTS). ``owner``: who submitted it (the gateway
+        stores the API key's id; jobs are only shown to their owner there).
         """
         try:
             profile_config = load_profile(profile)
@@ -87,6 +93,12 @@ class Client:
             not isinstance(job_id, str) or not 8 <= len(job_id) <= 64 or not job_id.replace("-", "").isalnum()
         ):
             raise FarmError("INVALID_INPUT", "job_id: 8 to 64 letters, digits and dashes")
+        extra = {"owner": owner} if owner else {}
+        if callback_url is not None:
+            try:
+                extra["callback_url"] = check_callback_url(callback_url, self.settings.webhook_allowed_hosts)
+            except ValueError as error:
+                raise FarmError("INVALID_INPUT", str(error)) from None
         if not queue_anyway and not self.registry.live_workers(profile):
             raise FarmError(
                 "NO_WORKER",
@@ -94,7 +106,7 @@ class Client:
                 "submit with queue_anyway=True to wait in the queue",
             )
         job_id = job_id or uuid.uuid4().hex
-        if self.store.create(job_id, profile, validated.to_dict(), priority):
+        if self.store.create(job_id, profile, validated.to_dict(), priority, extra):
             self.app.send_task(
                 TASK_NAME,
                 kwargs={"profile": profile, "params": validated.to_dict()},

@@ -1,0 +1,161 @@
+"""Memory levels: what lives on the GPU, and block streaming for what does not.
+
+0  everything resident on the GPU.
+1  + the VAE decodes (and encodes) in overlapping spatial tiles with blended seams.
+2  + the T5 encoder's weights stay in CPU memory; its 24 blocks are streamed to the GPU one by one
+     for each encode (GPU speed, about two blocks of GPU memory; CPU compute of a 5.7B encoder would
+     take seconds per prompt). Its output is cached per prompt text in every level.
+3  + the DiT's blocks stay in pinned CPU memory and are streamed: block i+1 is copied on a side
+     CUDA stream while block i computes, at most two blocks resident. For Wan2.2 the inactive
+     expert holds no GPU memory at all.
+4  + the DiT's feed-forward runs on chunks of tokens, so its 4.7x-wide hidden activation is never
+     whole: lower activation peak for a little speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+LEVELS = (0, 1, 2, 3, 4)
+FFN_CHUNKS_AT_LEVEL_4 = 8
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    level: int
+
+    def __post_init__(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"low_mem_level must be one of {LEVELS}, got {self.level}")
+
+    @property
+    def tiled_vae(self) -> bool:
+        return self.level >= 1
+
+    @property
+    def stream_text_encoder(self) -> bool:
+        return self.level >= 2
+
+    @property
+    def stream_dit(self) -> bool:
+        return self.level >= 3
+
+    @property
+    def ffn_chunks(self) -> int:
+        return FFN_CHUNKS_AT_LEVEL_4 if self.level >= 4 else 1
+
+
+@dataclass
+class StreamLog:
+    """Device-agnostic bookkeeping of a BlockStreamer, for tests and reports."""
+
+    events: list[tuple[str, int]] = field(default_factory=list)  # ("load" | "compute" | "release", block)
+    resident: set[int] = field(default_factory=set)
+    max_resident: int = 0
+
+    def note(self, event: str, block: int) -> None:
+        self.events.append((event, block))
+        if event == "load":
+            self.resident.add(block)
+        elif event == "release":
+            self.resident.discard(block)
+        self.max_resident = max(self.max_resident, len(self.resident))
+
+
+class BlockStreamer:
+    """Runs a ModuleList's blocks on ``device`` while their weights live in (pinned) CPU memory.
+
+    Forward hooks do the work: entering block i waits for its copy, then starts copying block i+1
+    on a side stream; leaving block i drops its GPU weights. So at most two blocks are resident,
+    and the copy of the next block overlaps the compute of this one. After the last block, block 0
+    is prefetched for the next forward.
+    """
+
+    def __init__(self, blocks: nn.ModuleList, device: torch.device | str, keep_log: bool = False):
+        self.blocks = blocks
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.log = StreamLog() if keep_log else None
+        # Per block: [(parameter or buffer owner, name, CPU tensor)], the CPU copy kept for good.
+        self.host: list[list[tuple[nn.Module, str, torch.Tensor]]] = []
+        for block in blocks:
+            entries = []
+            for module in block.modules():
+                for name, tensor in list(module.named_parameters(recurse=False)) + list(
+                    module.named_buffers(recurse=False)
+                ):
+                    cpu = tensor.detach().to("cpu")
+                    if self.cuda:
+                        cpu = cpu.pin_memory()  # pinned: the copy can run asynchronously
+                    entries.append((module, name, cpu))
+            self.host.append(entries)
+        self.loaded: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        for i in range(len(blocks)):
+            self._point_at_host(i)
+        self.handles = []
+        for i, block in enumerate(blocks):
+            self.handles.append(block.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i)))
+            self.handles.append(block.register_forward_hook(lambda _m, _a, _o, i=i: self._leave(i)))
+
+    def _set(self, module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+        if name in module._parameters:
+            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[name] = tensor
+
+    def _point_at_host(self, i: int) -> None:
+        for module, name, cpu in self.host[i]:
+            self._set(module, name, cpu)
+
+    def _load(self, i: int) -> None:
+        """Start copying block i to the device (on the side stream when on CUDA)."""
+        if i in self.loaded or i >= len(self.blocks):
+            return
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                copies = [cpu.to(self.device, non_blocking=True) for _, _, cpu in self.host[i]]
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+        else:
+            copies = [cpu.to(self.device) for _, _, cpu in self.host[i]]
+            event = None
+        self.loaded[i] = (copies, event)
+        if self.log:
+            self.log.note("load", i)
+
+    def _enter(self, i: int) -> None:
+        self._load(i)
+        copies, event = self.loaded[i]
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            for tensor in copies:
+                # The tensors were made on the copy stream; tell the allocator they are used here.
+                tensor.record_stream(compute)
+        for (module, name, _), tensor in zip(self.host[i], copies):
+            self._set(module, name, tensor)
+        if self.log:
+            self.log.note("compute", i)
+        self._load(i + 1)
+
+    def _leave(self, i: int) -> None:
+        self._point_at_host(i)
+        del self.loaded[i]
+        if self.log:
+            self.log.note("release", i)
+        if i == len(self.blocks) - 1:
+            self._load(0)  # ready for the next forward
+
+    def release_all(self) -> None:
+        """Drop every block's device copy (e.g. when a Wan2.2 expert goes idle)."""
+        for i in list(self.loaded):
+            del self.loaded[i]
+            if self.log:
+                self.log.note("release", i)
+
+    def resident_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for copies, _ in self.loaded.values() for t in copies)
