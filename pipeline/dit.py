@@ -55,12 +55,30 @@ def rope_tables(head_dim: int, grid: tuple[int, int, int], device: torch.device,
     return torch.cos(angle).float(), torch.sin(angle).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, L, H, D] by the angles; fp32 math."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunks: int = 1) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, L, H, D] by the angles; fp32 math.
+
+    ``chunks`` > 1 rotates that many token ranges in turn, so the fp32 temporaries stay small.
+    """
+    if chunks > 1:
+        return torch.cat(
+            [
+                apply_rope(*parts)
+                for parts in zip(x.chunk(chunks, 1), cos.chunk(chunks, 0), sin.chunk(chunks, 0))
+            ],
+            dim=1,
+        )
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
+
+
+def by_token_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunks: int) -> torch.Tensor:
+    """``fn`` applied to ``chunks`` token ranges of x [B, L, ...] in turn (for token-local work)."""
+    if chunks == 1:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.chunk(chunks, dim=1)], dim=1)
 
 
 class RMSNorm(nn.Module):
@@ -102,13 +120,14 @@ class Attention(nn.Module):
         context: torch.Tensor,
         attention: AttentionBackend,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        chunks: int = 1,
     ) -> torch.Tensor:
         heads = (self.num_heads, -1)
         q = self.norm_q(self.q(x)).unflatten(2, heads)
         k = self.norm_k(self.k(context)).unflatten(2, heads)
         v = self.v(context).unflatten(2, heads)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, *rope, chunks), apply_rope(k, *rope, chunks)
         return self.o(attention(q, k, v).flatten(2))
 
 
@@ -145,9 +164,9 @@ class WanBlock(nn.Module):
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
         )
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
-        # >1 (memory level 4): the FFN runs on this many token chunks, never holding its whole
-        # 4.7x-wide hidden activation.
-        self.ffn_chunks = 1
+        # >1 (memory level 4): token-local work (modulation, RoPE, the whole FFN half) runs on this
+        # many token chunks, so its fp32 temporaries and the 4.7x-wide FFN hidden are never whole.
+        self.token_chunks = 1
 
     def forward(
         self,
@@ -163,13 +182,15 @@ class WanBlock(nn.Module):
         ``reuse`` (PAB) may serve the self- and cross-attention outputs from an earlier step.
         """
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time).unbind(1)
-        dtype = x.dtype
+        dtype, chunks = x.dtype, self.token_chunks
 
-        h = (self.norm1(x) * (1 + scale_sa[:, None]) + shift_sa[:, None]).to(dtype)
+        h = by_token_chunks(
+            lambda p: (self.norm1(p) * (1 + scale_sa[:, None]) + shift_sa[:, None]).to(dtype), x, chunks
+        )
         if reuse is None:
-            y = self.self_attn(h, h, attention, rope)
+            y = self.self_attn(h, h, attention, rope, chunks)
         else:
-            y = reuse.self_attention(lambda: self.self_attn(h, h, attention, rope))
+            y = reuse.self_attention(lambda: self.self_attn(h, h, attention, rope, chunks))
         x = (x.float() + y.float() * gate_sa[:, None]).to(dtype)
 
         h = self.norm3(x).to(dtype)
@@ -179,12 +200,11 @@ class WanBlock(nn.Module):
             y = reuse.cross_attention(lambda: self.cross_attn(h, context, attention))
         x = x + y
 
-        h = (self.norm2(x) * (1 + scale_ff[:, None]) + shift_ff[:, None]).to(dtype)
-        if self.ffn_chunks > 1:
-            y = torch.cat([self.ffn(part) for part in h.chunk(self.ffn_chunks, dim=1)], dim=1)
-        else:
-            y = self.ffn(h)
-        return (x.float() + y.float() * gate_ff[:, None]).to(dtype)
+        def feed_forward(part: torch.Tensor) -> torch.Tensor:
+            h = (self.norm2(part) * (1 + scale_ff[:, None]) + shift_ff[:, None]).to(dtype)
+            return (part.float() + self.ffn(h).float() * gate_ff[:, None]).to(dtype)
+
+        return by_token_chunks(feed_forward, x, chunks)
 
 
 class Head(nn.Module):
@@ -223,9 +243,9 @@ class WanDiT(nn.Module):
     def set_attention(self, attention: AttentionBackend) -> None:
         self.attention = attention
 
-    def set_ffn_chunks(self, chunks: int) -> None:
+    def set_token_chunks(self, chunks: int) -> None:
         for block in self.blocks:
-            block.ffn_chunks = chunks
+            block.token_chunks = chunks
 
     def non_block_modules(self) -> list[nn.Module]:
         """Embeddings and head: what stays on the GPU when the blocks are streamed."""

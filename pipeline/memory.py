@@ -8,8 +8,9 @@
 3  + the DiT's blocks stay in pinned CPU memory and are streamed: block i+1 is copied on a side
      CUDA stream while block i computes, at most two blocks resident. For Wan2.2 the inactive
      expert holds no GPU memory at all.
-4  + the DiT's feed-forward runs on chunks of tokens, so its 4.7x-wide hidden activation is never
-     whole: lower activation peak for a little speed.
+4  + the DiT's token-local work (modulation, RoPE, the whole feed-forward half of each block) runs
+     on chunks of tokens, so its fp32 temporaries and the 4.7x-wide FFN hidden are never whole:
+     a lower activation peak for a little speed.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 LEVELS = (0, 1, 2, 3, 4)
-FFN_CHUNKS_AT_LEVEL_4 = 8
+TOKEN_CHUNKS_AT_LEVEL_4 = 8
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ class MemoryPlan:
         return self.level >= 3
 
     @property
-    def ffn_chunks(self) -> int:
-        return FFN_CHUNKS_AT_LEVEL_4 if self.level >= 4 else 1
+    def token_chunks(self) -> int:
+        return TOKEN_CHUNKS_AT_LEVEL_4 if self.level >= 4 else 1
 
 
 @dataclass

@@ -79,7 +79,7 @@ class WanPipeline:
         self.plan = plan or MemoryPlan(0)
         for dit in experts:
             dit.set_attention(attention)
-            dit.set_ffn_chunks(self.plan.ffn_chunks)
+            dit.set_token_chunks(self.plan.token_chunks)
         # Level 3+: DiT blocks stay in (pinned) CPU memory and stream in; only the active expert's
         # embeddings and head are on the device.
         self.streamers = [BlockStreamer(d.blocks, device) for d in experts] if self.plan.stream_dit else []

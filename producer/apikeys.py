@@ -69,21 +69,25 @@ redis.call('EXPIRE', KEYS[1], window + 1)
 return '0'
 """
 
-# KEYS[1] active zset. ARGV: job id, limit, now, grace, job key prefix. Drops jobs that are final
-# (or whose record is gone), then reserves a slot for the job if one is free: 1, else 0. Reserving
-# a job that holds a slot already (a retried request) always succeeds.
+# KEYS[1] active zset. ARGV: job id, limit, now, grace, job key prefix. Reserves a slot for the job
+# if one is free: 1, else 0. Only a full set is pruned (of jobs that are final, or whose record is
+# gone), so a check costs O(1) until the key nears its limit and O(limit) at most. Reserving a job
+# that holds a slot already (a retried request) always succeeds.
 _RESERVE = """
-local now = tonumber(ARGV[3])
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local state = redis.call('HGET', ARGV[5] .. id, 'state')
-  if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then
-    redis.call('ZREM', KEYS[1], id)
-  elseif not state and tonumber(redis.call('ZSCORE', KEYS[1], id)) < now - tonumber(ARGV[4]) then
-    redis.call('ZREM', KEYS[1], id)
-  end
-end
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 1 end
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+local limit = tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+if redis.call('ZCARD', KEYS[1]) >= limit then
+  for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    local state = redis.call('HGET', ARGV[5] .. id, 'state')
+    if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then
+      redis.call('ZREM', KEYS[1], id)
+    elseif not state and tonumber(redis.call('ZSCORE', KEYS[1], id)) < now - tonumber(ARGV[4]) then
+      redis.call('ZREM', KEYS[1], id)
+    end
+  end
+  if redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
+end
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 return 1
 """

@@ -19,6 +19,8 @@ COMMANDS = {
     "wait": ("producer.cli", "wait for a job to finish and print its record"),
     "cancel": ("producer.cli", "cancel a job"),
     "demo": ("smartdiff.demo", "the whole farm on this machine: Redis, S3, a worker, one job"),
+    "gateway": ("producer.gateway", "serve the farm over HTTP (jobs, profiles, health, metrics, webhooks)"),
+    "apikey": ("producer.apikeys", "create, list or revoke API keys of the HTTP gateway"),
 }
 
 

@@ -224,10 +224,10 @@ def test_worker_services_share_the_anchor_definition(raw_compose, compose, worke
         assert key in raw_compose["x-worker"], f"x-worker lacks {key}"
         values = {json.dumps(svc[key], sort_keys=True) for svc in workers.values()}
         assert len(values) == 1, f"worker services differ in {key}"
-    # Only the worker services run the worker image.
+    # Only the worker services and the gateway (same code, no GPU) run the worker image.
     for name, svc in compose["services"].items():
         if svc.get("image") == next(iter(workers.values()))["image"]:
-            assert name in workers
+            assert name in workers or (name == "gateway" and not gpu_devices(svc)), name
     assert anchor["build"]["context"] == "." and (ROOT / anchor["build"]["dockerfile"]).is_file()
 
 
@@ -339,6 +339,48 @@ def test_stop_grace_period_matches_the_shutdown_mode(workers):
             assert grace <= REQUEUE_MAX_SECONDS, f"{name}: requeue should stop fast, got {grace}s"
         else:
             pytest.fail(f"{name}: SMARTDIFF_SHUTDOWN must be drain or requeue, got {mode!r}")
+
+
+def test_gateway_serves_http_on_the_farm_without_a_gpu(compose, workers):
+    gateway = compose["services"]["gateway"]
+    worker = next(iter(workers.values()))
+    assert gateway["image"] == worker["image"] and "build" not in gateway  # built once, by the workers
+    command = gateway["command"]
+    assert command[0] == "gateway" and command[command.index("--host") + 1] == "0.0.0.0"
+    port = command[command.index("--port") + 1]
+    assert not gpu_devices(gateway) and "deploy" not in gateway
+    env, worker_env = environment(gateway), environment(worker)
+    for name in (
+        "SMARTDIFF_BROKER_URL",
+        "SMARTDIFF_S3_ENDPOINT",
+        "SMARTDIFF_S3_PUBLIC_ENDPOINT",
+        "SMARTDIFF_S3_BUCKET",
+    ):
+        assert env[name] == worker_env[name], f"gateway and workers disagree on {name}"
+    [(host, container)] = [p.rsplit(":", 1) for p in gateway["ports"]]
+    assert container == port and host.startswith("127.0.0.1:"), "publish on loopback by default"
+    check = " ".join(gateway["healthcheck"]["test"])
+    assert f":{port}/readyz" in check
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert gateway["depends_on"]["bucket-init"]["condition"] == "service_completed_successfully"
+    assert gateway.get("restart") == "unless-stopped" and gateway["logging"]["options"]["max-size"]
+
+
+def test_flower_and_the_metrics_exporter_are_pinned_and_watch_redis(compose):
+    flower = compose["services"]["flower"]
+    image, _, tag = flower["image"].rpartition(":")
+    assert image == "mher/flower" and re.fullmatch(r"\d+\.\d+\.\d+", tag), flower["image"]
+    assert "--broker=redis://redis:6379/0" in flower["command"]
+    assert all(p.startswith("127.0.0.1:") for p in flower["ports"]), "Flower can stop workers: loopback only"
+    assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])
+    exporter = compose["services"]["redis-exporter"]
+    image, _, tag = exporter["image"].rpartition(":")
+    assert image == "oliver006/redis_exporter" and re.fullmatch(r"v\d+\.\d+\.\d+(-alpine)?", tag), tag
+    assert environment(exporter)["REDIS_ADDR"] == "redis://redis:6379"
+    assert "/health" in " ".join(exporter["healthcheck"]["test"]) and "ports" not in exporter
+    for svc in (flower, exporter):
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert svc.get("restart") == "unless-stopped" and svc["logging"]["options"]["max-size"]
 
 
 def test_duration_parser():

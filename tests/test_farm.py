@@ -544,7 +544,8 @@ def test_producer_imports_no_torch():
     import sys
 
     code = (
-        "import sys, producer, producer.cli, farm.records, farm.storage, farm.celery_app; "
+        "import sys, producer, producer.cli, producer.gateway, producer.apikeys, producer.webhooks, "
+        "farm.records, farm.storage, farm.celery_app; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -114,15 +114,15 @@ def test_prompt_cache_makes_repeats_free(tiny_checkpoint):
     assert len(encoder.cache) == 2
 
 
-def test_chunked_ffn_matches():
+def test_token_chunked_blocks_match():
     dit = tiny_dit()
     x, t, ctx = torch.randn(1, 16, 2, 8, 8), torch.tensor([300]), torch.randn(1, 16, 32)
     with torch.no_grad():
         expected = dit(x, t, ctx)
-        dit.set_ffn_chunks(8)
+        dit.set_token_chunks(8)
         chunked = dit(x, t, ctx)
     assert torch.allclose(chunked, expected, atol=1e-5)
-    assert MemoryPlan(4).ffn_chunks == 8 and MemoryPlan(3).ffn_chunks == 1
+    assert MemoryPlan(4).token_chunks == 8 and MemoryPlan(3).token_chunks == 1
 
 
 def test_levels_are_checked():
