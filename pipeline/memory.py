@@ -49,6 +49,24 @@ class MemoryPlan:
         return TOKEN_CHUNKS_AT_LEVEL_4 if self.level >= 4 else 1
 
 
+# Peak activation bytes per (token x model width) element of the DiT forward, measured on the H200
+# with bench/memory_gpu.py (2026-11-29): 34 (1.3B) and 26 (14B) at levels 0-3, 23.5 and 22.5 at
+# level 4. Rounded up so the estimate errs on the side of refusing.
+DIT_BYTES_PER_ELEMENT = {0: 40, 1: 40, 2: 40, 3: 40, 4: 30}
+# VAE decode working memory per output pixel-frame: about 3.3 GB for 832x480x81 untiled; tiles of
+# 256x256 pixels bound it by the tile, not the frame.
+VAE_BYTES_PER_PIXEL_FRAME = 110
+VAE_TILE_PIXELS = 256 * 256
+
+
+def estimate_job_bytes(level: int, tokens: int, width: int, pixels_per_frame: int, frames: int) -> int:
+    """GPU memory a job needs beyond the resident weights: the larger of its DiT and VAE peaks."""
+    dit = DIT_BYTES_PER_ELEMENT[level] * tokens * width
+    pixels = min(pixels_per_frame, 2 * VAE_TILE_PIXELS) if level >= 1 else pixels_per_frame
+    vae = VAE_BYTES_PER_PIXEL_FRAME * pixels * frames
+    return max(dit, vae)
+
+
 @dataclass
 class StreamLog:
     """Device-agnostic bookkeeping of a BlockStreamer, for tests and reports."""

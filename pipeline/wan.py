@@ -16,7 +16,7 @@ from pipeline.checkpoint import Checkpoint, load_dit, load_text_encoder, load_va
 from pipeline.config import ModelConfig, ProfileConfig
 from pipeline.dit import WanDiT
 from pipeline.flexcache import COND, UNCOND, FlexCache
-from pipeline.memory import BlockStreamer, MemoryPlan
+from pipeline.memory import BlockStreamer, MemoryPlan, estimate_job_bytes
 from pipeline.params import GenerationParams
 from pipeline.schedulers import make_scheduler
 from pipeline.video import to_uint8_frames
@@ -141,6 +141,15 @@ class WanPipeline:
     def latent_shape(self, params: GenerationParams) -> tuple[int, int, int, int]:
         st, sh, sw = self.model.vae.stride
         return (self.model.vae.z_dim, (params.frames - 1) // st + 1, params.height // sh, params.width // sw)
+
+    def estimate_job_bytes(self, params: GenerationParams) -> int:
+        """Device memory this job needs on top of what is resident (see pipeline.memory)."""
+        _, frames, height, width = self.latent_shape(params)
+        p_t, p_h, p_w = self.model.dit.patch_size
+        tokens = (frames // p_t) * (height // p_h) * (width // p_w)
+        return estimate_job_bytes(
+            self.plan.level, tokens, self.model.dit.dim, params.width * params.height, params.frames
+        )
 
     def expert_for(self, timestep: int) -> int:
         """Index of the expert for a timestep: Wan2.2 uses the high-noise one while t >= boundary."""

@@ -445,7 +445,24 @@ def test_oom_fails_the_job_with_advice_and_the_worker_serves_on(farm):
     record = farm.client.store.get("oomjob0001")
     assert record.error_code == "GPU_OUT_OF_MEMORY"
     assert "smaller size or fewer frames" in record.error_message and "64x64x9" in record.error_message
+    assert "higher low_mem_level (this one runs level 0)" in record.error_message
+
+    # A job the estimate says cannot fit is refused before it starts, with the same advice.
+    class TightGpu(OutOfMemoryPipeline):
+        def estimate_job_bytes(self, params):
+            return 30 * 2**30
+
+    service.pipeline = TightGpu()
+    service.free_device_bytes = lambda: 8 * 2**30
+    assert (
+        service.execute("bigjob0001", [], {"profile": "tiny", "params": params.to_dict()})["state"]
+        == "FAILED"
+    )
+    record = farm.client.store.get("bigjob0001")
+    assert record.error_code == "WOULD_NOT_FIT" and record.stage != "denoise"
+    assert "needs about 30.0 GiB" in record.error_message and "8.0 GiB are free" in record.error_message
     # The same service takes the next job.
+    del service.free_device_bytes
     service.pipeline = None
     service.load()
     assert (

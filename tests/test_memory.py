@@ -132,3 +132,16 @@ def test_levels_are_checked():
     assert [p.tiled_vae for p in plans] == [False, True, True, True, True]
     assert [p.stream_text_encoder for p in plans] == [False, False, True, True, True]
     assert [p.stream_dit for p in plans] == [False, False, False, True, True]
+
+
+def test_the_estimate_covers_the_measured_peaks():
+    from pipeline.memory import estimate_job_bytes
+
+    gb = 2**30
+    # Activation peaks measured on the H200 (docs/PERFORMANCE.md): stage peak minus resident weights.
+    assert estimate_job_bytes(3, 32760, 1536, 832 * 480, 81) >= (2.52 - 0.81) * gb  # 1.3B denoise
+    assert estimate_job_bytes(3, 75600, 5120, 1280 * 720, 81) >= (12.54 - 2.08) * gb  # 14B denoise
+    assert estimate_job_bytes(4, 75600, 5120, 1280 * 720, 81) >= (10.81 - 2.08) * gb
+    assert estimate_job_bytes(0, 32760, 1536, 832 * 480, 81) >= (17.65 - 15.16) * gb  # 1.3B VAE decode
+    # ...and is not wildly above them (a refusal must mean something).
+    assert estimate_job_bytes(3, 75600, 5120, 1280 * 720, 81) <= 2 * (12.54 - 2.08) * gb

@@ -91,11 +91,19 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def oom_advice(stage: str, params) -> str:
+def memory_advice(level: int) -> str:
+    higher = f"a profile with a higher low_mem_level (this one runs level {level})" if level < 4 else None
+    return "try " + " or ".join(o for o in (higher, "a smaller size or fewer frames") if o)
+
+
+def oom_advice(stage: str, params, level: int) -> str:
     return (
-        f"the GPU ran out of memory during {stage} at {params.size}x{params.frames}; "
-        "try a smaller size or fewer frames, or a worker with more free GPU memory"
+        f"the GPU ran out of memory during {stage} at {params.size}x{params.frames}; {memory_advice(level)}"
     )
+
+
+class WouldNotFit(Exception):
+    """A job whose estimated memory exceeds what the GPU has free: refused before it starts."""
 
 
 class WorkerService:
@@ -307,6 +315,7 @@ class WorkerService:
                 raise HandBack
 
         try:
+            self.check_fits(params)
             result = self.pipeline.generate(params, progress)
             seconds.update(result.seconds)
             progress("encode", 0, 1)
@@ -351,6 +360,8 @@ class WorkerService:
             return "LOST"
         except StorageError as error:
             return self._finish(job_id, FAILED, seconds, error_code="STORAGE_ERROR", error_message=str(error))
+        except WouldNotFit as error:
+            return self._finish(job_id, FAILED, seconds, error_code="WOULD_NOT_FIT", error_message=str(error))
         except Exception as error:
             import torch
 
@@ -361,7 +372,7 @@ class WorkerService:
                     FAILED,
                     seconds,
                     error_code="GPU_OUT_OF_MEMORY",
-                    error_message=oom_advice(stage["name"], params),
+                    error_message=oom_advice(stage["name"], params, self.profile.low_mem_level),
                 )
             log.exception("job failed in %s", stage["name"])
             return self._finish(
@@ -373,6 +384,27 @@ class WorkerService:
             )
         finally:
             video_path.unlink(missing_ok=True)
+
+    def free_device_bytes(self) -> int | None:
+        """Device memory this process can still use (free plus its own cached blocks); None on CPU."""
+        if not self.device.startswith("cuda"):
+            return None
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+    def check_fits(self, params) -> None:
+        """Fail a job that cannot fit before it starts, where the memory it needs can be known."""
+        free = self.free_device_bytes()
+        if free is None or not hasattr(self.pipeline, "estimate_job_bytes"):
+            return
+        need = self.pipeline.estimate_job_bytes(params)
+        if need > free:
+            raise WouldNotFit(
+                f"{params.size}x{params.frames} needs about {need / 2**30:.1f} GiB of GPU memory beyond the "
+                f"model, and {free / 2**30:.1f} GiB are free; {memory_advice(self.profile.low_mem_level)}"
+            )
 
     def _finish(self, job_id: str, state: str, seconds: dict[str, float], **fields: Any) -> str:
         for name, value in seconds.items():
