@@ -178,6 +178,7 @@ class WorkerService:
             "jobs_done": self.jobs_done,
             "started_at": self.started_at,
             "model": self.profile.model,
+            "low_mem_level": self.profile.low_mem_level,
         }
         if self.pipeline is not None:
             info["attention"] = self.pipeline.attention.implementation
