@@ -11,17 +11,16 @@ saves) carries over to real checkpoints.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 from pathlib import Path
 
 import torch
+from common import ensure_checkpoint, report_header
 
 from pipeline.config import load_model_config
 from pipeline.flexcache import _TeaCache, _TeaState
 from pipeline.params import validate_params
-from pipeline.tiny import write_random_checkpoint
 from pipeline.wan import WanPipeline
 
 GB = 1024**3
@@ -53,8 +52,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model_config(args.model)
-    if not args.checkpoint.exists():
-        write_random_checkpoint(args.checkpoint, model, device="cuda", dtype=torch.bfloat16)
+    report = report_header(model)
+    ensure_checkpoint(args.checkpoint, model, report)
     pipe = WanPipeline.from_checkpoint(args.checkpoint, model.name, "cuda")
     base = {"prompt": "a red ball bouncing on a beach", "frames": args.frames, "steps": args.steps, "seed": 0}
     runs = {
@@ -63,14 +62,7 @@ def main() -> None:
         "teacache-0.2": {"flexcache": "teacache", "teacache_threshold": 0.2},
         "pab": {"flexcache": "pab"},
     }
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(),
-        "model": model.name,
-        "shape": f"{model.sampling.size}x{args.frames}",
-        "steps": args.steps,
-        "runs": {},
-    }
+    report.update(shape=f"{model.sampling.size}x{args.frames}", steps=args.steps, runs={})
     pipe.generate(validate_params({**base, "steps": 2}, model))  # warm-up
     for name, extra in runs.items():
         params = validate_params({**base, **extra}, model)

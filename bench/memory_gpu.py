@@ -9,17 +9,16 @@ each level loads a fresh pipeline and generates one video with a few steps. Prin
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import time
 from pathlib import Path
 
 import torch
+from common import ensure_checkpoint, report_header
 
 from pipeline.config import load_model_config
 from pipeline.params import validate_params
-from pipeline.tiny import write_random_checkpoint
 from pipeline.wan import WanPipeline
 
 GB = 1024**3
@@ -63,18 +62,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model_config(args.model)
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "model": model.name,
-    }
-    if not args.checkpoint.exists():
-        start = time.perf_counter()
-        write_random_checkpoint(args.checkpoint, model, device="cuda", dtype=torch.bfloat16)
-        report["write_checkpoint_s"] = round(time.perf_counter() - start, 1)
-        gc.collect()
-        torch.cuda.empty_cache()
+    report = report_header(model)
+    ensure_checkpoint(args.checkpoint, model, report)
     request = {
         "prompt": "a red ball bouncing on a beach",
         "frames": args.frames,

@@ -11,17 +11,16 @@ Prints one JSON object. Random weights: the speed of dense work does not depend 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import time
 from pathlib import Path
 
 import torch
+from common import ensure_checkpoint, report_header
 
 from pipeline.config import load_model_config
 from pipeline.dit import diffusers_dit_key_to_official
 from pipeline.params import validate_params
-from pipeline.tiny import write_random_checkpoint
 from pipeline.video import write_mp4
 from pipeline.wan import WanPipeline
 
@@ -94,16 +93,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model_config(args.model)
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "model": model.name,
-    }
-    if not args.checkpoint.exists():
-        start = time.perf_counter()
-        write_random_checkpoint(args.checkpoint, model, device="cuda", dtype=torch.bfloat16)
-        report["write_checkpoint_s"] = round(time.perf_counter() - start, 1)
+    report = report_header(model)
+    ensure_checkpoint(args.checkpoint, model, report)
 
     start = time.perf_counter()
     pipe = WanPipeline.from_checkpoint(args.checkpoint, model.name, "cuda")
