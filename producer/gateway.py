@@ -44,7 +44,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from farm.celery_app import DEFAULT_PRIORITY, MAX_PRIORITY
-from farm.records import PREFIX, SUCCEEDED, JobRecord
+from farm.records import FAILED, PREFIX, SUCCEEDED, JobRecord
 from farm.settings import FarmSettings
 from farm.storage import StorageError, make_client
 from pipeline.config import list_profile_names, load_profile
@@ -533,7 +533,7 @@ class Gateway:
 
     def cancel(self, key: ApiKey, job_id: str) -> dict[str, Any]:
         record = self.own_record(key, job_id)
-        if record.state in (SUCCEEDED, "FAILED"):
+        if record.state in (SUCCEEDED, FAILED):
             raise ApiError(409, "JOB_FINISHED", f"job {job_id} already ended {record.state}")
         self.client.store.cancel(job_id)
         return self.answer(self.own_record(key, job_id))

@@ -262,9 +262,14 @@ class WebhookDelivery:
         except ValueError as error:
             self._settle(job_id, "failed", 0, str(error))
             return "failed"
+        try:
+            body = json.dumps(self._payload(record), ensure_ascii=False).encode("utf-8")
+        except Exception as error:  # e.g. no credentials to presign the link: retrying will not help
+            log.exception("webhook payload for job %s could not be made", job_id)
+            self._settle(job_id, "failed", 0, f"payload: {type(error).__name__}")
+            return "failed"
         attempt = int(self.redis.hincrby(key, "attempts", 1))
         self.redis.expire(key, self.settings.record_ttl_seconds)
-        body = json.dumps(self._payload(record), ensure_ascii=False).encode("utf-8")
         status, error = self._post(record.callback_url, body, job_id, attempt)
         if 200 <= status < 300:
             self._settle(job_id, "delivered", status, "")

@@ -9,7 +9,7 @@ import json
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from farm_helpers import RedisServer, WorkerProcess, farm_env, free_port, wait_f
 
 from farm.settings import FarmSettings
 from farm.storage import VideoStore
-from pipeline.params import _FIELDS as PARAM_FIELDS
+from pipeline.params import GenerationParams
 from producer.apikeys import ApiKeyStore
 from producer.gateway import GATEWAY_FIELDS, JobRequest, create_app, openapi_document
 from producer.webhooks import verify_signature
@@ -116,35 +116,37 @@ def gw(tmp_path_factory, s3_endpoint, tiny_checkpoint):
     env = farm_env(
         redis_server.url, s3_endpoint, tiny_checkpoint.parent, tmp / "work", SMARTDIFF_S3_BUCKET=bucket
     )
-    with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-            mp.setenv(name, env[name])
-        # Started first: it loads the model while the other tests run; the whole flow waits for it.
-        worker = WorkerProcess(env, tmp / "worker.log").start()
-        settings = FarmSettings(
-            broker_url=redis_server.url,
-            redis_url=redis_server.url,
-            s3_endpoint=s3_endpoint,
-            s3_public_endpoint=s3_endpoint,
-            s3_bucket=bucket,
-            worker_ttl_seconds=5,
-            webhook_allowed_hosts=("127.0.0.1",),
-            webhook_max_attempts=3,
-            webhook_backoff_seconds=0.2,
-            webhook_timeout_seconds=2,
-        )
-        VideoStore(settings).ensure_bucket()
-        app = create_app(settings, webhook_secret=WEBHOOK_SECRET)
-        server = GatewayServer(app).start()
-        client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-        http = httpx.Client(base_url=server.url, timeout=30)
-        try:
-            yield Env(server.url, http, client, ApiKeyStore(client), app, worker, redis_server.url)
-        finally:
-            http.close()
+    worker = server = None
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+                mp.setenv(name, env[name])
+            # Started first: it loads the model while the other tests run; the whole flow waits for it.
+            worker = WorkerProcess(env, tmp / "worker.log").start()
+            settings = FarmSettings(
+                broker_url=redis_server.url,
+                redis_url=redis_server.url,
+                s3_endpoint=s3_endpoint,
+                s3_public_endpoint=s3_endpoint,
+                s3_bucket=bucket,
+                worker_ttl_seconds=5,
+                webhook_allowed_hosts=("127.0.0.1",),
+                webhook_max_attempts=3,
+                webhook_backoff_seconds=0.2,
+                webhook_timeout_seconds=2,
+            )
+            VideoStore(settings).ensure_bucket()
+            app = create_app(settings, webhook_secret=WEBHOOK_SECRET)
+            server = GatewayServer(app).start()
+            client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                yield Env(server.url, http, client, ApiKeyStore(client), app, worker, redis_server.url)
+    finally:
+        if server is not None:
             server.stop()
+        if worker is not None:
             worker.stop()
-            redis_server.stop()
+        redis_server.stop()
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict:
@@ -181,7 +183,8 @@ def test_openapi_in_the_repo_is_what_the_app_serves(gw):
     assert gw.http.get("/openapi.json").json() == in_repo
     assert json.loads(openapi_document()) == in_repo
     # The documented request is exactly what the gateway and validate_params accept.
-    assert set(JobRequest.model_fields) == set(PARAM_FIELDS) | set(GATEWAY_FIELDS)
+    params = {f.name for f in fields(GenerationParams)} | {"size"}
+    assert set(JobRequest.model_fields) == params | set(GATEWAY_FIELDS)
     paths = in_repo["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/video"} <= set(
         paths
@@ -475,6 +478,23 @@ def test_garbage_is_answered_with_codes_never_500(gw):
         assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
         assert response.status_code == expected, (method, path, str(kwargs)[:200], response.text)
         assert "Traceback" not in response.text and AWS_SECRET not in response.text
+
+
+def test_an_unreachable_redis_is_503_not_500(s3_endpoint):
+    from fastapi.testclient import TestClient
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = FarmSettings(
+        broker_url=dead, redis_url=dead, s3_endpoint=s3_endpoint, s3_bucket="no-such-bucket"
+    )
+    with TestClient(create_app(settings, webhook_secret="")) as client:
+        assert client.get("/healthz").status_code == 200
+        ready = assert_error(client.get("/readyz"), 503, "NOT_READY")
+        assert "redis" in ready["error"]["message"] and "storage" in ready["error"]["message"]
+        headers = {"Authorization": "Bearer sdk_" + "x" * 43}
+        answer = client.get("/v1/profiles", headers=headers)
+        assert_error(answer, 503, "NOT_READY")
+        assert answer.headers["Retry-After"] == "5"
 
 
 # ---------------------------------------------------------------------------------------- webhooks
