@@ -17,6 +17,7 @@ official Wan schedulers and diffusers' equivalents; tests/test_schedulers.py che
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Protocol
 
 import numpy as np
@@ -61,7 +62,7 @@ def _log_snr(sigma: float) -> float:
     return math.log((1.0 - sigma) / sigma)
 
 
-class _FlowSolver:
+class _FlowSolver(ABC):
     """Schedule, step counter and dtype handling shared by the solvers."""
 
     def __init__(self, steps: int, shift: float) -> None:
@@ -90,8 +91,9 @@ class _FlowSolver:
         self.step_index = i + 1
         return out.to(sample.dtype)
 
+    @abstractmethod
     def _step(self, i: int, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The next sample from step ``i``'s velocity and sample, both float32."""
 
 
 class EulerScheduler(_FlowSolver):
