@@ -8,6 +8,7 @@ returns the same shape and dtype. A backend that is asked for and cannot run her
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,8 +34,15 @@ class AttentionBackend:
         return self.fn(q, k, v)
 
 
-# name -> module that defines ``build(device) -> AttentionBackend`` (imported only when asked for).
-_BACKEND_MODULES: dict[str, str] = {"sdpa": "kernels.sdpa"}
+# name -> module that defines ``build(device, **options) -> AttentionBackend`` (imported only when asked
+# for). ``auto`` tries the others, so it must stay out of its own candidate list (it skips itself).
+_BACKEND_MODULES: dict[str, str] = {
+    "sdpa": "kernels.sdpa",
+    "flash_attn": "kernels.flash",
+    "sage": "kernels.sage",
+    "sparge": "kernels.sparge",
+    "auto": "kernels.auto",
+}
 
 
 def register_backend(name: str, module: str) -> None:
@@ -45,11 +53,21 @@ def available_backends() -> list[str]:
     return sorted(_BACKEND_MODULES)
 
 
-def get_backend(name: str, device: torch.device | str = "cpu") -> AttentionBackend:
-    """Resolve backend ``name`` for ``device``; raises if it is unknown or cannot run there."""
+def get_backend(name: str, device: torch.device | str = "cpu", **options: object) -> AttentionBackend:
+    """Resolve backend ``name`` for ``device``; raises if it is unknown or cannot run there.
+
+    ``options`` go to the backend's ``build`` (e.g. ``topk`` for sparge, ``allow`` for auto); an
+    option the backend does not take is a ValueError, not silently dropped.
+    """
     if name not in _BACKEND_MODULES:
         raise BackendUnavailable(
             f"unknown attention backend {name!r} (known: {', '.join(available_backends())})"
         )
     module = importlib.import_module(_BACKEND_MODULES[name])
-    return module.build(torch.device(device))
+    dev = torch.device(device)
+    if options:
+        try:
+            inspect.signature(module.build).bind(dev, **options)
+        except TypeError as e:
+            raise ValueError(f"backend {name!r} does not take options {sorted(options)}: {e}") from e
+    return module.build(dev, **options)
