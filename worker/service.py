@@ -134,6 +134,7 @@ class WorkerService:
         self.lease_lost = threading.Event()
         self.jobs_done = 0
         self.started_at = time.time()
+        self.peak_bytes = 0  # the highest GPU memory any stage of any job reached
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -186,7 +187,7 @@ class WorkerService:
             import torch
 
             info["gpu_memory_resident"] = torch.cuda.memory_allocated(self.device)
-            info["gpu_memory_peak"] = torch.cuda.max_memory_allocated(self.device)
+            info["gpu_memory_peak"] = max(self.peak_bytes, info["gpu_memory_resident"])
             metrics.GPU_MEMORY.labels(self.profile.name, "resident").set(info["gpu_memory_resident"])
             metrics.GPU_MEMORY.labels(self.profile.name, "peak").set(info["gpu_memory_peak"])
         return info
@@ -319,6 +320,7 @@ class WorkerService:
             self.check_fits(params)
             result = self.pipeline.generate(params, progress)
             seconds.update(result.seconds)
+            self.peak_bytes = max([self.peak_bytes, *result.peak_memory.values()])
             progress("encode", 0, 1)
             start = time.perf_counter()
             from pipeline.video import write_mp4
