@@ -48,6 +48,7 @@ from farm.records import FAILED, PREFIX, SUCCEEDED, JobRecord
 from farm.settings import FarmSettings
 from farm.storage import StorageError, make_client
 from pipeline.config import list_profile_names, load_profile
+from pipeline.params import FLEXCACHE, SOLVERS
 from producer.apikeys import ApiKey, ApiKeyStore
 from producer.client import Client, FarmError
 from producer.webhooks import WebhookDelivery, check_callback_url, delivery_state
@@ -112,8 +113,9 @@ class JobRequest(BaseModel):
     guidance_low_noise: float | None = Field(None, description="Wan2.2 only: the low-noise expert's")
     shift: float | None = None
     seed: int | None = Field(None, description="default: random (recorded in the result)")
-    solver: Literal["unipc", "dpm++", "euler"] | None = None
-    flexcache: Literal["none", "teacache", "pab"] | None = None
+    # The vocabularies come from the one validation module, so the API cannot drift from it.
+    solver: Literal[SOLVERS] | None = None
+    flexcache: Literal[FLEXCACHE] | None = None
     teacache_threshold: float | None = None
     pab_self_start: int | None = None
     pab_self_end: int | None = None
