@@ -121,8 +121,6 @@ def gw(tmp_path_factory, s3_endpoint, tiny_checkpoint):
         with pytest.MonkeyPatch.context() as mp:
             for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
                 mp.setenv(name, env[name])
-            # Started first: it loads the model while the other tests run; the whole flow waits for it.
-            worker = WorkerProcess(env, tmp / "worker.log").start()
             settings = FarmSettings(
                 broker_url=redis_server.url,
                 redis_url=redis_server.url,
@@ -135,7 +133,10 @@ def gw(tmp_path_factory, s3_endpoint, tiny_checkpoint):
                 webhook_backoff_seconds=0.2,
                 webhook_timeout_seconds=2,
             )
+            # The bucket first: a worker checks it at start and refuses to run without it.
             VideoStore(settings).ensure_bucket()
+            # Started early: it loads the model while the other tests run; the whole flow waits for it.
+            worker = WorkerProcess(env, tmp / "worker.log").start()
             app = create_app(settings, webhook_secret=WEBHOOK_SECRET)
             server = GatewayServer(app).start()
             client = redis.Redis.from_url(redis_server.url, decode_responses=True)
