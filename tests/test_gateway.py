@@ -590,8 +590,8 @@ def test_whole_flow_over_http(gw):
         headers = gw.key()
         wait_for(
             lambda: (
-                gw.worker.alive()
-                and {p["name"]: p for p in gw.http.get("/v1/profiles", headers=headers).json()["profiles"]}[
+                not gw.worker.alive()  # a dead worker fails at once below, with its log
+                or {p["name"]: p for p in gw.http.get("/v1/profiles", headers=headers).json()["profiles"]}[
                     "tiny"
                 ]["live_workers"]
             ),
