@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import time
 from pathlib import Path
 
@@ -31,3 +32,11 @@ def ensure_checkpoint(path: Path, model: ModelConfig, report: dict) -> None:
     report["write_checkpoint_s"] = round(time.perf_counter() - start, 1)
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def emit(report: dict, json_out: Path | None) -> None:
+    """Print the report as JSON, and write it to ``json_out`` if given."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_out:
+        json_out.write_text(text)

@@ -11,12 +11,11 @@ saves) carries over to real checkpoints.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from common import ensure_checkpoint, report_header
+from common import emit, ensure_checkpoint, report_header
 
 from pipeline.config import load_model_config
 from pipeline.flexcache import _TeaCache, _TeaState
@@ -82,10 +81,7 @@ def main() -> None:
     cost = decision_cost_ms(pipe, validate_params({**base, **runs["teacache-0.08"]}, model))
     report["teacache_decision_ms"] = round(cost, 3)
     report["decision_share_of_a_step"] = round(2 * cost / step_ms, 5)  # two decisions (cond, uncond) a step
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text)
+    emit(report, args.json_out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import ensure_checkpoint, report_header
+from common import emit, ensure_checkpoint, report_header
 
 from pipeline.config import load_model_config
 from pipeline.params import validate_params
@@ -81,10 +81,7 @@ def main() -> None:
     for row in report["levels"]:
         row["time_vs_first"] = round(row["seconds_per_step"] / base, 3)
         row["peak_gb_overall"] = max(row["peak_gb"].values())
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text)
+    emit(report, args.json_out)
     print(f"{'level':>5} {'text_encode':>11} {'denoise':>8} {'vae':>6} {'peak':>6} {'s/step':>7} {'x':>6}")
     for row in report["levels"]:
         p = row["peak_gb"]

@@ -11,12 +11,11 @@ Prints one JSON object. Random weights: the speed of dense work does not depend 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from common import ensure_checkpoint, report_header
+from common import emit, ensure_checkpoint, report_header
 
 from pipeline.config import load_model_config
 from pipeline.dit import diffusers_dit_key_to_official
@@ -149,10 +148,7 @@ def main() -> None:
             except (OSError, RuntimeError) as error:  # no ffmpeg binary on the machine
                 report["video"]["mp4"] = f"not written: {error}"
 
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json_out:
-        args.json_out.write_text(text)
+    emit(report, args.json_out)
 
 
 if __name__ == "__main__":

@@ -74,10 +74,6 @@ class WorkerRegistry:
         found = self.redis.mget([_worker_key(i) for i in ids])
         return [json.loads(raw) for raw in found if raw]
 
-    def worker(self, worker_id: str) -> dict[str, Any] | None:
-        raw = self.redis.get(_worker_key(worker_id))
-        return json.loads(raw) if raw else None
-
     def claim_gpu(self, uuid: str, worker_id: str) -> bool:
         return bool(self.redis.set(_gpu_key(uuid), worker_id, nx=True, ex=self.ttl))
 

@@ -8,23 +8,22 @@ pipeline runs in bf16 anyway); the implementation string says so, so a job's rec
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 
 import torch
 
-from kernels.registry import AttentionBackend, AttentionFn, BackendUnavailable
+from kernels.registry import (
+    AttentionBackend,
+    AttentionFn,
+    BackendUnavailable,
+    in_half_precision,
+    needs_cuda,
+    package_version,
+)
 
 _INSTALL = (
     "pip install flash-attn --no-build-isolation (FlashAttention 2); for FlashAttention 3 on Hopper "
     "build hopper/ from github.com/Dao-AILab/flash-attention, which installs flash_attn_interface"
 )
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _load() -> tuple[str, object]:
@@ -39,32 +38,26 @@ def _load() -> tuple[str, object]:
         except Exception as e:  # a broken install (missing .so, wrong CUDA) is unavailable too
             errors.append(f"{module}: {e}")
             continue
-        return f"{label}-{_version(dist)}", fn
+        return f"{label}-{package_version(dist)}", fn
     raise ImportError("; ".join(errors))
 
 
-def _wrap(flash_attn_func: object) -> AttentionFn:
+def _first_output(flash_attn_func: AttentionFn) -> AttentionFn:
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        dtype = q.dtype
-        if dtype == torch.float32:
-            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
         out = flash_attn_func(q, k, v)
-        # Some FA3 releases return (out, softmax_lse).
-        if isinstance(out, tuple):
-            out = out[0]
-        return out.to(dtype)
+        return out[0] if isinstance(out, tuple) else out  # some FA3 releases return (out, softmax_lse)
 
     return attend
 
 
 def build(device: torch.device) -> AttentionBackend:
-    problems = []
-    if device.type != "cuda":
-        problems.append(f"needs a CUDA device (asked for {device.type})")
+    problems = needs_cuda(device)
     try:
         label, fn = _load()
     except ImportError as e:  # _load folds every failure into one ImportError
         problems.append(f"the flash-attn package is not importable ({e}): {_INSTALL}")
     if problems:
         raise BackendUnavailable("attention backend 'flash_attn' unavailable: " + "; ".join(problems))
-    return AttentionBackend("flash_attn", f"{label} (fp32 inputs run in bf16)", "exact", _wrap(fn))
+    return AttentionBackend(
+        "flash_attn", f"{label} (fp32 inputs run in bf16)", "exact", in_half_precision(_first_output(fn))
+    )

@@ -8,6 +8,7 @@ returns the same shape and dtype. A backend that is asked for and cannot run her
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,8 +46,29 @@ _BACKEND_MODULES: dict[str, str] = {
 }
 
 
-def register_backend(name: str, module: str) -> None:
-    _BACKEND_MODULES[name] = module
+def package_version(dist: str) -> str:
+    """Installed version of a distribution, for implementation strings."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def needs_cuda(device: torch.device) -> list[str]:
+    """The problem to report when a CUDA-only backend is asked for elsewhere (none on CUDA)."""
+    return [] if device.type == "cuda" else [f"needs a CUDA device (asked for {device.type})"]
+
+
+def in_half_precision(fn: AttentionFn) -> AttentionFn:
+    """Run a bf16/fp16-only kernel on any input: fp32 runs in bf16, the output keeps the input dtype."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dtype = q.dtype
+        if dtype == torch.float32:
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        return fn(q, k, v).to(dtype)
+
+    return attend
 
 
 def available_backends() -> list[str]:

@@ -8,11 +8,15 @@ sageattn takes bf16/fp16: fp32 inputs are cast to bf16 and back (said in the imp
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import torch
 
-from kernels.registry import AttentionBackend, AttentionFn, BackendUnavailable
+from kernels.registry import (
+    AttentionBackend,
+    BackendUnavailable,
+    in_half_precision,
+    needs_cuda,
+    package_version,
+)
 
 _INSTALL = (
     "pip install sageattention (SageAttention 1, Triton); for the SageAttention2 CUDA kernels "
@@ -21,30 +25,17 @@ _INSTALL = (
 )
 
 
-def _wrap(sageattn: object) -> AttentionFn:
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        dtype = q.dtype
-        if dtype == torch.float32:
-            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
-        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False).to(dtype)
-
-    return attend
-
-
 def build(device: torch.device) -> AttentionBackend:
-    problems = []
-    if device.type != "cuda":
-        problems.append(f"needs a CUDA device (asked for {device.type})")
+    problems = needs_cuda(device)
     try:
         from sageattention import sageattn
     except Exception as e:  # a broken install (missing .so, wrong CUDA) is unavailable too
         problems.append(f"the sageattention package is not importable ({e}): {_INSTALL}")
     if problems:
         raise BackendUnavailable("attention backend 'sage' unavailable: " + "; ".join(problems))
-    try:
-        version = importlib.metadata.version("sageattention")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    return AttentionBackend(
-        "sage", f"sageattention-{version} sageattn (fp32 inputs run in bf16)", "8bit", _wrap(sageattn)
-    )
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+    implementation = f"sageattention-{package_version('sageattention')} sageattn (fp32 inputs run in bf16)"
+    return AttentionBackend("sage", implementation, "8bit", in_half_precision(attend))

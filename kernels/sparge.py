@@ -17,11 +17,15 @@ backend is unavailable.
 
 from __future__ import annotations
 
-import importlib.metadata
-
 import torch
 
-from kernels.registry import AttentionBackend, BackendUnavailable
+from kernels.registry import (
+    AttentionBackend,
+    BackendUnavailable,
+    in_half_precision,
+    needs_cuda,
+    package_version,
+)
 
 _INSTALL = (
     "build and install SpargeAttn from github.com/thu-ml/SpargeAttn (python setup.py install; "
@@ -49,9 +53,7 @@ def build(
 ) -> AttentionBackend:
     # Bad options are a configuration error whatever the machine, so they are checked first.
     kind, value = _check_options(topk, cdf)
-    problems = []
-    if device.type != "cuda":
-        problems.append(f"needs a CUDA device (asked for {device.type})")
+    problems = needs_cuda(device)
     try:
         import spas_sage_attn
     except Exception as e:  # a broken install (missing .so, wrong CUDA) is unavailable too
@@ -78,12 +80,10 @@ def build(
             tensor_layout="NHD",
             **selection,
         )
-        # Some releases return fp16 whatever the input dtype.
-        return out.to(q.dtype)
+        return out.to(q.dtype)  # some releases return fp16 whatever the input dtype
 
-    try:
-        version = importlib.metadata.version("spas_sage_attn")
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
-    implementation = f"spas_sage_attn-{version} {kind}={value} sim>{sim_threshold} pv<{pv_threshold}"
-    return AttentionBackend("sparge", implementation, "sparse", attend)
+    implementation = (
+        f"spas_sage_attn-{package_version('spas_sage_attn')} {kind}={value} sim>{sim_threshold} "
+        f"pv<{pv_threshold} (fp32 inputs run in bf16)"
+    )
+    return AttentionBackend("sparge", implementation, "sparse", in_half_precision(attend))

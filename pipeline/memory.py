@@ -175,6 +175,3 @@ class BlockStreamer:
             del self.loaded[i]
             if self.log:
                 self.log.note("release", i)
-
-    def resident_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for copies, _ in self.loaded.values() for t in copies)
