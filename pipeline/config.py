@@ -152,6 +152,53 @@ def list_model_names() -> list[str]:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How one job is spread over ``cfg * ulysses * ring`` processes (pipeline/parallel.py).
+
+    ``cfg`` 2 runs the conditional and unconditional branches on different ranks; ``ulysses`` splits
+    the attention heads (so it must divide them); ``ring`` passes key/value blocks around a ring.
+    """
+
+    cfg: int = 1
+    ulysses: int = 1
+    ring: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("cfg", "ulysses", "ring"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
+        if self.cfg not in (1, 2):
+            raise ValueError(f"parallel.cfg must be 1 or 2 (one process per guidance branch), got {self.cfg}")
+
+    @property
+    def sequence(self) -> int:
+        """Processes that share one branch's tokens (the sequence-parallel degree)."""
+        return self.ulysses * self.ring
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.ulysses * self.ring
+
+    def validate(self, model: ModelConfig, world_size: int | None = None) -> None:
+        """Raise ValueError unless ``ulysses`` divides the model's heads and, when given, the world
+        size is ``cfg * ulysses * ring``."""
+        heads = model.dit.num_heads
+        if heads % self.ulysses:
+            allowed = [str(d) for d in range(1, heads + 1) if heads % d == 0]
+            listed = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+            raise ValueError(
+                f"parallel.ulysses {self.ulysses} does not divide the heads: "
+                f"the {model.name} model's {heads} heads allow ulysses {listed}"
+            )
+        if world_size is not None and world_size != self.world_size:
+            raise ValueError(
+                f"parallel cfg {self.cfg} x ulysses {self.ulysses} x ring {self.ring} needs "
+                f"{self.world_size} processes, the process group has {world_size}"
+            )
+
+
+@dataclass(frozen=True)
 class ProfileConfig:
     """What a worker pins: one model, its weights and how to run it (``configs/profiles/<name>.yaml``)."""
 
@@ -167,6 +214,8 @@ class ProfileConfig:
     # 0 all on the GPU, 1 tiled VAE, 2 + streamed T5, 3 + streamed DiT, 4 + chunked FFN
     # (pipeline/memory.py).
     low_mem_level: int = 0
+    # Processes one job runs on: ``parallel: {cfg: 1, ulysses: 1, ring: 1}`` (the default, one GPU).
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -190,7 +239,12 @@ def load_profile(name: str) -> ProfileConfig:
         known = ", ".join(list_profile_names()) or "none"
         raise ValueError(f"unknown profile {name!r} (known: {known})")
     with open(path) as f:
-        profile = _build(ProfileConfig, yaml.safe_load(f))
+        raw = yaml.safe_load(f)
+    try:
+        raw["parallel"] = _build(ParallelConfig, raw.get("parallel"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+    profile = _build(ProfileConfig, raw)
     if profile.name != name:
         raise ValueError(f"{path}: name {profile.name!r} does not match the file name")
     unknown = set(profile.flexcache) - {"teacache", "pab"}
@@ -200,7 +254,12 @@ def load_profile(name: str) -> ProfileConfig:
         raise ValueError(f"{path}: low_mem_level must be 0 to 4, got {profile.low_mem_level}")
     if profile.dtype not in DTYPES:
         raise ValueError(f"{path}: dtype {profile.dtype!r} is not one of {', '.join(DTYPES)}")
-    load_model_config(profile.model)  # an unknown model is an error here, not at the first job
+    model = load_model_config(profile.model)  # an unknown model is an error here, not at the first job
+    try:
+        # The world size is checked when the process group is built (pipeline/parallel.py).
+        profile.parallel.validate(model)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     return profile
 
 

@@ -176,11 +176,15 @@ class WanBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         attention: AttentionBackend,
         reuse: AttentionReuse | None = None,
+        cross_attention: AttentionBackend | None = None,
     ) -> torch.Tensor:
         """x [B, L, dim]; time [B, 6, dim] fp32 (the projected timestep); context [B, text_len, dim].
 
         ``reuse`` (PAB) may serve the self- and cross-attention outputs from an earlier step.
+        ``cross_attention`` (default ``attention``) attends to the text: sequence parallelism wraps
+        only the self-attention.
         """
+        cross_attention = cross_attention or attention
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time).unbind(1)
         dtype, chunks = x.dtype, self.token_chunks
 
@@ -195,9 +199,9 @@ class WanBlock(nn.Module):
 
         h = self.norm3(x).to(dtype)
         if reuse is None:
-            y = self.cross_attn(h, context, attention)
+            y = self.cross_attn(h, context, cross_attention)
         else:
-            y = reuse.cross_attention(lambda: self.cross_attn(h, context, attention))
+            y = reuse.cross_attention(lambda: self.cross_attn(h, context, cross_attention))
         x = x + y
 
         def feed_forward(part: torch.Tensor) -> torch.Tensor:
@@ -228,6 +232,7 @@ class WanDiT(nn.Module):
         self.config = config
         dim = config.dim
         self.attention = attention or get_backend("sdpa")
+        self.cross_attention = self.attention
         self.patch_embedding = nn.Conv3d(
             config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
         )
@@ -240,8 +245,10 @@ class WanDiT(nn.Module):
         self.head = Head(config)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def set_attention(self, attention: AttentionBackend) -> None:
+    def set_attention(self, attention: AttentionBackend, cross: AttentionBackend | None = None) -> None:
+        """``cross`` (default ``attention``) is the backend of the cross-attention to the text."""
         self.attention = attention
+        self.cross_attention = cross or attention
 
     def set_token_chunks(self, chunks: int) -> None:
         for block in self.blocks:
@@ -302,6 +309,7 @@ class WanDiT(nn.Module):
                 inputs.rope,
                 self.attention,
                 None if reuse is None else reuse[i],
+                self.cross_attention,
             )
         return x
 

@@ -310,6 +310,13 @@ class TextEncoder:
         return out
 
     def _run(self, texts: list[str]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            states = self.hidden_states(texts)
+        self.encoder_runs += 1
+        return states
+
+    def hidden_states(self, texts: list[str]) -> list[torch.Tensor]:
+        """Encoder states of ``texts`` as given (no cleaning, no cache), differentiable: for training."""
         batch = self.tokenizer(
             texts,
             padding="max_length",
@@ -320,12 +327,10 @@ class TextEncoder:
             return_tensors="pt",
         )
         mask = batch["attention_mask"].to(self._device)
-        with torch.no_grad():
-            if self.streamer is None:
-                hidden = self.model(input_ids=batch["input_ids"].to(self._device), attention_mask=mask)
-            else:  # the embedding table stays on the CPU: look up there, compute on the device
-                embeds = self.model.shared(batch["input_ids"]).to(self._device)
-                hidden = self.model(inputs_embeds=embeds, attention_mask=mask)
-        self.encoder_runs += 1
+        if self.streamer is None:
+            hidden = self.model(input_ids=batch["input_ids"].to(self._device), attention_mask=mask)
+        else:  # the embedding table stays on the CPU: look up there, compute on the device
+            embeds = self.model.shared(batch["input_ids"]).to(self._device)
+            hidden = self.model(inputs_embeds=embeds, attention_mask=mask)
         lengths = mask.gt(0).sum(dim=1).tolist()
         return [h[:n] for h, n in zip(hidden.last_hidden_state, lengths)]

@@ -56,7 +56,7 @@ def random_state(
     }
 
 
-def _dit_config_json(model: ModelConfig) -> dict:
+def dit_config_json(model: ModelConfig) -> dict:
     d = model.dit
     return {
         "_class_name": "WanModel",
@@ -81,7 +81,7 @@ def write_dit(
     with torch.device("meta"):
         dit = WanDiT(model.dit)
     state = random_state(dit, seed, device, dtype)
-    (folder / "config.json").write_text(json.dumps(_dit_config_json(model), indent=2))
+    (folder / "config.json").write_text(json.dumps(dit_config_json(model), indent=2))
     if shards == 1:
         save_file(state, folder / "diffusion_pytorch_model.safetensors")
         return

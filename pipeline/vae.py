@@ -284,6 +284,10 @@ class WanVAE(nn.Module):
         ``video``: [B, 3, F, H, W] with H, W multiples of 8. Returns float32 [B, z, 1 + (F-1)//4, H/8,
         W/8]. As in the official model, trailing frames that do not fill a chunk of 4 are ignored.
         """
+        return self.posterior(video)[0]
+
+    def posterior(self, video: Tensor) -> tuple[Tensor, Tensor]:
+        """Normalised posterior mean and log-variance (float32), differentiable: ``encode`` for training."""
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"expected a video [B, 3, F, H, W], got shape {list(video.shape)}")
         frames, height, width = video.shape[2:]
@@ -298,9 +302,9 @@ class WanVAE(nn.Module):
         # Frame 0 alone, then whole chunks: [0, 1), [1, 1 + chunk), [1 + chunk, 1 + 2 chunk), ...
         bounds = [(0, 1)] + [(1 + i * chunk, 1 + (i + 1) * chunk) for i in range((frames - 1) // chunk)]
         out = torch.cat([self.encoder(video[:, :, s:e], cache) for s, e in bounds], dim=2)
-        mu, _log_var = self.conv1(out).chunk(2, dim=1)
+        mu, log_var = self.conv1(out).float().chunk(2, dim=1)
         mean, std = _latent_stats(mu.device)
-        return (mu.float() - mean) / std
+        return (mu - mean) / std, log_var - 2 * torch.log(std)
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -308,6 +312,10 @@ class WanVAE(nn.Module):
 
         The result has the parameters' dtype.
         """
+        return self.reconstruct(latents).clamp_(-1.0, 1.0)
+
+    def reconstruct(self, latents: Tensor) -> Tensor:
+        """``decode`` without the clamp, differentiable: the decoder for training."""
         if latents.ndim != 5 or latents.shape[1] != self.config.z_dim or latents.shape[2] < 1:
             raise ValueError(
                 f"expected latents [B, {self.config.z_dim}, T>=1, h, w], got shape {list(latents.shape)}"
@@ -316,8 +324,7 @@ class WanVAE(nn.Module):
         z = (latents.to(device=self.device, dtype=torch.float32) * std + mean).to(self.dtype)
         x = self.conv2(z)
         cache: FeatureCache = {}
-        frames = [self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
-        return torch.cat(frames, dim=2).clamp_(-1.0, 1.0)
+        return torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
 
     # Tiles of 32 latents (256 pixels) overlapping by 8 latents (64 pixels), like diffusers' default.
     TILE_LATENTS = 32

@@ -214,8 +214,13 @@ def dataset(
     regenerated one by one.
     """
     for i in range(count):
-        scene = sample_scene(np.random.default_rng([seed, i]))
-        yield caption(scene), render(scene, frames=frames, size=size), scene
+        yield clip(seed, i, frames, size)
+
+
+def clip(seed: int, index: int, frames: int = 17, size: int = 128) -> tuple[str, np.ndarray, Scene]:
+    """Item ``index`` of the dataset of ``seed``: (caption, video, scene)."""
+    scene = sample_scene(np.random.default_rng([seed, index]))
+    return caption(scene), render(scene, frames=frames, size=size), scene
 
 
 def prompt_set() -> list[Scene]:
@@ -247,3 +252,14 @@ def prompt_set() -> list[Scene]:
             )
         )
     return scenes
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption can hold, in a fixed order: what the world model's tokenizer knows."""
+    words: list[str] = []
+    texts = [*TEMPLATES, *SHAPES, *COLOURS, *BACKGROUNDS, *MOTION_PHRASES.values()]
+    for text in texts:
+        for word in text.replace(",", " , ").split():
+            if not word.startswith("{") and word not in words:
+                words.append(word)
+    return words

@@ -1,0 +1,382 @@
+"""This project's 8-bit attention forward kernel, in Triton, with SageAttention2's numerics.
+
+Inputs q, k, v are (batch, tokens, heads, head_dim) in bf16, fp16 or fp32; the output has q's shape
+and dtype. Non-causal; head dim 64 or 128; any token counts (the tails are masked), and k/v may have
+a different token count from q (cross-attention). Numerics, those of
+``kernels.reference.sage_reference`` (the oracle this kernel is tested against):
+
+  1. K smoothing: K minus its mean over tokens, per batch and head (the softmax does not change).
+  2. Symmetric int8 per block: Q per block of BLOCK_M tokens, K per block of BLOCK_N tokens,
+     scale = max|x| / 127, values round-half-even(x / scale) (``quantize_int8_per_block``, a small
+     Triton kernel that also writes the zero padding the main kernel reads without masks).
+  3. S = Q_int8 . K_int8^T with int32 accumulation (exact), times scale_q * scale_k times the softmax
+     scale 1/sqrt(d) and log2(e), so the softmax runs in base 2 with exp2.
+  4. Online softmax in fp32: running row max and row sum of the unquantised P~ = exp2(S - max).
+  5. P.V, ``pv_fp8=True`` (SageAttention2, needs sm_89+): P~ in [0, 1] times 448 to fp8 e4m3, V
+     divided by a per-channel scale (max over tokens of |V| / 448, per batch and head) to fp8 e4m3.
+     Each tile's product is accumulated by the tensor cores, then added to an fp32 accumulator: two
+     levels, as SageAttention2, because Hopper's fp8 MMA accumulates with reduced precision.
+     ``pv_fp8=False`` (SageAttention1): fp16 P~ and fp16 V, fp32 accumulation.
+  6. out = acc * scale_v / 448 / row_sum (fp16 path: acc / row_sum), stored in the input dtype.
+
+Layout of the quantised operands: Q and K int8 (batch*heads, padded tokens, head_dim); V
+transposed, (batch*heads, head_dim, padded tokens), so the P.V operand is K-major as Hopper's fp8
+MMA wants it. ``kernels.triton_sparge`` runs the same per-tile code over a block-sparse key list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn value
+LOG2_E = 1.4426950408889634
+INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Adding and subtracting 1.5 * 2^23 in fp32 leaves x rounded to an integer, half to even (as
+# torch.round), for |x| < 2^22; the values rounded here are at most 127. The interpreter has no
+# libdevice, so rint is not an option for code that must also run there.
+_ROUND_TO_INTEGER = tl.constexpr(12582912.0)
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny, as the reference
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int  # query tokens per program (and per Q quantisation block)
+    block_n: int  # key tokens per step (and per K quantisation block)
+    num_warps: int
+    num_stages: int
+
+
+# Starting points for the H200 (sm_90), written without one to tune on: bench/attention_gpu.py
+# --sweep times the alternatives. BLOCK_N 64 keeps the K quantisation blocks those of the reference.
+CONFIGS: dict[int, KernelConfig] = {
+    64: KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    128: KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+}
+
+
+@dataclass(frozen=True)
+class QuantizedQKV:
+    """Kernel operands; "bh" is batch * heads, token dims are padded to whole blocks with zeros."""
+
+    q: torch.Tensor  # int8 (bh, n_q padded, d)
+    q_scale: torch.Tensor  # fp32 (bh, query blocks)
+    k: torch.Tensor  # int8 (bh, n_k padded, d), smoothed
+    k_scale: torch.Tensor  # fp32 (bh, key blocks)
+    v: torch.Tensor  # fp8 e4m3 or fp16 (bh, d, n_k padded)
+    v_scale: torch.Tensor  # fp32 (bh, d); ones for fp16
+    n_q: int
+    n_k: int
+
+
+# --- quantisation -------------------------------------------------------------------------------
+
+
+# Token counts change with every video size: no recompiling for their divisibility by 16.
+@triton.jit(do_not_specialize=["n_tokens"])
+def _quantize_int8_kernel(
+    x_ptr,
+    mean_ptr,
+    values_ptr,
+    scales_ptr,
+    n_tokens,
+    n_heads,
+    stride_b,
+    stride_n,
+    stride_h,
+    stride_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr,
+):
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_blocks = tl.num_programs(0)
+    batch, head = bh // n_heads, bh % n_heads
+    rows = (block * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM)
+    inside = rows[:, None] < n_tokens
+    src = x_ptr + batch.to(tl.int64) * stride_b + head * stride_h
+    x = tl.load(src + rows[:, None] * stride_n + dims[None, :] * stride_d, mask=inside, other=0.0)
+    x = x.to(tl.float32)
+    if SUBTRACT_MEAN:
+        mean = tl.load(mean_ptr + bh * HEAD_DIM + dims)
+        x = tl.where(inside, x - mean[None, :], 0.0)  # padding rows stay zero
+    scale = tl.maximum(tl.max(tl.abs(x)) / 127.0, _FP32_TINY)
+    values = (tl.div_rn(x, scale) + _ROUND_TO_INTEGER) - _ROUND_TO_INTEGER
+    dst = values_ptr + bh.to(tl.int64) * n_blocks * BLOCK * HEAD_DIM
+    tl.store(dst + rows[:, None] * HEAD_DIM + dims[None, :], values.to(tl.int8))
+    tl.store(scales_ptr + bh * n_blocks + block, scale)
+
+
+def quantize_int8_per_block(
+    x: torch.Tensor, block: int, mean: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (batch, tokens, heads, d) -> int8 (batch*heads, padded tokens, d), fp32 scales (batch*heads, blocks).
+
+    ``mean`` (batch, heads, d) fp32, if given, is subtracted first (K smoothing). Rows past the last
+    token are zeros.
+    """
+    b, n, h, d = x.shape
+    n_blocks = triton.cdiv(n, block)
+    values = torch.empty(b * h, n_blocks * block, d, dtype=torch.int8, device=x.device)
+    scales = torch.empty(b * h, n_blocks, dtype=torch.float32, device=x.device)
+    _quantize_int8_kernel[(n_blocks, b * h)](
+        x,
+        mean if mean is not None else scales,  # not read without SUBTRACT_MEAN
+        values,
+        scales,
+        n,
+        h,
+        *x.stride(),
+        HEAD_DIM=d,
+        BLOCK=block,
+        SUBTRACT_MEAN=mean is not None,
+        num_warps=4,
+    )
+    return values, scales
+
+
+def prepare_v(v: torch.Tensor, block_n: int, pv_fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """v (batch, tokens, heads, d) -> transposed (batch*heads, d, padded tokens) and scales (batch*heads, d).
+
+    fp8: V / scale_v with scale_v = max over tokens |V| / 448 per channel; fp16: V itself, scales 1.
+    Padding columns are zeros: the kernel multiplies them by P~ = 0, and 0 * NaN would not be 0.
+    """
+    b, n, h, d = v.shape
+    n_padded = triton.cdiv(n, block_n) * block_n
+    dtype = torch.float8_e4m3fn if pv_fp8 else torch.float16
+    out = torch.empty(b, h, d, n_padded, dtype=dtype, device=v.device)
+    out[..., n:].zero_()
+    if pv_fp8:
+        scale = (v.abs().amax(dim=1).float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        # torch's fp8 cast does not saturate: clamp the rounding overshoot of the division.
+        scaled = (v.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX)  # a copy even for fp32 v
+        out[..., :n].copy_(scaled.permute(0, 2, 3, 1))
+    else:
+        scale = torch.ones(b, h, d, dtype=torch.float32, device=v.device)
+        out[..., :n].copy_(v.permute(0, 2, 3, 1))
+    return out.view(b * h, d, n_padded), scale.view(b * h, d)
+
+
+def quantize_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KernelConfig, pv_fp8: bool
+) -> QuantizedQKV:
+    """Steps 1, 2 and the V half of step 5 of the module docstring."""
+    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # (batch, heads, d)
+    q8, q_scale = quantize_int8_per_block(q, config.block_m)
+    k8, k_scale = quantize_int8_per_block(k, config.block_n, mean=k_mean)
+    v_t, v_scale = prepare_v(v, config.block_n, pv_fp8)
+    return QuantizedQKV(q8, q_scale, k8, k_scale, v_t, v_scale, q.shape[1], k.shape[1])
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def load_query_block(
+    q_ptr, q_scale_ptr, bh, q_block, n_q, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr
+):
+    """The int8 query tile of this program and its scale, softmax scale and log2(e) folded in."""
+    n_q_blocks = tl.cdiv(n_q, BLOCK_M)
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, HEAD_DIM)
+    q_head = q_ptr + bh.to(tl.int64) * n_q_blocks * BLOCK_M * HEAD_DIM
+    q = tl.load(q_head + rows[:, None] * HEAD_DIM + dims[None, :])
+    q_scale = tl.load(q_scale_ptr + bh * n_q_blocks + q_block) * qk_scale
+    return q, q_scale
+
+
+@triton.jit
+def attend_key_block(
+    acc,
+    row_max,
+    row_sum,
+    q,
+    q_scale,
+    k_head,
+    k_scale_head,
+    v_head,
+    key_block,
+    n_k,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    MASK_TAIL: tl.constexpr,
+):
+    """One key block of the online softmax; returns the updated (acc, row_max, row_sum).
+
+    k_head, k_scale_head and v_head point at this batch and head. MASK_TAIL: the block is the
+    partial last one, and its columns past n_k are padding.
+    """
+    n_k_padded = tl.cdiv(n_k, BLOCK_N) * BLOCK_N
+    cols = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    k = tl.load(k_head + cols[:, None] * HEAD_DIM + dims[None, :])
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    scores = scores * (q_scale * tl.load(k_scale_head + key_block))  # log2 units
+    if MASK_TAIL:
+        scores = tl.where(cols[None, :] < n_k, scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, 1))
+    p = tl.exp2(scores - new_max[:, None])  # P~ in [0, 1]
+    correction = tl.exp2(row_max - new_max)  # 0 on the first block (row_max = -inf)
+    row_sum = row_sum * correction + tl.sum(p, 1)
+    v = tl.load(v_head + dims[:, None] * n_k_padded + cols[None, :])  # (d, BLOCK_N), tokens contiguous
+    if PV_FP8:
+        p8 = (p * _FP8_MAX).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        pv = tl.dot(p8, tl.trans(v), out_dtype=tl.float32)
+    else:
+        pv = tl.dot(p.to(tl.float16), tl.trans(v), out_dtype=tl.float32)
+    # A fresh MMA accumulator per tile, summed here in fp32: the two-level accumulation.
+    acc = acc * correction[:, None] + pv
+    return acc, new_max, row_sum
+
+
+@triton.jit
+def store_output(
+    acc,
+    row_sum,
+    v_scale_ptr,
+    out_ptr,
+    bh,
+    q_block,
+    n_q,
+    n_heads,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_od,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PV_FP8: tl.constexpr,
+):
+    """Undo the V and P scalings, normalise by the row sum, store the valid rows in out's dtype."""
+    dims = tl.arange(0, HEAD_DIM)
+    v_scale = tl.load(v_scale_ptr + bh * HEAD_DIM + dims)
+    if PV_FP8:
+        v_scale = v_scale / _FP8_MAX
+    # A row that attended to no key block (an empty sparse list) has acc 0 and row_sum 0: write
+    # zeros, as the reference does. Any other row has row_sum >= 1 (its max contributes exp2(0)).
+    row_sum = tl.where(row_sum > 0.0, row_sum, 1.0)
+    out = acc * v_scale[None, :] / row_sum[:, None]
+    batch, head = bh // n_heads, bh % n_heads
+    rows = (q_block * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    dst = out_ptr + batch.to(tl.int64) * stride_ob + head * stride_oh
+    dst = dst + rows[:, None] * stride_on + dims[None, :] * stride_od
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < n_q)
+
+
+@triton.jit(do_not_specialize=["n_q", "n_k"])
+def _sage_attention_kernel(
+    q_ptr,
+    q_scale_ptr,
+    k_ptr,
+    k_scale_ptr,
+    v_ptr,
+    v_scale_ptr,
+    out_ptr,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_od,
+    n_q,
+    n_k,
+    n_heads,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_k_blocks = tl.cdiv(n_k, BLOCK_N)
+    q, q_scale = load_query_block(q_ptr, q_scale_ptr, bh, q_block, n_q, qk_scale, HEAD_DIM, BLOCK_M)
+    k_head = k_ptr + bh.to(tl.int64) * n_k_blocks * BLOCK_N * HEAD_DIM
+    v_head = v_ptr + bh.to(tl.int64) * HEAD_DIM * n_k_blocks * BLOCK_N
+    k_scale_head = k_scale_ptr + bh * n_k_blocks
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    n_full = n_k // BLOCK_N
+    for key_block in range(0, n_full):
+        acc, row_max, row_sum = attend_key_block(
+            acc, row_max, row_sum, q, q_scale, k_head, k_scale_head, v_head, key_block, n_k,
+            HEAD_DIM, BLOCK_N, PV_FP8, False,
+        )  # fmt: skip
+    if n_full < n_k_blocks:  # a partial last block: the only one that needs the column mask
+        acc, row_max, row_sum = attend_key_block(
+            acc, row_max, row_sum, q, q_scale, k_head, k_scale_head, v_head, n_full, n_k,
+            HEAD_DIM, BLOCK_N, PV_FP8, True,
+        )  # fmt: skip
+    store_output(
+        acc, row_sum, v_scale_ptr, out_ptr, bh, q_block, n_q, n_heads,
+        stride_ob, stride_on, stride_oh, stride_od, HEAD_DIM, BLOCK_M, PV_FP8,
+    )  # fmt: skip
+
+
+# --- Python entry points ------------------------------------------------------------------------
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Raise ValueError unless q, k, v fit the kernels (see the module docstring)."""
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError("q, k, v must be (batch, tokens, heads, head_dim)")
+    if q.dtype not in INPUT_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        dtypes = f"{q.dtype}, {k.dtype}, {v.dtype}"
+        raise ValueError(f"q, k, v must share one dtype of {INPUT_DTYPES}, got {dtypes}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    (b, n_q, h, d), (bk, n_k, hk, dk) = q.shape, k.shape
+    if (bk, hk, dk) != (b, h, d) or v.shape != k.shape:
+        raise ValueError(f"k and v must be (batch, kv tokens, heads, head_dim) of q {tuple(q.shape)}")
+    if d not in CONFIGS:
+        raise ValueError(f"head dim {d} not supported (supported: {sorted(CONFIGS)})")
+    if n_q == 0 or n_k == 0:
+        raise ValueError("q and k need at least one token")
+
+
+def sage_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pv_fp8: bool = True,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """8-bit attention (module docstring): fp8 P.V when ``pv_fp8``, else fp16. Same shape and dtype as q.
+
+    ``config`` overrides the tile and launch choice of ``CONFIGS`` (for tuning).
+    """
+    check_inputs(q, k, v)
+    b, n_q, h, d = q.shape
+    config = config or CONFIGS[d]
+    qkv = quantize_qkv(q, k, v, config, pv_fp8)
+    out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(n_q, config.block_m), b * h)
+    _sage_attention_kernel[grid](
+        qkv.q,
+        qkv.q_scale,
+        qkv.k,
+        qkv.k_scale,
+        qkv.v,
+        qkv.v_scale,
+        out,
+        *out.stride(),
+        n_q,
+        qkv.n_k,
+        h,
+        d**-0.5 * LOG2_E,
+        HEAD_DIM=d,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        PV_FP8=pv_fp8,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out

@@ -1,0 +1,182 @@
+"""This project's block-sparse 8-bit attention (SpargeAttn-style), in Triton.
+
+Two steps:
+  1. The block map: ``kernels.reference.block_mask`` itself (mean-pooled block scores, top-k or CDF
+     selection, never dropping a block whose tokens are not alike), on blocks of MAP_BLOCK_Q query
+     x MAP_BLOCK_K key tokens, so the kept set is exactly the reference's.
+  2. The kernel: per query block, a compact list of its kept key blocks (ascending) and their count;
+     the program visits only those, with the per-tile code and 8-bit numerics of
+     ``kernels.triton_sage`` (int8 Q.K with K smoothing, fp8 e4m3 or fp16 P.V, fp32 online softmax).
+     Quantisation covers all tokens (the K mean, the per-channel V scale), as upstream and
+     ``kernels.reference.sparge_reference`` do. A query block that keeps no key block outputs zeros.
+
+The kernel's tiles are the map's blocks (BLOCK_M = MAP_BLOCK_Q, BLOCK_N = MAP_BLOCK_K), so each kept
+map block is exactly one kernel step. ``sparge_attention`` returns the block map with the output so
+a caller can log the fraction of blocks computed (``kernels.sparge.SparsityStats`` sums it per job).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import block_mask
+from kernels.triton_sage import (
+    CONFIGS,
+    LOG2_E,
+    KernelConfig,
+    attend_key_block,
+    check_inputs,
+    load_query_block,
+    quantize_qkv,
+    store_output,
+)
+
+MAP_BLOCK_Q = 128
+MAP_BLOCK_K = 64
+
+
+def sparse_config(head_dim: int) -> KernelConfig:
+    """The dense kernel's launch choice for ``head_dim`` with the map's tile sizes."""
+    return replace(CONFIGS[head_dim], block_m=MAP_BLOCK_Q, block_n=MAP_BLOCK_K)
+
+
+def kept_block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block mask (B, H, nq, nk) -> kept key blocks per query block, ascending, then the others
+    (int32 (B*H, nq, nk); only the first ``count`` entries are read), and counts (int32 (B*H, nq))."""
+    flat = mask.flatten(0, 1)
+    counts = flat.sum(dim=-1, dtype=torch.int32)
+    # A stable descending sort of 1/0 puts the kept indices first, in ascending order.
+    order = torch.sort(flat.to(torch.uint8), dim=-1, descending=True, stable=True).indices
+    return order.to(torch.int32).contiguous(), counts.contiguous()
+
+
+@triton.jit(do_not_specialize=["n_q", "n_k"])
+def _block_sparse_sage_kernel(
+    q_ptr,
+    q_scale_ptr,
+    k_ptr,
+    k_scale_ptr,
+    v_ptr,
+    v_scale_ptr,
+    out_ptr,
+    kept_ptr,
+    counts_ptr,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_od,
+    n_q,
+    n_k,
+    n_heads,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_q_blocks = tl.cdiv(n_q, BLOCK_M)
+    n_k_blocks = tl.cdiv(n_k, BLOCK_N)
+    q, q_scale = load_query_block(q_ptr, q_scale_ptr, bh, q_block, n_q, qk_scale, HEAD_DIM, BLOCK_M)
+    k_head = k_ptr + bh.to(tl.int64) * n_k_blocks * BLOCK_N * HEAD_DIM
+    v_head = v_ptr + bh.to(tl.int64) * HEAD_DIM * n_k_blocks * BLOCK_N
+    k_scale_head = k_scale_ptr + bh * n_k_blocks
+    kept = kept_ptr + (bh.to(tl.int64) * n_q_blocks + q_block) * n_k_blocks
+    n_kept = tl.load(counts_ptr + bh * n_q_blocks + q_block)
+
+    # The list ascends, so a kept partial last key block (index n_k // BLOCK_N) is its last entry:
+    # the only one that needs the column mask. Without a partial block no index equals n_k // BLOCK_N.
+    last = tl.load(kept + tl.maximum(n_kept - 1, 0))
+    tail_kept = (n_kept > 0) & (last == n_k // BLOCK_N)
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for i in range(0, n_kept - tail_kept.to(tl.int32)):
+        key_block = tl.load(kept + i)
+        acc, row_max, row_sum = attend_key_block(
+            acc, row_max, row_sum, q, q_scale, k_head, k_scale_head, v_head, key_block, n_k,
+            HEAD_DIM, BLOCK_N, PV_FP8, False,
+        )  # fmt: skip
+    if tail_kept:
+        acc, row_max, row_sum = attend_key_block(
+            acc, row_max, row_sum, q, q_scale, k_head, k_scale_head, v_head, last, n_k,
+            HEAD_DIM, BLOCK_N, PV_FP8, True,
+        )  # fmt: skip
+    store_output(
+        acc, row_sum, v_scale_ptr, out_ptr, bh, q_block, n_q, n_heads,
+        stride_ob, stride_on, stride_oh, stride_od, HEAD_DIM, BLOCK_M, PV_FP8,
+    )  # fmt: skip
+
+
+def block_sparse_sage_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    pv_fp8: bool = True,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """8-bit attention over the kept blocks of ``mask`` only; same shape and dtype as q.
+
+    ``mask`` is bool (batch, heads, ceil(n_q / 128), ceil(n_k / 64)), True = compute. ``config``
+    overrides warps and stages (its tile sizes must be the map's).
+    """
+    check_inputs(q, k, v)
+    b, n_q, h, d = q.shape
+    n_k = k.shape[1]
+    expected = (b, h, triton.cdiv(n_q, MAP_BLOCK_Q), triton.cdiv(n_k, MAP_BLOCK_K))
+    if mask.dtype != torch.bool or tuple(mask.shape) != expected or mask.device != q.device:
+        raise ValueError(f"mask must be bool {expected} on {q.device}, got {mask.dtype} {tuple(mask.shape)}")
+    config = config or sparse_config(d)
+    if (config.block_m, config.block_n) != (MAP_BLOCK_Q, MAP_BLOCK_K):
+        raise ValueError(f"the kernel's tiles must be the map's blocks {MAP_BLOCK_Q}x{MAP_BLOCK_K}")
+    qkv = quantize_qkv(q, k, v, config, pv_fp8)
+    kept, counts = kept_block_lists(mask)
+    out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
+    grid = (expected[2], b * h)
+    _block_sparse_sage_kernel[grid](
+        qkv.q,
+        qkv.q_scale,
+        qkv.k,
+        qkv.k_scale,
+        qkv.v,
+        qkv.v_scale,
+        out,
+        kept,
+        counts,
+        *out.stride(),
+        n_q,
+        n_k,
+        h,
+        d**-0.5 * LOG2_E,
+        HEAD_DIM=d,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        PV_FP8=pv_fp8,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return out
+
+
+def sparge_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    topk: float | None = None,
+    cdf: float | None = None,
+    sim_threshold: float | None = 0.6,
+    pv_fp8: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block map (``block_mask``, exactly one of topk and cdf) then the block-sparse kernel.
+
+    Returns (output, block mask); ``mask.float().mean()`` is the fraction of blocks computed.
+    """
+    mask = block_mask(q, k, MAP_BLOCK_Q, MAP_BLOCK_K, topk=topk, cdf=cdf, sim_threshold=sim_threshold)
+    return block_sparse_sage_attention(q, k, v, mask, pv_fp8), mask

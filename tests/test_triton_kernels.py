@@ -1,0 +1,505 @@
+"""Our Triton sage/sparge kernels (kernels/triton_sage.py, kernels/triton_sparge.py) and their wiring.
+
+The kernels run on this CPU machine through Triton's interpreter. It must be switched on
+(TRITON_INTERPRET=1) before triton is imported, and must not leak into other tests, so each kernel
+check (a ``_check_*`` function below) runs in a fresh Python process: ``_in_interpreter`` starts it
+and shows its traceback if it fails. This process never imports triton unless a GPU is present.
+
+What the interpreter (Triton 3.9) emulates, measured: int8 x int8 -> int32 ``tl.dot`` exactly; fp8
+e4m3 operands in ``tl.dot`` exactly (widened to fp16, fp32 accumulation); fp32 -> fp16 casts
+(numpy, round to nearest even). What it does not: its fp32 -> fp8 e4m3 cast rounds ties away from
+zero and drops the carry into odd exponents (31.2 -> 16 instead of 32; triton-lang/triton#8322,
+open fixes in PRs #9808 and #11897), so every child first replaces that one conversion with torch's
+(``_faithful_fp8_casts``), which rounds as the GPU's cvt.rn.satfinite.e4m3x2.f32 does. The GPU's own
+cast, and everything compiled, is checked by ``test_compiled_kernels_on_gpu`` (CUDA machines only)
+and by bench/attention_gpu.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import get_backend
+from kernels.reference import (
+    _sage_core,
+    _token_mask,
+    attention_reference,
+    block_mask,
+    clustered_qkv,
+    quantize_int8_per_block,
+    relative_error,
+    sage_reference,
+    sparse_reference,
+)
+from kernels.registry import BackendUnavailable
+from kernels.sparge import SparsityStats
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _in_interpreter(check: Callable[..., None], **kwargs: object) -> None:
+    """Run ``check(**kwargs)`` in a fresh Python with Triton's interpreter on; fail with its output."""
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(TESTS)!r}); import test_triton_kernels as t; "
+        f"t._interpreter_main({check.__name__!r}, json.loads(sys.argv[1]))"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, f"{check.__name__}({kwargs}) failed:\n{result.stdout}\n{result.stderr}"
+
+
+def _interpreter_main(name: str, kwargs: dict) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
+    _faithful_fp8_casts()
+    globals()[name](**kwargs)
+
+
+def _faithful_fp8_casts() -> None:
+    """Replace the interpreter's fp32 -> fp8 e4m3 cast (see the module docstring) with torch's."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+
+    def convert(values, from_dtype, to_dtype, rounding_mode):
+        if from_dtype == tl.float32 and to_dtype == tl.float8e4nv:
+            x = torch.from_numpy(np.ascontiguousarray(values).view(np.float32))
+            # The GPU's cvt saturates; torch's cast would give NaN past 448.
+            return x.clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        return original(values, from_dtype, to_dtype, rounding_mode)
+
+    interpreter._convert_float = convert
+
+
+def _gaussian(
+    tokens: int, dim: int, heads: int = 2, seed: int = 0, kv_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    kv = kv_tokens or tokens
+    return (
+        torch.randn(1, tokens, heads, dim, generator=g),
+        torch.randn(1, kv, heads, dim, generator=g),
+        torch.randn(1, kv, heads, dim, generator=g),
+    )
+
+
+# --- checks run in the interpreter ---------------------------------------------------------------
+
+
+def _check_fp8_casts_round_like_torch() -> None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(x_ptr, y_ptr, N: tl.constexpr):
+        offsets = tl.arange(0, N)
+        tl.store(y_ptr + offsets, tl.load(x_ptr + offsets).to(tl.float8e4nv, fp_downcast_rounding="rtne"))
+
+    # 31.2 and 126.5 are where the interpreter's own cast goes wrong; 100 and 104 are ties; 500 saturates.
+    x = torch.tensor([31.2, 126.5, 100.0, 104.0, 500.0, -500.0, 0.3, 3e-3] + [0.0] * 8)
+    y = torch.empty(16, dtype=torch.float8_e4m3fn)
+    cast[(1,)](x, y, 16)
+    assert torch.equal(y.float(), x.clamp(-448, 448).to(torch.float8_e4m3fn).float())
+    assert y[0].item() == 32.0 and y[2].item() == 96.0 and y[4].item() == 448.0
+
+
+def _check_quantiser_matches_reference(dtype: str) -> None:
+    from kernels import triton_sage
+
+    q, k, _ = (t.to(DTYPES[dtype]) for t in _gaussian(tokens=300, dim=64, seed=1))
+    values, scales = triton_sage.quantize_int8_per_block(q, 128)
+    assert values.shape == (2, 384, 64) and scales.shape == (2, 3)
+    ref_values, ref_scales = quantize_int8_per_block(q.transpose(1, 2), 128)
+    assert torch.equal(values.view(1, 2, 384, 64)[:, :, :300], ref_values)
+    assert torch.equal(scales.view(1, 2, 3), ref_scales)
+    assert not values[:, 300:].any()  # zero padding, which the kernel reads unmasked
+
+    # K smoothing: the mean is taken in another order than the reference's, so allow one step.
+    mean = k.mean(dim=1, dtype=torch.float32)
+    values, scales = triton_sage.quantize_int8_per_block(k, 64, mean=mean)
+    kh = k.transpose(1, 2).float()
+    ref_values, ref_scales = quantize_int8_per_block(kh - kh.mean(dim=-2, keepdim=True), 64)
+    torch.testing.assert_close(scales.view(1, 2, 5), ref_scales, rtol=1e-5, atol=0)
+    step_diff = (values.view(1, 2, 320, 64)[:, :, :300].int() - ref_values.int()).abs()
+    assert step_diff.max() <= 1 and (step_diff == 0).float().mean() > 0.999
+    assert not values[:, 300:].any()
+
+
+def _check_v_is_scaled_per_channel_and_transposed() -> None:
+    from kernels.triton_sage import prepare_v
+
+    _, _, v = _gaussian(tokens=100, dim=64, seed=2)
+    v = v * torch.linspace(0.1, 10.0, 64)  # channels of very different ranges
+    v8, scale = prepare_v(v, 64, pv_fp8=True)
+    assert v8.dtype == torch.float8_e4m3fn and v8.shape == (2, 64, 128) and scale.shape == (2, 64)
+    expected_scale = v.abs().amax(dim=1)[0] / 448.0  # (heads, d)
+    torch.testing.assert_close(scale, expected_scale)
+    expected = (v[0].permute(1, 2, 0) / expected_scale[..., None]).to(torch.float8_e4m3fn)
+    assert torch.equal(v8[..., :100].float(), expected.float())
+    assert v8[..., :100].float().abs().amax(dim=-1).eq(448.0).all()  # each channel's max reaches 448
+    assert not v8[..., 100:].float().any()
+    v16, ones = prepare_v(v, 64, pv_fp8=False)
+    assert v16.dtype == torch.float16 and torch.equal(v16[..., :100], v[0].permute(1, 2, 0).half())
+    assert torch.equal(ones, torch.ones(2, 64))
+
+
+def _check_sage_fp16_pv_matches_reference(tokens: int, dim: int, kv_tokens: int | None = None) -> None:
+    from kernels.triton_sage import sage_attention
+
+    q, k, v = _gaussian(tokens, dim, seed=3, kv_tokens=kv_tokens)
+    out = sage_attention(q, k, v, pv_fp8=False)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    oracle = sage_reference(q, k, v, pv_dtype=None)
+    # Same numerics except that the kernel rounds P~ against the running row max (online softmax).
+    assert relative_error(out, oracle) < 1e-3
+    exact = attention_reference(q, k, v)
+    err, oracle_err = relative_error(out, exact), relative_error(oracle, exact)
+    assert abs(err - oracle_err) < 0.05 * oracle_err
+
+
+def _check_sage_fp8_pv_matches_reference(tokens: int, dim: int) -> None:
+    from kernels.triton_sage import sage_attention
+
+    q, k, v = _gaussian(tokens, dim, seed=4)
+    out = sage_attention(q, k, v, pv_fp8=True)
+    exact = attention_reference(q, k, v)
+    err, oracle_err = relative_error(out, exact), relative_error(sage_reference(q, k, v), exact)
+    # fp8 P~ quantised against the running max instead of the final one: same size of error.
+    assert 0.01 < err < 0.1
+    assert abs(err - oracle_err) < 0.2 * oracle_err
+    assert err > 2 * relative_error(sage_attention(q, k, v, pv_fp8=False), exact)  # fp8 really used
+
+
+def _check_sage_on_clustered_inputs() -> None:
+    from kernels.triton_sage import sage_attention
+
+    q, k, v = clustered_qkv(1, 2, 450, 64, clusters=6, seed=5)
+    exact = attention_reference(q, k, v)
+    err = relative_error(sage_attention(q, k, v), exact)
+    assert 1e-4 < err < 0.02
+    assert err < 1.5 * relative_error(sage_reference(q, k, v), exact)
+
+
+def _check_sage_keeps_the_input_dtype(dtype: str) -> None:
+    from kernels.triton_sage import sage_attention
+
+    q, k, v = _gaussian(200, 64, seed=6)
+    half = [t.to(DTYPES[dtype]) for t in (q, k, v)]
+    out = sage_attention(*half)
+    assert out.dtype == DTYPES[dtype] and out.shape == q.shape and out.isfinite().all()
+    assert relative_error(out, attention_reference(*half)) < 0.1
+
+
+def _check_sage_rejects_what_it_cannot_run() -> None:
+    from kernels.triton_sage import sage_attention
+
+    q, k, v = _gaussian(64, 64)
+    for bad in (
+        (q, k, v[..., :32]),  # head dims differ
+        (q[..., :48], k[..., :48], v[..., :48]),  # head dim 48
+        (q.double(), k.double(), v.double()),  # float64
+        (q, k[:, :10], v),  # k and v token counts differ
+    ):
+        try:
+            sage_attention(*bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"accepted shapes {[tuple(t.shape) for t in bad]} / {bad[0].dtype}")
+
+
+def _check_sparse_with_every_block_equals_dense() -> None:
+    from kernels.triton_sage import sage_attention
+    from kernels.triton_sparge import block_sparse_sage_attention
+
+    q, k, v = _gaussian(300, 64, seed=7)
+    everything = torch.ones(1, 2, 3, 5, dtype=torch.bool)
+    for pv_fp8 in (True, False):
+        dense = sage_attention(q, k, v, pv_fp8=pv_fp8)
+        assert torch.equal(block_sparse_sage_attention(q, k, v, everything, pv_fp8=pv_fp8), dense)
+
+
+def _hand_made_mask() -> torch.Tensor:
+    """(1, 2, 3, 5): head 0 drops the partial last key block everywhere and query block 0 keeps
+    nothing; head 1 keeps the partial block (last in its list) for query blocks 0 and 2."""
+    return torch.tensor(
+        [
+            [[0, 0, 0, 0, 0], [1, 0, 1, 1, 0], [0, 1, 0, 1, 0]],
+            [[1, 0, 0, 1, 1], [0, 1, 1, 0, 0], [1, 1, 1, 1, 1]],
+        ],
+        dtype=torch.bool,
+    )[None]
+
+
+def _check_sparse_at_a_hand_made_mask() -> None:
+    from kernels.triton_sparge import block_sparse_sage_attention
+
+    q, k, v = _gaussian(300, 64, seed=8)
+    mask = _hand_made_mask()
+    out = block_sparse_sage_attention(q, k, v, mask, pv_fp8=False)
+    # The same numerics over the kept tokens only, in torch: int8 Q.K, smoothing, fp16 P.V.
+    token_mask = _token_mask(mask, 128, 64, 300, 300)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    oracle = _sage_core(qh, kh, vh, 128, 64, None, True, token_mask).transpose(1, 2)
+    assert relative_error(out, oracle) < 1e-3
+    assert not out[:, :128, 0].any()  # head 0, query block 0 kept nothing: zeros, as the reference
+    exact = sparse_reference(q, k, v, mask)
+    assert relative_error(out, exact) < 0.03
+    fp8 = block_sparse_sage_attention(q, k, v, mask, pv_fp8=True)
+    assert 0.01 < relative_error(fp8, exact) < 0.1
+
+
+def _check_dropped_blocks_are_never_read() -> None:
+    from kernels.triton_sparge import block_sparse_sage_attention
+
+    q, k, v = _gaussian(300, 64, seed=9)
+    mask = _hand_made_mask()
+    before = block_sparse_sage_attention(q, k, v, mask, pv_fp8=False)
+    # Key block 4 (tokens 256-299) is dropped for every query block of head 0. With fp16 P.V no V
+    # scale spans all tokens, so NaN there reaches the output only if the kernel reads it.
+    v = v.clone()
+    v[:, 256:] = float("nan")
+    after = block_sparse_sage_attention(q, k, v, mask, pv_fp8=False)
+    assert torch.equal(after[:, :, 0], before[:, :, 0])
+    assert after[:, :, 1].isnan().any()  # head 1 keeps that block: the NaN does arrive there
+
+
+def _check_sparge_uses_the_reference_block_map() -> None:
+    from kernels.triton_sparge import block_sparse_sage_attention, sparge_attention
+
+    q, k, v = clustered_qkv(1, 2, 700, 64, clusters=5, seed=10)
+    for selection in ({"topk": 0.5, "sim_threshold": None}, {"cdf": 0.9, "sim_threshold": 0.6}):
+        out, mask = sparge_attention(q, k, v, **selection)
+        assert torch.equal(mask, block_mask(q, k, 128, 64, **selection))
+        assert torch.equal(out, block_sparse_sage_attention(q, k, v, mask))
+    _, mask = sparge_attention(q, k, v, topk=0.5, sim_threshold=None)
+    assert (mask.sum(dim=-1) == 5).all()  # int(0.5 * 11 key blocks) kept by every query block
+
+
+def _check_kept_block_lists() -> None:
+    from kernels.triton_sparge import kept_block_lists
+
+    mask = torch.rand(2, 3, 4, 9, generator=torch.Generator().manual_seed(11)) < 0.4
+    kept, counts = kept_block_lists(mask)
+    assert kept.dtype == counts.dtype == torch.int32
+    flat = mask.flatten(0, 1)
+    for row in range(6):
+        for q_block in range(4):
+            expected = flat[row, q_block].nonzero().flatten()
+            assert counts[row, q_block] == len(expected)
+            assert torch.equal(kept[row, q_block, : len(expected)].long(), expected)
+
+
+def _pretend_cuda(capability: tuple[int, int]) -> None:
+    """Let the backends build on this CPU: the interpreter runs their kernels on CPU tensors."""
+    from kernels import sage, sparge
+
+    sage.needs_cuda = sparge.needs_cuda = lambda device: []
+    sage._gpu_capability = lambda device: capability
+
+
+def _check_backends_run_our_kernels() -> None:
+    from kernels.triton_sage import sage_attention
+    from kernels.triton_sparge import sparge_attention
+
+    _pretend_cuda((9, 0))
+    q, k, v = clustered_qkv(1, 2, 300, 64, clusters=3, seed=12)
+    backend = get_backend("sage", "cpu", implementation="triton")
+    assert backend.implementation.startswith("smartdiff-triton int8-qk fp8-pv (triton-")
+    assert backend.error_class == "8bit"
+    assert torch.equal(backend(q, k, v), sage_attention(q, k, v, pv_fp8=True))
+
+    stats = SparsityStats()
+    sparse = get_backend("sparge", "cpu", implementation="triton", topk=0.5, sim_threshold=-1.0, stats=stats)
+    assert sparse.implementation.startswith("smartdiff-triton block-sparse topk=0.5 sim>-1.0 int8-qk fp8-pv")
+    assert sparse.error_class == "sparse"
+    out = sparse(q, k, v)
+    expected, mask = sparge_attention(q, k, v, topk=0.5, sim_threshold=None)
+    assert torch.equal(out, expected)
+    sparse(q, k, v)
+    summary = stats.summary()
+    assert summary["calls"] == 2 and summary["total_blocks"] == 2 * mask.numel()
+    assert summary["kept_blocks"] == 2 * int(mask.sum())
+    assert summary["kept_fraction"] == 0.4  # int(0.5 * 5) of the 5 key blocks of each query block
+
+
+def _check_backends_choose_pv_by_gpu() -> None:
+    _pretend_cuda((8, 0))  # an A100: int8 tensor cores, no fp8
+    assert "fp16-pv" in get_backend("sage", "cpu", implementation="triton").implementation
+    assert "fp16-pv" in get_backend("sparge", "cpu", implementation="triton").implementation
+    for name in ("sage", "sparge"):
+        try:
+            get_backend(name, "cpu", implementation="triton", pv="fp8")
+        except BackendUnavailable as e:
+            assert "sm_89" in str(e) and "sm_80" in str(e)
+        else:
+            raise AssertionError(f"{name}: fp8 P.V accepted on sm_80")
+    _pretend_cuda((7, 5))
+    try:
+        get_backend("sage", "cpu", implementation="triton", pv="fp16")
+    except BackendUnavailable as e:
+        assert "sm_80+" in str(e) and "sm_75" in str(e)
+    else:
+        raise AssertionError("our kernel accepted on sm_75")
+
+
+# --- tests ---------------------------------------------------------------------------------------
+
+
+def test_the_fp8_casts_of_the_test_interpreter_round_like_the_gpu():
+    _in_interpreter(_check_fp8_casts_round_like_torch)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int8_quantiser_matches_the_reference(dtype):
+    _in_interpreter(_check_quantiser_matches_reference, dtype=dtype)
+
+
+def test_v_is_scaled_per_channel_to_fp8_and_transposed():
+    _in_interpreter(_check_v_is_scaled_per_channel_and_transposed)
+
+
+@pytest.mark.parametrize(("tokens", "dim", "kv_tokens"), [(300, 64, None), (200, 128, None), (200, 64, 77)])
+def test_sage_kernel_with_fp16_pv_matches_the_reference(tokens, dim, kv_tokens):
+    _in_interpreter(_check_sage_fp16_pv_matches_reference, tokens=tokens, dim=dim, kv_tokens=kv_tokens)
+
+
+@pytest.mark.parametrize(("tokens", "dim"), [(300, 64), (130, 128)])
+def test_sage_kernel_with_fp8_pv_has_the_reference_error(tokens, dim):
+    _in_interpreter(_check_sage_fp8_pv_matches_reference, tokens=tokens, dim=dim)
+
+
+def test_sage_kernel_on_clustered_inputs():
+    _in_interpreter(_check_sage_on_clustered_inputs)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_sage_kernel_keeps_the_input_dtype(dtype):
+    _in_interpreter(_check_sage_keeps_the_input_dtype, dtype=dtype)
+
+
+def test_sage_kernel_rejects_inputs_it_cannot_run():
+    _in_interpreter(_check_sage_rejects_what_it_cannot_run)
+
+
+def test_sparse_kernel_with_every_block_kept_equals_the_dense_kernel():
+    _in_interpreter(_check_sparse_with_every_block_equals_dense)
+
+
+def test_sparse_kernel_at_a_hand_made_mask_matches_the_masked_reference():
+    _in_interpreter(_check_sparse_at_a_hand_made_mask)
+
+
+def test_sparse_kernel_never_reads_dropped_blocks():
+    _in_interpreter(_check_dropped_blocks_are_never_read)
+
+
+def test_sparge_attention_uses_the_reference_block_map():
+    _in_interpreter(_check_sparge_uses_the_reference_block_map)
+
+
+def test_kept_block_lists_are_the_kept_indices_in_order():
+    _in_interpreter(_check_kept_block_lists)
+
+
+def test_backends_run_our_kernels_and_record_sparsity():
+    _in_interpreter(_check_backends_run_our_kernels)
+
+
+def test_backends_choose_and_check_pv_precision_by_gpu():
+    _in_interpreter(_check_backends_choose_pv_by_gpu)
+
+
+# --- wiring, in this process (no triton needed) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "implementation", "says"),
+    [
+        ("sage", "triton", "implementation='triton'"),
+        ("sage", "upstream", "pip install sageattention"),
+        ("sparge", "triton", "implementation='triton'"),
+        ("sparge", "upstream", "SpargeAttn"),
+    ],
+)
+def test_asked_for_implementations_are_unavailable_without_cuda(name, implementation, says):
+    with pytest.raises(BackendUnavailable) as e:
+        get_backend(name, "cpu", implementation=implementation)
+    assert "CUDA" in str(e.value) and says in str(e.value)
+
+
+def test_default_implementation_without_cuda_names_both_routes():
+    for name in ("sage", "sparge"):
+        with pytest.raises(BackendUnavailable) as e:
+            get_backend(name, "cpu")
+        assert "implementation='triton'" in str(e.value) and "not importable" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "match"),
+    [
+        ("sage", {"implementation": "cuda"}, "implementation must be one of"),
+        ("sage", {"pv": "fp8"}, "needs implementation='triton'"),
+        ("sage", {"implementation": "triton", "pv": "int4"}, "pv must be one of"),
+        ("sparge", {"implementation": "cuda"}, "implementation must be one of"),
+        ("sparge", {"pv_threshold": 20.0}, "needs implementation='upstream'"),
+        ("sparge", {"implementation": "triton", "pv_threshold": 20.0}, "needs implementation='upstream'"),
+        ("sparge", {"pv": "fp16"}, "needs implementation='triton'"),
+        ("sparge", {"stats": SparsityStats()}, "stats need implementation='triton'"),
+        ("sparge", {"implementation": "upstream", "stats": SparsityStats()}, "block map"),
+    ],
+)
+def test_implementation_options_are_checked_before_the_machine(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        get_backend(name, "cpu", **options)
+
+
+def test_sparsity_stats_sum_calls_until_reset():
+    stats = SparsityStats()
+    assert stats.summary() == {"calls": 0, "kept_blocks": 0, "total_blocks": 0, "kept_fraction": None}
+    stats.record(torch.tensor([[True, False], [True, True]]))
+    stats.record(torch.zeros(1, 4, dtype=torch.bool))
+    assert stats.summary() == {"calls": 2, "kept_blocks": 3, "total_blocks": 8, "kept_fraction": 0.375}
+    stats.reset()
+    assert stats.summary()["calls"] == 0 and stats.summary()["kept_fraction"] is None
+
+
+# --- the compiled kernels, on a CUDA machine only ------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
+@pytest.mark.parametrize("pv_fp8", [True, False])
+def test_compiled_kernels_on_gpu(pv_fp8):
+    from kernels.triton_sage import sage_attention
+    from kernels.triton_sparge import block_sparse_sage_attention
+
+    if pv_fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 P.V needs sm_89+")
+    q, k, v = (t.cuda().bfloat16() for t in clustered_qkv(2, 4, 1000, 128, clusters=8, seed=13))
+    exact = attention_reference(q, k, v)
+    out = sage_attention(q, k, v, pv_fp8=pv_fp8)
+    oracle = sage_reference(q, k, v, pv_dtype=torch.float8_e4m3fn if pv_fp8 else None)
+    assert out.isfinite().all()
+    assert relative_error(out, exact) < 1.5 * relative_error(oracle, exact) + 5e-3  # + bf16 output rounding
+    mask = block_mask(q, k, 128, 64, topk=0.5, sim_threshold=None)
+    sparse = block_sparse_sage_attention(q, k, v, mask, pv_fp8=pv_fp8)
+    assert relative_error(sparse, sparse_reference(q, k, v, mask)) < 0.05
+    everything = torch.ones_like(mask)
+    assert torch.equal(block_sparse_sage_attention(q, k, v, everything, pv_fp8=pv_fp8), out)
