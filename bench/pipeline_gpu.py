@@ -15,66 +15,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import emit, ensure_checkpoint, report_header
+from common import diffusers_dit, emit, ensure_checkpoint, report_header, time_forward
 
 from pipeline.config import load_model_config
-from pipeline.dit import diffusers_dit_key_to_official
 from pipeline.params import validate_params
 from pipeline.video import write_mp4
 from pipeline.wan import WanPipeline
 
 GB = 1024**3
-
-
-def time_forward(fn, repeats: int) -> dict:
-    """Median milliseconds of ``fn()`` over ``repeats`` runs after two warm-ups, and its memory."""
-    for _ in range(2):
-        out = fn()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return {
-        "ms": round(times[len(times) // 2], 2),
-        "ms_min": round(times[0], 2),
-        "activation_peak_gb": round((torch.cuda.max_memory_allocated() - before) / GB, 2),
-        "output": out,
-    }
-
-
-def diffusers_dit(our_dit, config):
-    """diffusers' WanTransformer3DModel holding our DiT's weights, dtypes as from_pretrained gives them."""
-    from diffusers import WanTransformer3DModel
-
-    d = config.dit
-    with torch.device("cuda"):
-        ref = WanTransformer3DModel(
-            patch_size=d.patch_size,
-            num_attention_heads=d.num_heads,
-            attention_head_dim=d.head_dim,
-            in_channels=d.in_dim,
-            out_channels=d.out_dim,
-            text_dim=d.text_dim,
-            freq_dim=d.freq_dim,
-            ffn_dim=d.ffn_dim,
-            num_layers=d.num_layers,
-        )
-    ours = our_dit.state_dict()
-    ref.load_state_dict({k: ours[diffusers_dit_key_to_official(k)] for k in ref.state_dict()})
-    ref.to(torch.bfloat16)
-    keep = WanTransformer3DModel._keep_in_fp32_modules
-    for name, param in ref.named_parameters():
-        if any(part in keep for part in name.split(".")):
-            param.data = param.data.float()
-    return ref.eval().requires_grad_(False)
 
 
 def main() -> None:

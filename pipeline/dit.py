@@ -19,6 +19,8 @@ from torch import nn
 
 from kernels import AttentionBackend, get_backend
 from pipeline.config import DiTConfig
+from pipeline.fused import EAGER, TokenOps, modulated_norm
+from pipeline.fused import compiled as compiled_token_ops
 from pipeline.loading import CheckpointError
 
 # Parameters kept in fp32 whatever the model dtype: all of them feed the modulation math.
@@ -55,25 +57,6 @@ def rope_tables(head_dim: int, grid: tuple[int, int, int], device: torch.device,
     return torch.cos(angle).float(), torch.sin(angle).float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunks: int = 1) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, L, H, D] by the angles; fp32 math.
-
-    ``chunks`` > 1 rotates that many token ranges in turn, so the fp32 temporaries stay small.
-    """
-    if chunks > 1:
-        return torch.cat(
-            [
-                apply_rope(*parts)
-                for parts in zip(x.chunk(chunks, 1), cos.chunk(chunks, 0), sin.chunk(chunks, 0))
-            ],
-            dim=1,
-        )
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
-
-
 def by_token_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunks: int) -> torch.Tensor:
     """``fn`` applied to ``chunks`` token ranges of x [B, L, ...] in turn (for token-local work)."""
     if chunks == 1:
@@ -82,23 +65,16 @@ def by_token_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
 
 
 class RMSNorm(nn.Module):
+    """Holds the weight; the math is ``fused.rms_norm``."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32, returned in fp32 (the modulation that follows is fp32)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+    """Holds eps (and weight and bias when affine); the math is in ``fused``: fp32 whatever the dtype."""
 
 
 class Attention(nn.Module):
@@ -119,16 +95,37 @@ class Attention(nn.Module):
         x: torch.Tensor,
         context: torch.Tensor,
         attention: AttentionBackend,
+        ops: TokenOps = EAGER,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         chunks: int = 1,
     ) -> torch.Tensor:
-        heads = (self.num_heads, -1)
-        q = self.norm_q(self.q(x)).unflatten(2, heads)
-        k = self.norm_k(self.k(context)).unflatten(2, heads)
-        v = self.v(context).unflatten(2, heads)
-        if rope is not None:
-            q, k = apply_rope(q, *rope, chunks), apply_rope(k, *rope, chunks)
+        if rope is None:
+            q = ops.rms_norm(self.q(x), self.norm_q.weight, self.norm_q.eps).unflatten(
+                2, (self.num_heads, -1)
+            )
+            k = ops.rms_norm(self.k(context), self.norm_k.weight, self.norm_k.eps).unflatten(
+                2, (self.num_heads, -1)
+            )
+        else:
+            q = self._norm_rope(ops, self.q(x), self.norm_q, rope, chunks)
+            k = self._norm_rope(ops, self.k(context), self.norm_k, rope, chunks)
+        v = self.v(context).unflatten(2, (self.num_heads, -1))
         return self.o(attention(q, k, v).flatten(2))
+
+    def _norm_rope(
+        self,
+        ops: TokenOps,
+        x: torch.Tensor,
+        norm: RMSNorm,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        chunks: int,
+    ) -> torch.Tensor:
+        """RMSNorm, head split and RoPE; ``chunks`` > 1 runs token ranges in turn (small fp32 temporaries)."""
+        parts = zip(x.chunk(chunks, 1), rope[0].chunk(chunks, 0), rope[1].chunk(chunks, 0))
+        rotated = [
+            ops.rms_norm_rope(p, norm.weight, norm.eps, self.num_heads, cos, sin) for p, cos, sin in parts
+        ]
+        return rotated[0] if chunks == 1 else torch.cat(rotated, dim=1)
 
 
 class AttentionReuse(Protocol):
@@ -177,36 +174,36 @@ class WanBlock(nn.Module):
         attention: AttentionBackend,
         reuse: AttentionReuse | None = None,
         cross_attention: AttentionBackend | None = None,
+        ops: TokenOps = EAGER,
     ) -> torch.Tensor:
         """x [B, L, dim]; time [B, 6, dim] fp32 (the projected timestep); context [B, text_len, dim].
 
         ``reuse`` (PAB) may serve the self- and cross-attention outputs from an earlier step.
         ``cross_attention`` (default ``attention``) attends to the text: sequence parallelism wraps
-        only the self-attention.
+        only the self-attention. ``ops`` runs the token-wise work (eager, or compiled on CUDA).
         """
         cross_attention = cross_attention or attention
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time).unbind(1)
-        dtype, chunks = x.dtype, self.token_chunks
+        chunks, eps = self.token_chunks, self.norm1.eps
 
-        h = by_token_chunks(
-            lambda p: (self.norm1(p) * (1 + scale_sa[:, None]) + shift_sa[:, None]).to(dtype), x, chunks
-        )
+        h = by_token_chunks(lambda p: ops.modulated_norm(p, shift_sa, scale_sa, eps), x, chunks)
         if reuse is None:
-            y = self.self_attn(h, h, attention, rope, chunks)
+            y = self.self_attn(h, h, attention, ops, rope, chunks)
         else:
-            y = reuse.self_attention(lambda: self.self_attn(h, h, attention, rope, chunks))
-        x = (x.float() + y.float() * gate_sa[:, None]).to(dtype)
+            y = reuse.self_attention(lambda: self.self_attn(h, h, attention, ops, rope, chunks))
+        x = ops.gated_residual(x, y, gate_sa)
 
-        h = self.norm3(x).to(dtype)
+        h = ops.affine_norm(x, self.norm3.weight, self.norm3.bias, eps)
         if reuse is None:
-            y = self.cross_attn(h, context, cross_attention)
+            y = self.cross_attn(h, context, cross_attention, ops)
         else:
-            y = reuse.cross_attention(lambda: self.cross_attn(h, context, cross_attention))
+            y = reuse.cross_attention(lambda: self.cross_attn(h, context, cross_attention, ops))
         x = x + y
 
         def feed_forward(part: torch.Tensor) -> torch.Tensor:
-            h = (self.norm2(part) * (1 + scale_ff[:, None]) + shift_ff[:, None]).to(dtype)
-            return (part.float() + self.ffn(h).float() * gate_ff[:, None]).to(dtype)
+            return ops.gated_residual(
+                part, self.ffn(ops.modulated_norm(part, shift_ff, scale_ff, eps)), gate_ff
+            )
 
         return by_token_chunks(feed_forward, x, chunks)
 
@@ -221,7 +218,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + time_embedding[:, None]).unbind(1)
-        return self.head((self.norm(x) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype))
+        return self.head(modulated_norm(x, shift, scale, self.norm.eps))
 
 
 class WanDiT(nn.Module):
@@ -233,6 +230,7 @@ class WanDiT(nn.Module):
         dim = config.dim
         self.attention = attention or get_backend("sdpa")
         self.cross_attention = self.attention
+        self.ops = EAGER
         self.patch_embedding = nn.Conv3d(
             config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
         )
@@ -249,6 +247,10 @@ class WanDiT(nn.Module):
         """``cross`` (default ``attention``) is the backend of the cross-attention to the text."""
         self.attention = attention
         self.cross_attention = cross or attention
+
+    def compile_token_ops(self) -> None:
+        """Run the token-wise work through ``torch.compile`` (fused kernels; for CUDA)."""
+        self.ops = compiled_token_ops()
 
     def set_token_chunks(self, chunks: int) -> None:
         for block in self.blocks:
@@ -310,6 +312,7 @@ class WanDiT(nn.Module):
                 self.attention,
                 None if reuse is None else reuse[i],
                 self.cross_attention,
+                self.ops,
             )
         return x
 

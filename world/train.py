@@ -61,13 +61,13 @@ class Recipe:
     clips: int = 16000  # distinct training clips: item i is world clip (seed, i)
     frames: int = 17
     size: int = 64
-    vae_steps: int = 3000
-    vae_batch: int = 4
+    vae_steps: int = 4000
+    vae_batch: int = 8
     vae_frames: int = 5  # one causal chunk after the first frame: both encoder paths, a third of the cost
     object_weight: float = 10.0
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    dit_steps: int = 2000
+    dit_steps: int = 2500
     dit_batch: int = 256
     dit_lr: float = 4e-4
     warmup: int = 200

@@ -1,0 +1,140 @@
+"""One DiT forward per attention profile, beside diffusers' forward with the same weights.
+
+Builds the model's DiT directly on the GPU with random bf16 weights (the speed of dense work does not
+depend on weight values; no checkpoint is written), then times one forward at the model's default
+shape for each variant: token-wise work eager or compiled (``pipeline.fused``), attention ``sdpa``,
+our 8-bit ``sage`` and our block-sparse ``sparge``; and diffusers' WanTransformer3DModel holding the
+same weights. Each variant's output is compared with diffusers'. A profiler table of the busiest CUDA
+kernels shows where the time of the exact variants goes. Prints one JSON object.
+
+    python bench/dit_forward_gpu.py --model wan2.1-t2v-1.3b --json-out dit_forward.json
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from common import diffusers_dit, emit, report_header, time_forward
+
+from kernels import get_backend
+from kernels.sparge import SparsityStats
+from pipeline.config import load_model_config
+from pipeline.dit import FP32_PARAMETERS, WanDiT
+from pipeline.fused import EAGER
+from pipeline.loading import assign_weights
+from pipeline.params import parse_size
+from pipeline.tiny import random_state
+
+
+def build_dit(model_name: str) -> WanDiT:
+    config = load_model_config(model_name).dit
+    with torch.device("meta"):
+        dit = WanDiT(config)
+    state = random_state(dit, 0, torch.device("cuda"), torch.bfloat16)
+    assign_weights(dit, state, "random", torch.bfloat16, "cuda", keep_fp32=FP32_PARAMETERS)
+    return dit.eval().requires_grad_(False)
+
+
+def top_kernels(fn, count: int = 12) -> list[dict]:
+    """The CUDA kernels that took most time in one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)[:count]
+    return [
+        {"kernel": e.key[:90], "calls": e.count, "ms": round(e.device_time_total / 1000, 2)} for e in rows
+    ]
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(f"{((a.float() - b.float()).norm() / b.float().norm()).item():.3g}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="wan2.1-t2v-1.3b")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--variants", default="eager-sdpa,compiled-sdpa,compiled-sage,compiled-sparge")
+    parser.add_argument("--json-out", type=Path)
+    args = parser.parse_args()
+
+    model = load_model_config(args.model)
+    report = report_header(model)
+    dit = build_dit(args.model)
+    width, height = parse_size(model.sampling.size)
+    latent_frames = 1 + (args.frames - 1) // 4
+    generator = torch.Generator("cuda").manual_seed(0)
+    latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, device="cuda", generator=generator)
+    latents = latents.to(torch.bfloat16)
+    context = torch.randn(1, 512, model.dit.text_dim, device="cuda", generator=generator).to(torch.bfloat16)
+    t = torch.tensor([999], device="cuda")
+    report["shape"] = f"{width}x{height}x{args.frames}"
+    report["tokens"] = latent_frames * (height // 16) * (width // 16)
+
+    reference = None
+    if not args.skip_diffusers:
+        ref = diffusers_dit(dit, model)
+        with torch.no_grad():
+            theirs = time_forward(lambda: ref(latents, t, context, return_dict=False)[0], args.repeats)
+        reference = theirs.pop("output")
+        report["diffusers"] = theirs
+        del ref
+        torch.cuda.empty_cache()
+
+    report["variants"] = {}
+    for variant in args.variants.split(","):
+        ops, attention = variant.split("-")
+        stats = SparsityStats() if attention == "sparge" else None
+        options = {"implementation": "triton"} if attention in ("sage", "sparge") else {}
+        if stats is not None:
+            options.update(topk=0.5, stats=stats)
+        try:
+            backend = get_backend(attention, "cuda", **options)
+        except Exception as error:  # report and go on: one broken kernel must not hide the others
+            report["variants"][variant] = {"error": f"{type(error).__name__}: {error}"}
+            continue
+        dit.set_attention(backend)
+        if ops == "compiled":
+            dit.compile_token_ops()
+        else:
+            dit.ops = EAGER
+        try:
+            with torch.no_grad():
+                result = time_forward(lambda: dit(latents, t, context), args.repeats)
+                if ops == "eager" or attention == "sdpa":
+                    result["top_kernels"] = top_kernels(lambda: dit(latents, t, context))
+        except Exception as error:
+            report["variants"][variant] = {"error": f"{type(error).__name__}: {error}"}
+            continue
+        out = result.pop("output")
+        result["attention"] = backend.implementation
+        if reference is not None:
+            result["relative_difference_to_diffusers"] = relative_difference(out, reference)
+            result["speedup_vs_diffusers"] = round(report["diffusers"]["ms"] / result["ms"], 3)
+        if stats is not None:
+            result["sparsity"] = stats.summary()
+        report["variants"][variant] = result
+        print(variant, {k: v for k, v in result.items() if k != "top_kernels"}, flush=True)
+
+    emit(report, args.json_out)
+    print(f"{'variant':<18} {'ms':>9} {'x diffusers':>12} {'rel. diff':>10}")
+    if "diffusers" in report:
+        print(f"{'diffusers':<18} {report['diffusers']['ms']:>9}")
+    for name, r in report["variants"].items():
+        if "error" in r:
+            print(f"{name:<18} error: {r['error'][:80]}")
+        else:
+            print(
+                f"{name:<18} {r['ms']:>9} {r.get('speedup_vs_diffusers', ''):>12} "
+                f"{r.get('relative_difference_to_diffusers', ''):>10}"
+            )
+
+
+if __name__ == "__main__":
+    main()

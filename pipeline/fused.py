@@ -1,0 +1,86 @@
+"""The DiT's token-wise work around the matrix products and attention, as small pure functions.
+
+Each function keeps the official numerics (fp32 math, the same casts back to the model dtype at the
+same places). Run eagerly, each is a chain of elementwise kernels that reads and writes every
+intermediate in fp32; ``compiled()`` hands them to ``torch.compile`` (on CUDA), which fuses each into
+one kernel that reads its bf16 inputs once, keeps the fp32 intermediates in registers and writes the
+bf16 result once. The eager and compiled versions are the same functions, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine, then ``* (1 + scale) + shift`` per batch row, in fp32; x's dtype out."""
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return (normed * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+
+
+def affine_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm with affine in fp32 (the cross-attention's input norm); x's dtype out."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + y * gate`` per batch row, in fp32; x's dtype out."""
+    return (x.float() + y.float() * gate[:, None]).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis in fp32, cast back, then the weight (the official order of casts)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * weight
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [B, L, H, D] by angles [L, 1, D/2]; fp32 math."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """q or k of the self-attention: RMSNorm over the full width, split into heads, RoPE."""
+    return rope(rms_norm(x, weight, eps).unflatten(2, (heads, -1)), cos, sin)
+
+
+@dataclass(frozen=True)
+class TokenOps:
+    """The set of token-wise functions a DiT runs with: eager, or compiled."""
+
+    modulated_norm: Callable[..., torch.Tensor] = modulated_norm
+    affine_norm: Callable[..., torch.Tensor] = affine_norm
+    gated_residual: Callable[..., torch.Tensor] = gated_residual
+    rms_norm: Callable[..., torch.Tensor] = rms_norm
+    rope: Callable[..., torch.Tensor] = rope
+    rms_norm_rope: Callable[..., torch.Tensor] = rms_norm_rope
+    compiled: bool = False
+
+
+EAGER = TokenOps()
+
+
+def compiled() -> TokenOps:
+    """The same functions through ``torch.compile`` (one fused kernel each; compiled per shape)."""
+
+    def fuse(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return torch.compile(fn, fullgraph=True, dynamic=False)
+
+    return TokenOps(
+        modulated_norm=fuse(modulated_norm),
+        affine_norm=fuse(affine_norm),
+        gated_residual=fuse(gated_residual),
+        rms_norm=fuse(rms_norm),
+        rope=fuse(rope),
+        rms_norm_rope=fuse(rms_norm_rope),
+        compiled=True,
+    )
