@@ -204,9 +204,14 @@ class ProfileConfig:
 
     name: str
     model: str
-    # Folder of the checkpoint; relative paths are under $SMARTDIFF_CHECKPOINT_ROOT (default ./checkpoints).
+    # Folder of the checkpoint; relative paths are under $SMARTDIFF_CHECKPOINT_ROOT (default ./checkpoints),
+    # "{project}/..." is inside this project (the weights it ships).
     checkpoint: str
     attention: str = "sdpa"
+    # Options of the attention backend (kernels/<backend>.py), e.g. {implementation: triton, topk: 0.5}.
+    attention_options: dict[str, Any] = field(default_factory=dict)
+    # Run the DiT's token-wise work through torch.compile (pipeline/fused.py): fused kernels on CUDA.
+    compile: bool = False
     # "auto": bf16 on GPU, fp32 on CPU.
     dtype: str = "auto"
     # Feature-caching strategies a request may ask for on this worker ("teacache", "pab").
@@ -219,7 +224,8 @@ class ProfileConfig:
 
     @property
     def checkpoint_dir(self) -> Path:
-        path = Path(os.path.expandvars(self.checkpoint)).expanduser()
+        # "{project}" is this project's folder: the weights it ships (weights/).
+        path = Path(os.path.expandvars(self.checkpoint.replace("{project}", str(REPO_ROOT)))).expanduser()
         if path.is_absolute():
             return path
         return Path(os.environ.get("SMARTDIFF_CHECKPOINT_ROOT", "checkpoints")) / path

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from kernels import AttentionBackend, get_backend
+from kernels.sparge import SparsityStats
 from pipeline.checkpoint import Checkpoint, load_dit, load_text_encoder, load_vae, open_checkpoint
 from pipeline.config import ModelConfig, ProfileConfig
 from pipeline.dit import WanDiT
@@ -53,6 +54,8 @@ class GenerationResult:
     cache: dict = field(default_factory=dict)
     cache_log: list = field(default_factory=list)  # one StepRecord per DiT evaluation
     peak_memory: dict[str, int] = field(default_factory=dict)  # GPU bytes per stage (GPU only)
+    # sparge (our kernel): attention calls and the fraction of key blocks computed.
+    attention_sparsity: dict | None = None
 
 
 class WanPipeline:
@@ -84,6 +87,8 @@ class WanPipeline:
         # embeddings and head are on the device.
         self.streamers = [BlockStreamer(d.blocks, device) for d in experts] if self.plan.stream_dit else []
         self.active_expert: int | None = None
+        # Block-sparse attention's statistics (our sparge kernel only), reset for every job.
+        self.sparsity: SparsityStats | None = None
         if self.plan.stream_dit:
             self.activate_expert(0)
 
@@ -96,10 +101,18 @@ class WanPipeline:
         dtype: str = "auto",
         attention: str = "sdpa",
         low_mem_level: int = 0,
+        attention_options: dict | None = None,
+        compile: bool = False,
     ) -> WanPipeline:
+        """Load a checkpoint. ``attention_options`` go to the backend; ``compile`` fuses the DiT's
+        token-wise work with torch.compile (``pipeline.fused``)."""
         device = torch.device(device) if device is not None else default_device()
         plan = MemoryPlan(low_mem_level)
-        backend = get_backend(attention, device)  # an unavailable backend fails here, before loading
+        options = dict(attention_options or {})
+        sparsity = None
+        if attention == "sparge" and options.get("implementation") == "triton":
+            sparsity = options["stats"] = SparsityStats()  # our kernel reports the blocks it computed
+        backend = get_backend(attention, device, **options)  # an unavailable backend fails here
         checkpoint: Checkpoint = open_checkpoint(root, model_name)
         torch_dtype = resolve_dtype(dtype, device)
         model = checkpoint.model
@@ -112,7 +125,12 @@ class WanPipeline:
         if plan.stream_text_encoder:
             text_encoder.stream_to(device)
         vae = load_vae(checkpoint, torch_dtype, device)
-        return cls(model, experts, vae, text_encoder, device, backend, plan)
+        if compile:
+            for dit in experts:
+                dit.compile_token_ops()
+        pipeline = cls(model, experts, vae, text_encoder, device, backend, plan)
+        pipeline.sparsity = sparsity
+        return pipeline
 
     @classmethod
     def from_profile(cls, profile: ProfileConfig, device: torch.device | str | None = None) -> WanPipeline:
@@ -123,6 +141,8 @@ class WanPipeline:
             profile.dtype,
             profile.attention,
             profile.low_mem_level,
+            profile.attention_options,
+            profile.compile,
         )
 
     def activate_expert(self, index: int) -> None:
@@ -220,6 +240,8 @@ class WanPipeline:
             fps=self.model.sampling.fps,
             attention=self.attention.implementation,
         )
+        if self.sparsity is not None:
+            self.sparsity.reset()
         with _stage("text_encode", self.device, result):
             if progress:
                 progress("text_encode", 0, 1)
@@ -230,6 +252,8 @@ class WanPipeline:
             if progress:
                 progress("vae_decode", 0, 1)
             result.frames = self.decode(latents)
+        if self.sparsity is not None:
+            result.attention_sparsity = self.sparsity.summary()
         return result
 
 

@@ -1,8 +1,8 @@
 """``smartdiff demo``: the whole farm on one machine with the embedded defaults.
 
 A private Redis (when redis-server is installed and SMARTDIFF_BROKER_URL is not set), an S3
-endpoint on loopback (moto's server, unless SMARTDIFF_S3_ENDPOINT is set), the tiny model, one CPU
-worker; one job submitted through the client, followed to the end, its record printed and its MP4
+endpoint on loopback (moto's server, unless SMARTDIFF_S3_ENDPOINT is set), the shipped world
+model, one CPU worker; one job submitted through the client, followed to the end, its record printed and its MP4
 downloaded through the presigned link.
 """
 
@@ -20,9 +20,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+# The world model the project ships (weights/wan-world), trained on the procedural world (world/).
+DEMO_PROFILE = "wan-world"
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", default="a red ball bouncing on a beach")
+    parser.add_argument("--prompt", default="a red circle moving right on a white background")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out", type=Path, default=Path("out/demo.mp4"))
     parser.add_argument("--timeout", type=float, default=600)
@@ -111,29 +114,26 @@ def run(args: argparse.Namespace) -> int:
 
         settings = FarmSettings.from_env()
         VideoStore(settings).ensure_bucket()
-        profile = load_profile("tiny")
+        profile = load_profile(DEMO_PROFILE)
         if not profile.checkpoint_dir.exists():
-            from pipeline.tiny import write_tiny_checkpoint
-
-            write_tiny_checkpoint(profile.checkpoint_dir)
-            print(f"wrote the tiny model to {profile.checkpoint_dir}", file=sys.stderr)
+            raise SystemExit(f"error: the shipped weights are missing: {profile.checkpoint_dir}")
 
         log_path = workdir / "worker.log"
         worker = subprocess.Popen(
-            [sys.executable, "-m", "smartdiff", "worker", "--profile", "tiny", "--gpus", "none"],
+            [sys.executable, "-m", "smartdiff", "worker", "--profile", DEMO_PROFILE, "--gpus", "none"],
             stdout=open(log_path, "w"),
             stderr=subprocess.STDOUT,
         )
         client = Client(settings)
         deadline = time.monotonic() + 120
-        while not client.workers("tiny"):
+        while not client.workers(DEMO_PROFILE):
             if worker.poll() is not None or time.monotonic() > deadline:
                 print(log_path.read_text()[-3000:], file=sys.stderr)
                 raise SystemExit("error: the worker did not start")
             time.sleep(0.2)
-        print(f"worker up: {client.workers('tiny')[0]['id']}", file=sys.stderr)
+        print(f"worker up: {client.workers(DEMO_PROFILE)[0]['id']}", file=sys.stderr)
 
-        job = client.submit("tiny", args.prompt, seed=args.seed)
+        job = client.submit(DEMO_PROFILE, args.prompt, seed=args.seed)
         print(f"submitted {job.id}", file=sys.stderr)
         last = None
         deadline = time.monotonic() + args.timeout

@@ -343,6 +343,7 @@ class WorkerService:
                 "model": self.profile.model,
                 "attention": result.attention,
                 "cache": result.cache,
+                "attention_sparsity": result.attention_sparsity,
             }
             return self._finish(job_id, SUCCEEDED, seconds, result=out)
         except JobCancelled:

@@ -1,0 +1,188 @@
+"""The quality yardstick: every acceleration profile of a model against its lossless output.
+
+    python -m world.evaluate --model wan-world --json-out eval.json --markdown-out eval.md
+
+For each profile of the model (``configs/profiles/*.yaml`` whose ``model`` it is) and each feature
+cache the profile offers (none, then each of its ``flexcache`` strategies), every prompt of the fixed
+prompt set (``world.scenes.prompt_set``) is generated with seed = its index. Each video is read back by
+``world.probe`` (prompt adherence: colour, shape, motion, background) and compared with the lossless
+video of the same prompt and seed (PSNR and SSIM over all frames). The lossless reference is the first
+profile whose attention is exact, with no feature cache. Speed is the mean wall time of the denoising
+loop per video, and the speed-up is against that reference. A profile whose backend cannot run here
+(e.g. an 8-bit kernel without CUDA) is listed as unavailable, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import ProfileConfig, list_profile_names, load_profile
+from world.probe import adherence, probe
+from world.scenes import Scene, caption, prompt_set
+
+ATTRIBUTES = ("colour", "shape", "motion", "background")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One profile, run with one feature cache ("none", "teacache" or "pab")."""
+
+    profile: ProfileConfig
+    flexcache: str
+
+    @property
+    def name(self) -> str:
+        return self.profile.name if self.flexcache == "none" else f"{self.profile.name}+{self.flexcache}"
+
+
+def variants_of(model: str) -> list[Variant]:
+    """Every profile of ``model`` without a cache, then with each cache it offers; exact ones first."""
+    profiles = [p for p in map(load_profile, list_profile_names()) if p.model == model]
+    if not profiles:
+        raise ValueError(f"no profile runs model {model!r}")
+    profiles.sort(key=lambda p: (p.attention != "sdpa", p.name))
+    return [Variant(p, cache) for p in profiles for cache in ("none", *p.flexcache)]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 videos (inf when equal)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _gaussian_blur(x: np.ndarray, sigma: float = 1.5, radius: int = 5) -> np.ndarray:
+    """Separable Gaussian blur over the two axes before the last (H, W of [..., H, W, C]); valid region."""
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    size = 2 * radius + 1
+    h, w = x.shape[-3], x.shape[-2]
+    rows = sum(taps[i] * x[..., i : h - size + 1 + i, :, :] for i in range(size))
+    return sum(taps[i] * rows[..., :, i : w - size + 1 + i, :] for i in range(size))
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two uint8 videos [F, H, W, 3]: Gaussian window (sigma 1.5, 11 taps), per channel,
+    the constants of Wang et al. (K1 0.01, K2 0.03, range 255), averaged over frames and channels."""
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = _gaussian_blur(x), _gaussian_blur(y)
+    vx = _gaussian_blur(x * x) - mx * mx
+    vy = _gaussian_blur(y * y) - my * my
+    cov = _gaussian_blur(x * y) - mx * my
+    index = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(index.mean())
+
+
+def run_variant(variant: Variant, scenes: list[Scene], device: str | None) -> dict:
+    """Load the variant's pipeline and generate every prompt; frames, timings and probe readings."""
+    from kernels.registry import BackendUnavailable
+    from pipeline.params import validate_params
+    from pipeline.wan import WanPipeline
+
+    try:
+        pipeline = WanPipeline.from_profile(variant.profile, device)
+    except BackendUnavailable as error:
+        return {"unavailable": str(error)}
+    model = variant.profile.model_config
+    videos, denoise_seconds, hits = [], [], []
+    for seed, scene in enumerate(scenes):
+        request = {"prompt": caption(scene), "seed": seed, "flexcache": variant.flexcache}
+        params = validate_params(request, model, variant.profile.flexcache)
+        start = time.perf_counter()
+        result = pipeline.generate(params)
+        denoise_seconds.append(result.seconds.get("denoise", time.perf_counter() - start))
+        videos.append(result.frames)
+        hits.append(adherence(probe(result.frames), scene))
+    return {
+        "attention": pipeline.attention.implementation,
+        "videos": videos,
+        "denoise_s": float(np.mean(denoise_seconds)),
+        "adherence": {k: float(np.mean([h[k] for h in hits])) for k in ATTRIBUTES},
+    }
+
+
+def evaluate(model: str, prompts: int = 48, device: str | None = None, only: list[str] | None = None) -> dict:
+    """The yardstick table for ``model`` over the first ``prompts`` prompts of the prompt set."""
+    scenes = prompt_set()[:prompts]
+    variants = variants_of(model)
+    if only:
+        unknown = set(only) - {v.name for v in variants}
+        if unknown:
+            raise ValueError(f"unknown variants {sorted(unknown)} (known: {[v.name for v in variants]})")
+        variants = [v for v in variants if v.name in only or v is variants[0]]
+    rows, reference = [], None
+    for variant in variants:
+        run = run_variant(variant, scenes, device)
+        row = {"variant": variant.name, "profile": variant.profile.name, "flexcache": variant.flexcache}
+        if "unavailable" in run:
+            rows.append({**row, "unavailable": run["unavailable"]})
+            continue
+        if reference is None:
+            reference = run
+        pairs = list(zip(run["videos"], reference["videos"]))
+        rows.append(
+            {
+                **row,
+                "attention": run["attention"],
+                "denoise_s_per_video": round(run["denoise_s"], 3),
+                "speedup": round(reference["denoise_s"] / run["denoise_s"], 3),
+                "adherence": {k: round(v, 4) for k, v in run["adherence"].items()},
+                "psnr_db": round(float(np.mean([min(psnr(a, b), 99.0) for a, b in pairs])), 2),
+                "ssim": round(float(np.mean([ssim(a, b) for a, b in pairs])), 4),
+            }
+        )
+    return {"model": model, "prompts": len(scenes), "seeds": "prompt index", "rows": rows}
+
+
+def markdown(report: dict) -> str:
+    """The table: one row per variant (PSNR is capped at 99 dB, which identical videos reach)."""
+    lines = [
+        f"Model {report['model']}, {report['prompts']} prompts, seed = prompt index.",
+        "",
+        "| variant | denoise s/video | speed-up | colour | shape | motion | background | PSNR dB | SSIM |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if "unavailable" in row:
+            lines.append(f"| {row['variant']} | unavailable: {row['unavailable'][:80]} ||||||||")
+            continue
+        a = row["adherence"]
+        lines.append(
+            f"| {row['variant']} | {row['denoise_s_per_video']} | {row['speedup']}x | "
+            + " | ".join(f"{100 * a[k]:.0f}%" for k in ATTRIBUTES)
+            + f" | {row['psnr_db']} | {row['ssim']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="wan-world")
+    parser.add_argument("--prompts", type=int, default=48, help="the first N prompts of the prompt set")
+    parser.add_argument("--device", help="default: CUDA when available, else the CPU")
+    parser.add_argument("--variants", help="comma-separated variant names (default: all)")
+    parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--markdown-out", type=Path)
+    args = parser.parse_args(argv)
+    only = args.variants.split(",") if args.variants else None
+    report = evaluate(args.model, args.prompts, args.device, only)
+    text = json.dumps(report, indent=2)
+    print(text)
+    table = markdown(report)
+    print(table)
+    if args.json_out:
+        args.json_out.write_text(text + "\n")
+    if args.markdown_out:
+        args.markdown_out.write_text(table)
+
+
+if __name__ == "__main__":
+    main()
