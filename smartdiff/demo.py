@@ -2,8 +2,8 @@
 
 A private Redis (when redis-server is installed and SMARTDIFF_BROKER_URL is not set), an S3
 endpoint on loopback (moto's server, unless SMARTDIFF_S3_ENDPOINT is set), the shipped world
-model, one CPU worker; one job submitted through the client, followed to the end, its record printed and its MP4
-downloaded through the presigned link.
+model, one CPU worker; one job submitted through the client, followed to the end, its record
+printed and its MP4 downloaded through the presigned link.
 """
 
 from __future__ import annotations

@@ -44,6 +44,7 @@ from pipeline.text_encoder import (
     TextEncoder,
     build_text_encoder,
     hf_t5_key_to_official,
+    load_official_t5_state,
     load_tokenizer,
     write_tiny_tokenizer,
 )
@@ -65,6 +66,7 @@ class Recipe:
     vae_batch: int = 8
     vae_frames: int = 5  # one causal chunk after the first frame: both encoder paths, a third of the cost
     object_weight: float = 10.0
+    decoder_steps: int = 3000  # the "decoder" stage: refinement on frozen latents
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
     dit_steps: int = 2500
@@ -160,17 +162,28 @@ def run_steps(
 
 
 def train_vae(
-    vae: WanVAE, clips: torch.Tensor, recipe: Recipe, generator: torch.Generator, time_limit: float | None
+    vae: WanVAE,
+    clips: torch.Tensor,
+    recipe: Recipe,
+    generator: torch.Generator,
+    time_limit: float | None,
+    decoder_only: bool = False,
 ) -> dict:
+    """The VAE stage. ``decoder_only`` refines the decoder on the frozen encoder's latents: the
+    latents a DiT was trained on stay valid, only how they are drawn improves."""
     device = vae.device
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    steps = recipe.decoder_steps if decoder_only else recipe.vae_steps
+    trained = [vae.conv2, vae.decoder] if decoder_only else [vae]
+    params = [p for m in trained for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=recipe.vae_lr, weight_decay=0.0)
 
     def loss_fn(step: int) -> torch.Tensor:
         index = torch.randint(len(clips), (recipe.vae_batch,), generator=generator)
         start = int(torch.randint(recipe.frames - recipe.vae_frames + 1, (1,), generator=generator))
         video = to_video(clips[index, start : start + recipe.vae_frames].to(device))
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            mean, log_var = vae.posterior(video)
+            with torch.set_grad_enabled(not decoder_only):
+                mean, log_var = vae.posterior(video)
             noise = torch.randn(mean.shape, generator=generator).to(device)
             z = mean + torch.exp(0.5 * log_var) * noise
             recon = vae.reconstruct(z).float()
@@ -183,12 +196,12 @@ def train_vae(
         return ((error + error.square()) * weight).mean() + recipe.kl_weight * kl
 
     log = run_steps(
-        "vae",
-        recipe.vae_steps,
+        "decoder" if decoder_only else "vae",
+        steps,
         loss_fn,
         optimizer,
-        lambda s: lr_at(s, recipe, recipe.vae_steps, recipe.vae_lr),
-        list(vae.parameters()),
+        lambda s: lr_at(s, recipe, steps, recipe.vae_lr),
+        params,
         time_limit=time_limit,
     )
     vae.eval()
@@ -311,11 +324,13 @@ def train(
     workers: int,
     time_limit: float | None = None,
     stages: tuple[str, ...] = ("vae", "dit"),
+    init: Path | None = None,
 ) -> dict:
     """Run ``stages`` and write what they produce to ``out``.
 
-    ``time_limit`` (seconds) caps each stage's optimisation loop. Without the "vae" stage the VAE is
-    read from ``out`` (written there by an earlier "vae" run: the stages may run on different machines).
+    ``time_limit`` (seconds) caps each stage's optimisation loop. ``init`` is a checkpoint to start
+    from (e.g. the shipped weights) instead of random weights. A VAE that no stage trains is read from
+    ``init``, else from ``out`` (an earlier "vae" run there: stages may run on different machines).
     """
     torch.manual_seed(recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -336,14 +351,19 @@ def train(
     clips = torch.from_numpy(video)
     report["render_seconds"] = time.perf_counter() - start
 
+    report["init"] = str(init) if init else None
     vae = WanVAE(model.vae).to(device)
     report["vae_parameters"] = sum(p.numel() for p in vae.parameters())
+    if init is not None or "vae" not in stages:
+        vae.load_state_dict(read_weights((init or out) / VAE_FILE))
     if "vae" in stages:
         report["vae"] = train_vae(vae.train(), clips, recipe, generator, time_limit)
         torch.save(compact(vae.state_dict()), out / VAE_FILE)
     else:
-        vae.load_state_dict(read_weights(out / VAE_FILE))
         report["vae"] = reconstruction_check(vae.eval(), recipe)
+    if "decoder" in stages:
+        report["decoder"] = train_vae(vae.train(), clips, recipe, generator, time_limit, decoder_only=True)
+        torch.save(compact(vae.state_dict()), out / VAE_FILE)
     if "dit" in stages:
         start = time.perf_counter()
         latents = encode_all(vae.eval(), clips)
@@ -351,6 +371,9 @@ def train(
         del clips
         text_encoder = new_text_encoder(model, out / TOKENIZER_DIR, recipe.seed, device)
         dit = WanDiT(model.dit).to(device)
+        if init is not None:
+            dit.load_state_dict(read_weights(init / "diffusion_pytorch_model.safetensors"))
+            text_encoder.model.load_state_dict(load_official_t5_state(init / T5_FILE))
         report["dit_parameters"] = sum(p.numel() for p in dit.parameters())
         report["t5_parameters"] = sum(p.numel() for p in text_encoder.model.parameters())
         report["dit"] = train_dit(dit.train(), text_encoder, latents, captions, recipe, generator, time_limit)
@@ -366,16 +389,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=min(16, multiprocessing.cpu_count()))
+    parser.add_argument("--init", type=Path, help="start from this checkpoint (e.g. weights/wan-world)")
     parser.add_argument("--time-limit", type=float, help="seconds per stage; stops a stage early")
     parser.add_argument(
-        "--stages", default="vae,dit", help="vae, dit or both; dit alone reads the VAE from --out"
+        "--stages",
+        default="vae,dit",
+        help="comma-separated, in order: vae, decoder (refine on frozen latents), dit; "
+        "without vae the VAE is read from --out",
     )
     for field_name, default in asdict(Recipe()).items():
         parser.add_argument(f"--{field_name.replace('_', '-')}", type=type(default), default=default)
     args = parser.parse_args(argv)
     recipe = Recipe(**{name: getattr(args, name) for name in asdict(Recipe())})
     stages = tuple(args.stages.split(","))
-    report = train(recipe, args.out, torch.device(args.device), args.workers, args.time_limit, stages)
+    report = train(
+        recipe, args.out, torch.device(args.device), args.workers, args.time_limit, stages, args.init
+    )
     print(json.dumps({k: v for k, v in report.items() if k not in ("vae", "dit")}, indent=2))
 
 

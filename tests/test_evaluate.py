@@ -1,0 +1,79 @@
+"""The quality yardstick (world/evaluate.py) and the shipped world model it measures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.checkpoint import open_checkpoint
+from pipeline.config import load_profile
+from world.evaluate import evaluate, markdown, psnr, ssim, variants_of
+from world.scenes import Scene, render
+
+
+def _clip(seed: int = 0) -> np.ndarray:
+    return render(Scene("circle", "red", "white", "right"), frames=5, size=48)
+
+
+def test_psnr_is_infinite_for_equal_videos_and_falls_with_noise() -> None:
+    clip = _clip()
+    rng = np.random.default_rng(0)
+    noisy = [np.clip(clip + rng.normal(0, s, clip.shape), 0, 255).astype(np.uint8) for s in (2, 8, 32)]
+    assert psnr(clip, clip) == float("inf")
+    values = [psnr(clip, n) for n in noisy]
+    assert values[0] > values[1] > values[2] > 10
+    # sigma 8 noise (clipped at 0 and 255): about 10 log10(255^2 / 64) = 30 dB before clipping.
+    assert 29 < values[1] < 36
+
+
+def test_ssim_is_one_for_equal_videos_symmetric_and_falls_with_noise() -> None:
+    clip = _clip()
+    rng = np.random.default_rng(1)
+    noisy = [np.clip(clip + rng.normal(0, s, clip.shape), 0, 255).astype(np.uint8) for s in (4, 16, 64)]
+    assert ssim(clip, clip) == pytest.approx(1.0)
+    assert ssim(clip, noisy[1]) == pytest.approx(ssim(noisy[1], clip))
+    values = [ssim(clip, n) for n in noisy]
+    assert 1.0 > values[0] > values[1] > values[2] > 0.0
+
+
+def test_ssim_sees_structure_that_psnr_weighs_like_noise() -> None:
+    """A shifted object and uniform brightness offset of similar MSE: SSIM punishes the shift more."""
+    clip = _clip()
+    shifted = np.roll(clip, 2, axis=2)
+    mse = np.mean((clip.astype(float) - shifted) ** 2)
+    offset = np.clip(clip.astype(float) + np.sqrt(mse), 0, 255).astype(np.uint8)
+    assert ssim(clip, shifted) < ssim(clip, offset)
+
+
+def test_variants_list_every_world_profile_exact_first_then_its_caches() -> None:
+    names = [v.name for v in variants_of("wan-world")]
+    assert names[0] == "wan-world"
+    assert {"wan-world+teacache", "wan-world+pab", "wan-world-sage", "wan-world-sparge"} <= set(names)
+    with pytest.raises(ValueError, match="no profile"):
+        variants_of("no-such-model")
+
+
+def test_shipped_world_model_loads_through_the_normal_loader() -> None:
+    profile = load_profile("wan-world")
+    checkpoint = open_checkpoint(profile.checkpoint_dir)
+    assert checkpoint.layout == "official"
+    assert checkpoint.model.name == "wan-world"
+
+
+def test_yardstick_on_the_shipped_model() -> None:
+    report = evaluate("wan-world", prompts=2, device="cpu", only=["wan-world+pab", "wan-world-sage"])
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert list(rows) == ["wan-world", "wan-world+pab", "wan-world-sage"]
+    reference, pab = rows["wan-world"], rows["wan-world+pab"]
+    # The reference against itself: identical videos.
+    assert reference["psnr_db"] == 99.0 and reference["ssim"] == pytest.approx(1.0)
+    assert reference["speedup"] == 1.0
+    # PAB reuses attention outputs: close to the reference, not equal to it.
+    assert 15 < pab["psnr_db"] < 99.0 and 0.5 < pab["ssim"] < 1.0
+    for row in (reference, pab):
+        assert set(row["adherence"]) == {"colour", "shape", "motion", "background"}
+        assert all(0.0 <= v <= 1.0 for v in row["adherence"].values())
+    # No CUDA here: the 8-bit profile is reported, with the reason, not silently dropped.
+    assert "CUDA" in rows["wan-world-sage"]["unavailable"]
+    table = markdown(report)
+    assert table.count("\n| wan-world") == 3 and "unavailable" in table
