@@ -69,11 +69,14 @@ class TokenOps:
 EAGER = TokenOps()
 
 
-def compiled() -> TokenOps:
-    """The same functions through ``torch.compile`` (one fused kernel each; compiled per shape)."""
+def compiled(backend: str = "inductor") -> TokenOps:
+    """The same functions through ``torch.compile`` (one fused kernel each; compiled per shape).
+
+    ``fullgraph``: a graph break would silently split a fusion, so it is an error instead.
+    """
 
     def fuse(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        return torch.compile(fn, fullgraph=True, dynamic=False)
+        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
     return TokenOps(
         modulated_norm=fuse(modulated_norm),

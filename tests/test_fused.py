@@ -1,0 +1,76 @@
+"""The DiT's token-wise functions (pipeline/fused.py): the official math, and traceable whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline import fused
+
+B, L, H, D = 2, 12, 3, 8
+
+
+def _inputs(dtype: torch.dtype = torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, L, H * D, generator=g).to(dtype)
+    y = torch.randn(B, L, H * D, generator=g).to(dtype)
+    shift, scale, gate = (torch.randn(B, H * D, generator=g) for _ in range(3))
+    weight, bias = torch.randn(H * D, generator=g), torch.randn(H * D, generator=g)
+    angles = torch.rand(L, 1, D // 2, generator=g) * 6.3
+    return x, y, shift, scale, gate, weight, bias, angles.cos(), angles.sin()
+
+
+def test_modulated_norm_and_gated_residual_follow_the_formulas() -> None:
+    x, y, shift, scale, gate, *_ = _inputs()
+    x64 = x.double()
+    normed = (x64 - x64.mean(-1, keepdim=True)) / torch.sqrt(x64.var(-1, unbiased=False, keepdim=True) + 1e-6)
+    expected = normed * (1 + scale.double()[:, None]) + shift.double()[:, None]
+    assert torch.allclose(fused.modulated_norm(x, shift, scale, 1e-6).double(), expected, atol=1e-5)
+    residual = x64 + y.double() * gate.double()[:, None]
+    assert torch.allclose(fused.gated_residual(x, y, gate).double(), residual, atol=1e-5)
+
+
+def test_rms_norm_and_rope() -> None:
+    x, _, _, _, _, weight, _, cos, sin = _inputs()
+    x64 = x.double()
+    rms = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    assert torch.allclose(fused.rms_norm(x, weight, 1e-6).double(), rms, atol=1e-5)
+    # RoPE rotates each interleaved pair: the same as multiplying by e^{i angle} as complex numbers.
+    heads = x.unflatten(2, (H, D))
+    as_complex = torch.view_as_complex(heads.double().unflatten(-1, (-1, 2)).contiguous())
+    rotated = torch.view_as_real(
+        as_complex * torch.polar(torch.ones_like(cos.double()), torch.atan2(sin, cos).double())
+    )
+    assert torch.allclose(fused.rope(heads, cos, sin).double(), rotated.flatten(-2), atol=1e-5)
+    together = fused.rms_norm_rope(x, weight, 1e-6, H, cos, sin)
+    assert torch.equal(together, fused.rope(fused.rms_norm(x, weight, 1e-6).unflatten(2, (H, D)), cos, sin))
+
+
+def test_bf16_in_bf16_out_with_fp32_math() -> None:
+    x, y, shift, scale, gate, *_ = _inputs(torch.bfloat16)
+    out = fused.modulated_norm(x, shift, scale, 1e-6)
+    assert out.dtype == torch.bfloat16
+    reference = fused.modulated_norm(x.float(), shift, scale, 1e-6)
+    assert torch.allclose(out.float(), reference, atol=0.05, rtol=0.01)
+    assert fused.gated_residual(x, y, gate).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "name", ["modulated_norm", "affine_norm", "gated_residual", "rms_norm", "rope", "rms_norm_rope"]
+)
+def test_every_function_traces_as_one_graph(name: str) -> None:
+    """fullgraph tracing (the eager backend: no code generation) finds no graph break, and the traced
+    function gives the eager result."""
+    torch._dynamo.reset()
+    x, y, shift, scale, gate, weight, bias, cos, sin = _inputs()
+    heads = x.unflatten(2, (H, D))
+    args = {
+        "modulated_norm": (x, shift, scale, 1e-6),
+        "affine_norm": (x, weight, bias, 1e-6),
+        "gated_residual": (x, y, gate),
+        "rms_norm": (x, weight, 1e-6),
+        "rope": (heads, cos, sin),
+        "rms_norm_rope": (x, weight, 1e-6, H, cos, sin),
+    }[name]
+    traced = getattr(fused.compiled(backend="eager"), name)
+    assert torch.equal(traced(*args), getattr(fused.EAGER, name)(*args))
