@@ -73,14 +73,15 @@ decodes them (and uploads) while the others wait for the next job. On one GPU th
 a 1.3B job (docs/PERFORMANCE.md), so it only matters at high degrees (about 15% of the job at 8x);
 then the tiled decode's tiles could be spread over the ranks and gathered on rank 0.
 
-``ParallelDenoiser.denoise`` is ``WanPipeline.denoise``'s loop with one change: the two branch
-evaluations and the guidance go through ``guided_velocity``. Keep the two loops in step.
+``ParallelDenoiser.denoise`` runs ``WanPipeline.denoise``'s own loop, with the two branch evaluations
+and the guidance of each step done by ``ParallelDenoiser.guided_velocity``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from functools import partial
 
 import torch
@@ -92,8 +93,7 @@ from pipeline.config import ModelConfig, ParallelConfig
 from pipeline.dit import AttentionReuse, DiTInputs, WanDiT
 from pipeline.flexcache import COND, UNCOND, FlexCache
 from pipeline.params import GenerationParams
-from pipeline.schedulers import make_scheduler
-from pipeline.wan import GenerationResult, ProgressFn, WanPipeline
+from pipeline.wan import GenerationResult, ProgressFn, WanPipeline, apply_guidance
 
 __all__ = [
     "ParallelConfig",
@@ -164,10 +164,13 @@ class ParallelLayout:
         return self.cfg_ranks.index(self.rank)
 
 
-def build_layout(config: ParallelConfig, model: ModelConfig) -> ParallelLayout:
+def build_layout(
+    config: ParallelConfig, model: ModelConfig, timeout: timedelta | None = None
+) -> ParallelLayout:
     """Validate ``config`` against the model and the world, and create the subgroups (collective:
     every rank of the world calls it, once, with the same config). Without an initialised process
-    group only the one-process layout is allowed."""
+    group only the one-process layout is allowed. ``timeout`` bounds every collective of the
+    subgroups (torch's default otherwise: 30 minutes on gloo)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     config.validate(model, world)
@@ -175,7 +178,7 @@ def build_layout(config: ParallelConfig, model: ModelConfig) -> ParallelLayout:
     for kind, groups in group_ranks(config).items():
         for ranks in groups:
             # new_group is collective over the whole world: every rank creates every group.
-            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            group = dist.new_group(ranks, timeout=timeout) if len(ranks) > 1 else None
             if rank in ranks:
                 mine[kind] = (ranks, group)
     return ParallelLayout(
@@ -418,11 +421,6 @@ class ShardedDiT:
 # The denoising loop
 
 
-def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance, written as WanPipeline.denoise writes it (same rounding)."""
-    return uncond + guidance * (cond - uncond)
-
-
 def exchange_branches(velocity: torch.Tensor, layout: ParallelLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """(conditional, unconditional) velocity from this rank's branch and its CFG partner's."""
     both = [torch.empty_like(velocity) for _ in layout.cfg_ranks]
@@ -439,7 +437,6 @@ class ParallelDenoiser:
         self.layout = layout
         self.dits = [ShardedDiT(dit, layout, pipeline.attention) for dit in pipeline.experts]
 
-    @torch.no_grad()
     def denoise(
         self,
         latents: torch.Tensor,
@@ -453,26 +450,9 @@ class ParallelDenoiser:
 
         ``result.cache`` counts this rank's evaluations only (one branch per step under CFG parallel).
         """
-        pipe = self.pipeline
-        scheduler = make_scheduler(params.solver, params.steps, params.shift)
-        timesteps = scheduler.timesteps.tolist()
-        cache = FlexCache(params, pipe.model, timesteps)
-        for i, t in enumerate(timesteps):
-            expert = pipe.expert_for(t)
-            guidance = pipe.guidance_for(expert, params)
-            pipe.activate_expert(expert)
-            t_batch = torch.tensor([t], device=pipe.device)
-            velocity = self.guided_velocity(cache, expert, i, latents, t_batch, cond, uncond, guidance)
-            latents = scheduler.step(velocity, latents)
-            if result is not None:
-                result.expert_per_step.append(expert)
-                result.guidance_per_step.append(guidance)
-            if progress is not None:
-                progress("denoise", i + 1, len(timesteps))
-        if result is not None:
-            result.cache = cache.stats()
-            result.cache_log = cache.log
-        return latents
+        return self.pipeline.denoise(
+            latents, cond, uncond, params, progress, result, guided_velocity=self.guided_velocity
+        )
 
     def guided_velocity(
         self,

@@ -25,6 +25,12 @@ from pipeline.video import to_uint8_frames
 # progress(stage, step, total): stages "text_encode", "denoise", "vae_decode". A callback may raise
 # to stop the job; the pipeline checks it between denoising steps.
 ProgressFn = Callable[[str, int, int], None]
+# denoise(latents, cond, uncond, params, progress, result) -> latents, as WanPipeline.denoise.
+DenoiseFn = Callable[..., torch.Tensor]
+# guided_velocity(cache, expert, step, latents, t_batch, cond, uncond, guidance) -> velocity.
+GuidedVelocityFn = Callable[
+    [FlexCache, int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -34,6 +40,14 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
+
+
+def apply_guidance(
+    cond_velocity: torch.Tensor, uncond_velocity: torch.Tensor, guidance: float
+) -> torch.Tensor:
+    """Classifier-free guidance: the unconditional velocity moved ``guidance`` times towards the
+    conditional one."""
+    return uncond_velocity + guidance * (cond_velocity - uncond_velocity)
 
 
 def default_device() -> torch.device:
@@ -193,6 +207,25 @@ class WanPipeline:
         pad = self.experts[0].pad_context
         return pad([cond]).to(self.device), pad([uncond]).to(self.device)
 
+    def guided_velocity(
+        self,
+        cache: FlexCache,
+        expert: int,
+        step: int,
+        latents: torch.Tensor,
+        t_batch: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        guidance: float,
+    ) -> torch.Tensor:
+        """The guided velocity of one step: both branches in this process."""
+        dit = self.experts[expert]
+        velocity = cache.forward(dit, expert, COND, step, latents, t_batch, cond)
+        if guidance == 1.0:  # guidance 1 is the conditional prediction alone: skip the second pass
+            return velocity
+        velocity_uncond = cache.forward(dit, expert, UNCOND, step, latents, t_batch, uncond)
+        return apply_guidance(velocity, velocity_uncond, guidance)
+
     @torch.no_grad()
     def denoise(
         self,
@@ -202,7 +235,11 @@ class WanPipeline:
         params: GenerationParams,
         progress: ProgressFn | None = None,
         result: GenerationResult | None = None,
+        guided_velocity: GuidedVelocityFn | None = None,
     ) -> torch.Tensor:
+        """The solver loop. ``guided_velocity`` evaluates the branches of one step (default: both
+        here, ``self.guided_velocity``; pipeline.parallel spreads them over a process group)."""
+        guided_velocity = guided_velocity or self.guided_velocity
         scheduler = make_scheduler(params.solver, params.steps, params.shift)
         timesteps = scheduler.timesteps.tolist()
         cache = FlexCache(params, self.model, timesteps)
@@ -210,12 +247,8 @@ class WanPipeline:
             expert = self.expert_for(t)
             guidance = self.guidance_for(expert, params)
             self.activate_expert(expert)
-            dit = self.experts[expert]
             t_batch = torch.tensor([t], device=self.device)
-            velocity = cache.forward(dit, expert, COND, i, latents, t_batch, cond)
-            if guidance != 1.0:  # guidance 1 is the conditional prediction alone: skip the second pass
-                velocity_uncond = cache.forward(dit, expert, UNCOND, i, latents, t_batch, uncond)
-                velocity = velocity_uncond + guidance * (velocity - velocity_uncond)
+            velocity = guided_velocity(cache, expert, i, latents, t_batch, cond, uncond, guidance)
             latents = scheduler.step(velocity, latents)
             if result is not None:
                 result.expert_per_step.append(expert)
@@ -232,8 +265,12 @@ class WanPipeline:
         video = self.vae.tiled_decode(latents) if self.plan.tiled_vae else self.vae.decode(latents)
         return to_uint8_frames(video[0])
 
-    def generate(self, params: GenerationParams, progress: ProgressFn | None = None) -> GenerationResult:
-        """Run one validated request (see ``pipeline.params.validate_params``)."""
+    def generate(
+        self, params: GenerationParams, progress: ProgressFn | None = None, denoise: DenoiseFn | None = None
+    ) -> GenerationResult:
+        """Run one validated request (see ``pipeline.params.validate_params``). ``denoise`` has
+        ``self.denoise``'s signature (the default); a worker group passes one that runs on all ranks."""
+        denoise = denoise or self.denoise
         result = GenerationResult(
             frames=np.empty(0),
             params=params,
@@ -247,7 +284,7 @@ class WanPipeline:
                 progress("text_encode", 0, 1)
             cond, uncond = self.encode_text(params)
         with _stage("denoise", self.device, result):
-            latents = self.denoise(self.initial_noise(params), cond, uncond, params, progress, result)
+            latents = denoise(self.initial_noise(params), cond, uncond, params, progress, result)
         with _stage("vae_decode", self.device, result):
             if progress:
                 progress("vae_decode", 0, 1)

@@ -152,7 +152,10 @@ def write_profile(folder: Path, name: str, parallel: str) -> None:
 
 
 def test_profiles_default_to_one_process():
-    assert {load_profile(name).parallel for name in config_module.list_profile_names()} == {ParallelConfig()}
+    parallel = {name: load_profile(name).parallel for name in config_module.list_profile_names()}
+    # The worker group's test profile (tests/test_parallel_worker.py); every other one is one process.
+    assert parallel.pop("tiny-cfg2") == ParallelConfig(cfg=2)
+    assert set(parallel.values()) == {ParallelConfig()}
 
 
 def test_profile_parallel_mapping_is_read_and_validated(config_dir):

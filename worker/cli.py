@@ -34,7 +34,14 @@ def parse_gpus(value: str) -> list[int] | str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_profile
+
     gpus = parse_gpus(args.gpus)
+    world = load_profile(args.profile).parallel.world_size
+    if world > 1:  # one job over several processes: a worker group (worker/group.py)
+        from worker.group import launch
+
+        return launch(args.profile, world, gpus, args.loglevel)
     if isinstance(gpus, list) and len(gpus) > 1:
         return supervise(args.profile, gpus, args.loglevel)
     return serve(args.profile, gpus, args.loglevel)
@@ -69,7 +76,7 @@ def supervise(profile: str, gpus: list[int], loglevel: str) -> int:
         time.sleep(0.5)
 
 
-def _claim_gpu(registry, wanted: list[int] | str, worker_id: str):
+def claim_gpu(registry, wanted: list[int] | str, worker_id: str):
     """The GPU this process runs on, leased in Redis by UUID so no two workers share one."""
     import torch
 
@@ -93,17 +100,12 @@ def _claim_gpu(registry, wanted: list[int] | str, worker_id: str):
 
 def serve(profile_name: str, gpus: list[int] | str, loglevel: str) -> int:
     import redis
-    from celery.signals import worker_shutting_down
 
-    from farm.celery_app import make_celery
     from farm.settings import FarmSettings
     from farm.workers import WorkerRegistry
     from pipeline.config import load_profile
-    from worker import metrics
-    from worker.consumer import Consumer
     from worker.logs import setup_logging
     from worker.service import WorkerService, worker_identity
-    from worker.tasks import register
 
     settings = FarmSettings.from_env()
     profile = load_profile(profile_name)
@@ -114,13 +116,31 @@ def serve(profile_name: str, gpus: list[int] | str, loglevel: str) -> int:
         registry = WorkerRegistry(
             redis.Redis.from_url(settings.redis_url, decode_responses=True), settings.worker_ttl_seconds
         )
-        gpu = _claim_gpu(registry, gpus, worker_identity())
+        gpu = claim_gpu(registry, gpus, worker_identity())
         device = f"cuda:{gpu.index}"
+    service = WorkerService(settings, profile, worker_app(settings), device=device, gpu=gpu)
+    return run_service(service, loglevel)
+
+
+def worker_app(settings):
+    """The Celery app of a worker: our transport and our consumer (both record refused messages)."""
+    from farm.celery_app import make_celery
 
     app = make_celery(settings)
     app.conf.broker_transport = "worker.transport:Transport"
     app.conf.worker_consumer = "worker.consumer:Consumer"
-    service = WorkerService(settings, profile, app, device=device, gpu=gpu)
+    return app
+
+
+def run_service(service, loglevel: str) -> int:
+    """Load the model, start heartbeats and the reaper, then consume the profile's queue until stopped."""
+    from celery.signals import worker_shutting_down
+
+    from worker import metrics
+    from worker.consumer import Consumer
+    from worker.tasks import register
+
+    settings, app = service.settings, service.app
     service.video_store.check_bucket()  # a missing bucket or bad credentials fail here, not per job
     service.load()
     metrics.serve(settings.metrics_port)
@@ -135,7 +155,7 @@ def serve(profile_name: str, gpus: list[int] | str, loglevel: str) -> int:
     worker_shutting_down.connect(on_shutdown, weak=False)
     worker = app.Worker(
         hostname=f"{service.worker_id}@{socket.gethostname()}",
-        queues=[profile.name],
+        queues=[service.profile.name],
         pool="solo",
         concurrency=1,
         prefetch_multiplier=1,

@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,7 @@ class WorkerService:
         gpu: Gpu | None = None,
         pipeline=None,
         video_store: VideoStore | None = None,
+        run_pipeline: Callable[..., Any] | None = None,
     ):
         self.settings = settings
         self.profile = profile
@@ -123,6 +125,9 @@ class WorkerService:
         self.device = device
         self.gpu = gpu
         self.pipeline = pipeline
+        # run_pipeline(params, progress) -> GenerationResult; None: self.pipeline.generate. A worker
+        # group's rank 0 passes its own, which spreads the denoise over the group (worker/group.py).
+        self.run_pipeline = run_pipeline
         self.worker_id = worker_identity()
         client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
         self.store = JobStore(client, settings.record_ttl_seconds)
@@ -318,7 +323,8 @@ class WorkerService:
 
         try:
             self.check_fits(params)
-            result = self.pipeline.generate(params, progress)
+            run = self.run_pipeline or self.pipeline.generate
+            result = run(params, progress)
             seconds.update(result.seconds)
             self.peak_bytes = max([self.peak_bytes, *result.peak_memory.values()])
             progress("encode", 0, 1)
