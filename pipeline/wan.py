@@ -18,7 +18,7 @@ from pipeline.config import ModelConfig, ProfileConfig
 from pipeline.dit import WanDiT
 from pipeline.flexcache import COND, UNCOND, FlexCache
 from pipeline.memory import BlockStreamer, MemoryPlan, estimate_job_bytes
-from pipeline.params import GenerationParams
+from pipeline.params import GenerationParams, parse_size
 from pipeline.schedulers import make_scheduler
 from pipeline.video import to_uint8_frames
 
@@ -48,6 +48,16 @@ def apply_guidance(
     """Classifier-free guidance: the unconditional velocity moved ``guidance`` times towards the
     conditional one."""
     return uncond_velocity + guidance * (cond_velocity - uncond_velocity)
+
+
+def self_attention_shape(model: ModelConfig) -> tuple[int, int, int, int]:
+    """(batch, tokens, heads, head_dim) of the self-attention at the model's default video size: the
+    shape ``auto`` times its candidates on."""
+    width, height = parse_size(model.sampling.size)
+    st, sh, sw = model.vae.stride
+    pt, ph, pw = model.dit.patch_size
+    tokens = ((model.sampling.frames - 1) // st + 1) // pt * (height // sh // ph) * (width // sw // pw)
+    return (1, tokens, model.dit.num_heads, model.dit.head_dim)
 
 
 def default_device() -> torch.device:
@@ -122,12 +132,14 @@ class WanPipeline:
         token-wise work with torch.compile (``pipeline.fused``)."""
         device = torch.device(device) if device is not None else default_device()
         plan = MemoryPlan(low_mem_level)
+        checkpoint: Checkpoint = open_checkpoint(root, model_name)
         options = dict(attention_options or {})
+        if attention == "auto" and "shape" not in options:  # time the candidates at this model's shape
+            options["shape"] = self_attention_shape(checkpoint.model)
         sparsity = None
         if attention == "sparge" and options.get("implementation") == "triton":
             sparsity = options["stats"] = SparsityStats()  # our kernel reports the blocks it computed
-        backend = get_backend(attention, device, **options)  # an unavailable backend fails here
-        checkpoint: Checkpoint = open_checkpoint(root, model_name)
+        backend = get_backend(attention, device, **options)  # an unavailable backend fails before loading
         torch_dtype = resolve_dtype(dtype, device)
         model = checkpoint.model
         cpu = torch.device("cpu")

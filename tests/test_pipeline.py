@@ -164,3 +164,21 @@ def test_sharded_dit_loads_like_a_single_file(tmp_path):
     a = load_dit(single, "official", TINY.dit, torch.float32, torch.device("cpu")).state_dict()
     b = load_dit(tmp_path / "sharded", "official", TINY.dit, torch.float32, torch.device("cpu")).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_attention_is_timed_at_the_models_own_shape(tiny_checkpoint):
+    from pipeline.wan import self_attention_shape
+
+    # PERFORMANCE.md's shapes: 1.3B at 832x480x81 and 14B at 1280x720x81.
+    assert self_attention_shape(load_model_config("wan2.1-t2v-1.3b")) == (1, 32760, 12, 128)
+    assert self_attention_shape(load_model_config("wan2.1-t2v-14b")) == (1, 75600, 40, 128)
+    pipe = WanPipeline.from_checkpoint(tiny_checkpoint, "tiny", "cpu", attention="auto")
+    assert pipe.attention.name == "auto" and "torch-sdpa-cpu" in pipe.attention.implementation
+
+
+def test_profile_options_reach_the_backend_and_compile_switches_the_token_ops(tiny_checkpoint):
+    with pytest.raises(ValueError, match="does not take options"):
+        WanPipeline.from_checkpoint(tiny_checkpoint, "tiny", "cpu", attention_options={"topk": 0.5})
+    pipe = WanPipeline.from_checkpoint(tiny_checkpoint, "tiny", "cpu", compile=True)
+    assert all(dit.ops.compiled for dit in pipe.experts)
+    assert not WanPipeline.from_checkpoint(tiny_checkpoint, "tiny", "cpu").experts[0].ops.compiled
