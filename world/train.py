@@ -67,7 +67,7 @@ class Recipe:
     vae_frames: int = 5  # one causal chunk after the first frame: both encoder paths, a third of the cost
     object_weight: float = 10.0
     decoder_steps: int = 3000  # the "decoder" stage: refinement on frozen latents
-    vae_lr: float = 1e-3
+    vae_lr: float = 2e-4  # 1e-3 (the shipped weights) can collapse to a constant output; see PERFORMANCE.md
     kl_weight: float = 1e-6
     dit_steps: int = 2500
     dit_batch: int = 256
