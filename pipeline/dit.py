@@ -180,7 +180,7 @@ class WanBlock(nn.Module):
 
         ``reuse`` (PAB) may serve the self- and cross-attention outputs from an earlier step.
         ``cross_attention`` (default ``attention``) attends to the text: sequence parallelism wraps
-        only the self-attention. ``ops`` runs the token-wise work (eager, or compiled on CUDA).
+        only the self-attention. ``ops`` runs the token-wise work (eager, or compiled: pipeline.fused).
         """
         cross_attention = cross_attention or attention
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time).unbind(1)
