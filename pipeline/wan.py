@@ -94,6 +94,7 @@ class WanPipeline:
         device: torch.device,
         attention: AttentionBackend,
         plan: MemoryPlan | None = None,
+        sparsity: SparsityStats | None = None,
     ):
         if len(experts) != len(model.experts):
             raise ValueError(f"{model.name} needs {len(model.experts)} DiT(s), got {len(experts)}")
@@ -112,7 +113,7 @@ class WanPipeline:
         self.streamers = [BlockStreamer(d.blocks, device) for d in experts] if self.plan.stream_dit else []
         self.active_expert: int | None = None
         # Block-sparse attention's statistics (our sparge kernel only), reset for every job.
-        self.sparsity: SparsityStats | None = None
+        self.sparsity = sparsity
         if self.plan.stream_dit:
             self.activate_expert(0)
 
@@ -154,9 +155,7 @@ class WanPipeline:
         if compile:
             for dit in experts:
                 dit.compile_token_ops()
-        pipeline = cls(model, experts, vae, text_encoder, device, backend, plan)
-        pipeline.sparsity = sparsity
-        return pipeline
+        return cls(model, experts, vae, text_encoder, device, backend, plan, sparsity)
 
     @classmethod
     def from_profile(cls, profile: ProfileConfig, device: torch.device | str | None = None) -> WanPipeline:
