@@ -13,6 +13,8 @@ from pathlib import Path
 
 import redis
 
+from farm.settings import FarmSettings
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -152,3 +154,21 @@ def farm_env(redis_url: str, s3_endpoint: str, checkpoint_root: Path, work_dir: 
     )
     env.update({k: str(v) for k, v in overrides.items()})
     return env
+
+
+def join_as_client(env: dict, monkeypatch) -> FarmSettings:
+    """This test process as a client of the farm whose workers run with ``env`` (see ``farm_env``):
+    their S3 credentials and checkpoint root exported here, and the settings they read."""
+    exported = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    for name in (*exported, "SMARTDIFF_CHECKPOINT_ROOT"):
+        monkeypatch.setenv(name, env[name])
+    return FarmSettings(
+        broker_url=env["SMARTDIFF_BROKER_URL"],
+        redis_url=env["SMARTDIFF_BROKER_URL"],
+        s3_endpoint=env["SMARTDIFF_S3_ENDPOINT"],
+        s3_public_endpoint=env["SMARTDIFF_S3_ENDPOINT"],
+        s3_bucket=env["SMARTDIFF_S3_BUCKET"],
+        lease_seconds=int(env["SMARTDIFF_LEASE_SECONDS"]),
+        reaper_seconds=int(env["SMARTDIFF_REAPER_SECONDS"]),
+        worker_ttl_seconds=int(env["SMARTDIFF_WORKER_TTL_SECONDS"]),
+    )

@@ -12,13 +12,12 @@ import uuid
 
 import pytest
 import redis
-from farm_helpers import RedisServer, WorkerProcess, farm_env, wait_for
+from farm_helpers import RedisServer, WorkerProcess, farm_env, join_as_client, wait_for
 from kombu import Connection, Producer
 from s3_server import FlakyProxy
 
 from farm.celery_app import TASK_NAME
 from farm.records import REJECTED_LIST, job_key
-from farm.settings import FarmSettings
 from farm.storage import VideoStore
 from pipeline.video import read_mp4
 from producer import Client, FarmError
@@ -46,23 +45,7 @@ class Farm:
             tmp_path / "work",
             SMARTDIFF_S3_BUCKET=self.bucket,
         )
-        for name in (
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-            "SMARTDIFF_CHECKPOINT_ROOT",
-        ):
-            monkeypatch.setenv(name, self.env[name])
-        self.settings = FarmSettings(
-            broker_url=self.redis_server.url,
-            redis_url=self.redis_server.url,
-            s3_endpoint=s3_endpoint,
-            s3_public_endpoint=s3_endpoint,
-            s3_bucket=self.bucket,
-            lease_seconds=4,
-            reaper_seconds=1,
-            worker_ttl_seconds=5,
-        )
+        self.settings = join_as_client(self.env, monkeypatch)
         self.video_store = VideoStore(self.settings)
         self.video_store.ensure_bucket()
         self.client = Client(self.settings)

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import redis
-from farm_helpers import RedisServer, WorkerProcess, farm_env, wait_for
+from farm_helpers import RedisServer, WorkerProcess, farm_env, join_as_client, wait_for
 
-from farm.settings import FarmSettings
 from farm.storage import VideoStore
 from pipeline.video import read_mp4
 from producer import Client, FarmError
@@ -43,23 +42,7 @@ class GroupFarm:
             self.redis_server.url, s3_endpoint, checkpoint_root, tmp / "work", SMARTDIFF_S3_BUCKET=bucket
         )
         # This process talks to S3 and loads the single-process reference model too.
-        for name in (
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-            "SMARTDIFF_CHECKPOINT_ROOT",
-        ):
-            env.setenv(name, self.env[name])
-        self.settings = FarmSettings(
-            broker_url=self.redis_server.url,
-            redis_url=self.redis_server.url,
-            s3_endpoint=s3_endpoint,
-            s3_public_endpoint=s3_endpoint,
-            s3_bucket=bucket,
-            lease_seconds=4,
-            reaper_seconds=1,
-            worker_ttl_seconds=5,
-        )
+        self.settings = join_as_client(self.env, env)
         self.video_store = VideoStore(self.settings)
         self.video_store.ensure_bucket()
         self.client = Client(self.settings)
