@@ -107,8 +107,7 @@ def main() -> None:
         try:
             with torch.no_grad():
                 result = time_forward(lambda: dit(latents, t, context), args.repeats)
-                if ops == "eager" or attention == "sdpa":
-                    result["top_kernels"] = top_kernels(lambda: dit(latents, t, context))
+                result["top_kernels"] = top_kernels(lambda: dit(latents, t, context))
         except Exception as error:
             report["variants"][variant] = {"error": f"{type(error).__name__}: {error}"}
             continue

@@ -162,12 +162,13 @@ def _check_v_is_scaled_per_channel_and_transposed() -> None:
 
 
 def _check_sage_fp16_pv_matches_reference(tokens: int, dim: int, kv_tokens: int | None = None) -> None:
-    from kernels.triton_sage import sage_attention
+    from kernels.triton_sage import CONFIGS, sage_attention
 
     q, k, v = _gaussian(tokens, dim, seed=3, kv_tokens=kv_tokens)
     out = sage_attention(q, k, v, pv_fp8=False)
     assert out.shape == q.shape and out.dtype == q.dtype
-    oracle = sage_reference(q, k, v, pv_dtype=None)
+    config = CONFIGS[dim]
+    oracle = sage_reference(q, k, v, block_q=config.block_m, block_k=config.block_n, pv_dtype=None)
     # Same numerics except that the kernel rounds P~ against the running row max (online softmax).
     assert relative_error(out, oracle) < 1e-3
     exact = attention_reference(q, k, v)
@@ -176,12 +177,13 @@ def _check_sage_fp16_pv_matches_reference(tokens: int, dim: int, kv_tokens: int 
 
 
 def _check_sage_fp8_pv_matches_reference(tokens: int, dim: int) -> None:
-    from kernels.triton_sage import sage_attention
+    from kernels.triton_sage import CONFIGS, sage_attention
 
     q, k, v = _gaussian(tokens, dim, seed=4)
     out = sage_attention(q, k, v, pv_fp8=True)
     exact = attention_reference(q, k, v)
-    err, oracle_err = relative_error(out, exact), relative_error(sage_reference(q, k, v), exact)
+    oracle = sage_reference(q, k, v, block_q=CONFIGS[dim].block_m, block_k=CONFIGS[dim].block_n)
+    err, oracle_err = relative_error(out, exact), relative_error(oracle, exact)
     # fp8 P~ quantised against the running max instead of the final one: same size of error.
     assert 0.01 < err < 0.1
     assert abs(err - oracle_err) < 0.2 * oracle_err
@@ -487,19 +489,21 @@ def test_sparsity_stats_sum_calls_until_reset():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
 @pytest.mark.parametrize("pv_fp8", [True, False])
 def test_compiled_kernels_on_gpu(pv_fp8):
-    from kernels.triton_sage import sage_attention
-    from kernels.triton_sparge import block_sparse_sage_attention
+    from kernels.triton_sage import CONFIGS, sage_attention
+    from kernels.triton_sparge import block_sparse_sage_attention, sparse_config
 
     if pv_fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 P.V needs sm_89+")
     q, k, v = (t.cuda().bfloat16() for t in clustered_qkv(2, 4, 1000, 128, clusters=8, seed=13))
     exact = attention_reference(q, k, v)
     out = sage_attention(q, k, v, pv_fp8=pv_fp8)
-    oracle = sage_reference(q, k, v, pv_dtype=torch.float8_e4m3fn if pv_fp8 else None)
+    config, pv_dtype = CONFIGS[128], torch.float8_e4m3fn if pv_fp8 else None
+    oracle = sage_reference(q, k, v, block_q=config.block_m, block_k=config.block_n, pv_dtype=pv_dtype)
     assert out.isfinite().all()
     assert relative_error(out, exact) < 1.5 * relative_error(oracle, exact) + 5e-3  # + bf16 output rounding
     mask = block_mask(q, k, 128, 64, topk=0.5, sim_threshold=None)
     sparse = block_sparse_sage_attention(q, k, v, mask, pv_fp8=pv_fp8)
     assert relative_error(sparse, sparse_reference(q, k, v, mask)) < 0.05
     everything = torch.ones_like(mask)
-    assert torch.equal(block_sparse_sage_attention(q, k, v, everything, pv_fp8=pv_fp8), out)
+    same_tiles = sage_attention(q, k, v, pv_fp8=pv_fp8, config=sparse_config(128))
+    assert torch.equal(block_sparse_sage_attention(q, k, v, everything, pv_fp8=pv_fp8), same_tiles)
