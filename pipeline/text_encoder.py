@@ -315,8 +315,8 @@ class TextEncoder:
         self.encoder_runs += 1
         return states
 
-    def hidden_states(self, texts: list[str]) -> list[torch.Tensor]:
-        """Encoder states of ``texts`` as given (no cleaning, no cache), differentiable: for training."""
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask [N, text_len] of ``texts`` as given (no cleaning), on the CPU."""
         batch = self.tokenizer(
             texts,
             padding="max_length",
@@ -326,11 +326,16 @@ class TextEncoder:
             return_attention_mask=True,
             return_tensors="pt",
         )
-        mask = batch["attention_mask"].to(self._device)
+        return batch["input_ids"], batch["attention_mask"]
+
+    def hidden_states(self, texts: list[str]) -> list[torch.Tensor]:
+        """Encoder states of ``texts`` as given (no cleaning, no cache), each trimmed to its tokens."""
+        ids, mask = self.tokenize(texts)
+        mask = mask.to(self._device)
         if self.streamer is None:
-            hidden = self.model(input_ids=batch["input_ids"].to(self._device), attention_mask=mask)
+            hidden = self.model(input_ids=ids.to(self._device), attention_mask=mask)
         else:  # the embedding table stays on the CPU: look up there, compute on the device
-            embeds = self.model.shared(batch["input_ids"]).to(self._device)
+            embeds = self.model.shared(ids).to(self._device)
             hidden = self.model(inputs_embeds=embeds, attention_mask=mask)
         lengths = mask.gt(0).sum(dim=1).tolist()
         return [h[:n] for h, n in zip(hidden.last_hidden_state, lengths)]

@@ -9,17 +9,21 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import load_dit, open_checkpoint
-from world.train import Recipe, lr_at, train
+from pipeline.config import load_model_config
+from pipeline.dit import WanDiT
+from world.train import MODEL, Recipe, lr_at, new_text_encoder, text_context, train
 
 TOY = Recipe(clips=16, frames=5, size=32, vae_steps=3, vae_batch=2, decoder_steps=2, dit_steps=3, dit_batch=4)
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
     recipe = Recipe(warmup=10)
-    assert lr_at(0, recipe, 100, 1.0) == 0.1
-    assert lr_at(9, recipe, 100, 1.0) == 1.0
-    assert lr_at(10, recipe, 100, 1.0) == 1.0
-    assert math.isclose(lr_at(100, recipe, 100, 1.0), 0.1)
+    assert lr_at(0, 0.0, recipe, 1.0) == 0.1
+    assert lr_at(9, 0.5, recipe, 1.0) == 1.0  # warm-up goes by steps
+    assert lr_at(10, 0.0, recipe, 1.0) == 1.0
+    assert math.isclose(lr_at(50, 0.5, recipe, 1.0), 0.55)
+    assert math.isclose(lr_at(100, 1.0, recipe, 1.0), 0.1)
+    assert lr_at(100, 1.7, recipe, 1.0) == lr_at(100, 1.0, recipe, 1.0)  # past the end: stays low
 
 
 def test_recipe_writes_a_loadable_checkpoint_and_warm_starts_from_it(tmp_path) -> None:
@@ -42,3 +46,16 @@ def test_recipe_writes_a_loadable_checkpoint_and_warm_starts_from_it(tmp_path) -
     a = load_file(first / "diffusion_pytorch_model.safetensors")
     b = load_file(second / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_context_is_what_the_pipeline_feeds_the_dit(tmp_path) -> None:
+    model = load_model_config(MODEL)
+    encoder = new_text_encoder(model, tmp_path / "tokenizer", seed=3, device=torch.device("cpu"))
+    dit = WanDiT(model.dit)
+    texts = ["a red circle moving left on a white background", "a blue square", ""]
+    with torch.no_grad():
+        batched = text_context(encoder, *encoder.tokenize(texts))
+        per_prompt = dit.pad_context(encoder.hidden_states(texts))
+    lengths = encoder.tokenize(texts)[1].sum(1)
+    assert lengths.unique().numel() == 3  # prompts of different lengths: the zero padding is exercised
+    torch.testing.assert_close(batched, per_prompt, rtol=0, atol=0)

@@ -94,12 +94,12 @@ def to_video(clips: torch.Tensor) -> torch.Tensor:
     return clips.permute(0, 4, 1, 2, 3).float() / 127.5 - 1.0
 
 
-def lr_at(step: int, recipe: Recipe, steps: int, peak: float) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+def lr_at(step: int, progress: float, recipe: Recipe, peak: float) -> float:
+    """Linear warm-up over ``recipe.warmup`` steps, then cosine decay to a tenth of the peak as the
+    stage's ``progress`` (0 to 1) runs out."""
     if step < recipe.warmup:
         return peak * (step + 1) / recipe.warmup
-    progress = (step - recipe.warmup) / max(1, steps - recipe.warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 class EMA:
@@ -126,7 +126,8 @@ def run_steps(
     steps: int,
     loss_fn: Callable[[int], torch.Tensor],
     optimizer: torch.optim.Optimizer,
-    lr: Callable[[int], float],
+    peak_lr: float,
+    recipe: Recipe,
     params: list[nn.Parameter],
     ema: EMA | None = None,
     time_limit: float | None = None,
@@ -134,6 +135,8 @@ def run_steps(
     """The optimisation loop shared by both stages; returns the loss curve (mean per 100 steps).
 
     With ``time_limit`` (seconds) it stops early once that is spent; the log says how many steps ran.
+    The learning rate decays with the progress through the steps or through the time, whichever is
+    further along: a stage cut short by its time limit still ends at the low rate.
     """
     curve, window, start = [], [], time.perf_counter()
     for step in range(steps):
@@ -141,8 +144,11 @@ def run_steps(
             print(f"{name}: time limit reached after {step} of {steps} steps")
             steps = step
             break
+        progress = step / steps
+        if time_limit is not None:
+            progress = max(progress, (time.perf_counter() - start) / time_limit)
         for group in optimizer.param_groups:
-            group["lr"] = lr(step)
+            group["lr"] = lr_at(step, progress, recipe, peak_lr)
         loss = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,13 +184,14 @@ def train_vae(
     optimizer = torch.optim.AdamW(params, lr=recipe.vae_lr, weight_decay=0.0)
 
     def loss_fn(step: int) -> torch.Tensor:
-        index = torch.randint(len(clips), (recipe.vae_batch,), generator=generator)
-        start = int(torch.randint(recipe.frames - recipe.vae_frames + 1, (1,), generator=generator))
+        index = torch.randint(len(clips), (recipe.vae_batch,), generator=generator, device=device).cpu()
+        starts = recipe.frames - recipe.vae_frames + 1
+        start = int(torch.randint(starts, (1,), generator=generator, device=device))
         video = to_video(clips[index, start : start + recipe.vae_frames].to(device))
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             with torch.set_grad_enabled(not decoder_only):
                 mean, log_var = vae.posterior(video)
-            noise = torch.randn(mean.shape, generator=generator).to(device)
+            noise = torch.randn(mean.shape, generator=generator, device=device)
             z = mean + torch.exp(0.5 * log_var) * noise
             recon = vae.reconstruct(z).float()
         kl = 0.5 * (mean.square() + log_var.exp() - 1 - log_var).mean()
@@ -200,7 +207,8 @@ def train_vae(
         steps,
         loss_fn,
         optimizer,
-        lambda s: lr_at(s, recipe, steps, recipe.vae_lr),
+        recipe.vae_lr,
+        recipe,
         params,
         time_limit=time_limit,
     )
@@ -238,9 +246,11 @@ def encode_all(vae: WanVAE, clips: torch.Tensor, batch: int = 64) -> torch.Tenso
     )
 
 
-def text_context(text_encoder: TextEncoder, dit: WanDiT, texts: list[str]) -> torch.Tensor:
-    """What the pipeline feeds the DiT for ``texts``: trimmed encoder states, zero padded."""
-    return dit.pad_context(text_encoder.hidden_states(texts))
+def text_context(text_encoder: TextEncoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """What the pipeline feeds the DiT (states trimmed to each prompt's tokens, zero padded to
+    text_len), as one batched, differentiable op instead of a trim and a pad per prompt."""
+    hidden = text_encoder.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    return hidden * mask.unsqueeze(-1).to(hidden.dtype)
 
 
 def train_dit(
@@ -258,18 +268,23 @@ def train_dit(
     optimizer = torch.optim.AdamW(params, lr=recipe.dit_lr, weight_decay=0.01)
     ema = EMA(modules, recipe.ema)
 
+    # Row -1 is the default negative prompt: a dropped caption is replaced by it.
+    ids, mask = (t.to(device) for t in text_encoder.tokenize(captions + [DEFAULT_NEGATIVE_PROMPT]))
+    batch = recipe.dit_batch
+
     def loss_fn(step: int) -> torch.Tensor:
-        index = torch.randint(len(latents), (recipe.dit_batch,), generator=generator)
-        drop = torch.rand(recipe.dit_batch, generator=generator) < recipe.caption_dropout
-        texts = [DEFAULT_NEGATIVE_PROMPT if d else captions[i] for i, d in zip(index.tolist(), drop.tolist())]
-        x0 = latents[index.to(device)]
-        u = torch.rand(recipe.dit_batch, generator=generator)
-        sigma = (recipe.shift * u / (1 + (recipe.shift - 1) * u)).to(device)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
+        index = torch.randint(len(latents), (batch,), generator=generator, device=device)
+        drop = torch.rand(batch, generator=generator, device=device) < recipe.caption_dropout
+        text_index = torch.where(drop, len(captions), index)
+        x0 = latents[index]
+        u = torch.rand(batch, generator=generator, device=device)
+        sigma = recipe.shift * u / (1 + (recipe.shift - 1) * u)
+        noise = torch.randn(x0.shape, generator=generator, device=device)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            prediction = dit(xt, sigma * 1000, text_context(text_encoder, dit, texts))
+            context = text_context(text_encoder, ids[text_index], mask[text_index])
+            prediction = dit(xt, sigma * 1000, context)
         return F.mse_loss(prediction.float(), noise - x0)
 
     log = run_steps(
@@ -277,7 +292,8 @@ def train_dit(
         recipe.dit_steps,
         loss_fn,
         optimizer,
-        lambda s: lr_at(s, recipe, recipe.dit_steps, recipe.dit_lr),
+        recipe.dit_lr,
+        recipe,
         params,
         ema,
         time_limit,
@@ -333,7 +349,7 @@ def train(
     ``init``, else from ``out`` (an earlier "vae" run there: stages may run on different machines).
     """
     torch.manual_seed(recipe.seed)
-    generator = torch.Generator().manual_seed(recipe.seed)
+    generator = torch.Generator(device).manual_seed(recipe.seed)  # all draws on the device: no copies
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest 3D convolutions
     model = load_model_config(MODEL)
