@@ -7,8 +7,8 @@ import pytest
 
 from pipeline.checkpoint import open_checkpoint
 from pipeline.config import load_profile
-from world.evaluate import evaluate, markdown, psnr, ssim, variants_of
-from world.scenes import Scene, render
+from world.evaluate import evaluate, markdown, psnr, run_variant, ssim, variants_of
+from world.scenes import MOTIONS, Scene, prompt_set, render
 
 
 def _clip(seed: int = 0) -> np.ndarray:
@@ -58,6 +58,20 @@ def test_shipped_world_model_loads_through_the_normal_loader() -> None:
     checkpoint = open_checkpoint(profile.checkpoint_dir)
     assert checkpoint.layout == "official"
     assert checkpoint.model.name == "wan-world"
+
+
+def test_shipped_model_follows_its_prompts() -> None:
+    """The first 8 prompts of the prompt set (one per motion, seed = prompt index) on the lossless
+    profile: the probe reads the prompt's colour and background in every video, and its motion in at
+    least 6 of the 8. That is the level the shipped weights reach (54% motion over all 48 prompts):
+    a regression fails here; the aim, every motion, is not met yet."""
+    scenes = prompt_set()[:8]
+    assert sorted(scene.motion for scene in scenes) == sorted(MOTIONS)
+    run = run_variant(variants_of("wan-world")[0], scenes, device="cpu")
+    assert run["adherence"]["colour"] == 1.0 and run["adherence"]["background"] == 1.0
+    assert run["adherence"]["motion"] >= 6 / 8
+    by_kind = run["motion_by_kind"]
+    assert sorted(by_kind) == sorted(MOTIONS) and sum(by_kind.values()) == 8 * run["adherence"]["motion"]
 
 
 def test_yardstick_on_the_shipped_model() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -13,7 +14,17 @@ from pipeline.config import load_model_config
 from pipeline.dit import WanDiT
 from world.train import MODEL, Recipe, lr_at, new_text_encoder, text_context, train
 
-TOY = Recipe(clips=16, frames=5, size=32, vae_steps=3, vae_batch=2, decoder_steps=2, dit_steps=3, dit_batch=4)
+TOY = Recipe(
+    clips=16,
+    frames=5,
+    size=32,
+    vae_steps=3,
+    vae_batch=2,
+    vae_frames=5,
+    decoder_steps=2,
+    dit_steps=3,
+    dit_batch=4,
+)
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth() -> None:
@@ -32,6 +43,7 @@ def test_recipe_writes_a_loadable_checkpoint_and_warm_starts_from_it(tmp_path) -
     for stage in ("vae", "decoder", "dit"):
         assert all(math.isfinite(x) for x in report[stage]["loss_per_100_steps"])
     assert report["vae"]["steps"] == 3 and report["dit"]["steps"] == 3
+    assert len(report["vae"]["held_out_psnr_db_per_frame"]) == TOY.frames
     assert (first / "training-vae-decoder-dit.json").is_file()
 
     checkpoint = open_checkpoint(first, "wan-world")
@@ -46,6 +58,11 @@ def test_recipe_writes_a_loadable_checkpoint_and_warm_starts_from_it(tmp_path) -
     a = load_file(first / "diffusion_pytorch_model.safetensors")
     b = load_file(second / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recipe_rejects_more_vae_frames_than_a_clip_has() -> None:
+    with pytest.raises(ValueError, match="vae_frames"):
+        Recipe(frames=9, vae_frames=17)
 
 
 def test_training_context_is_what_the_pipeline_feeds_the_dit(tmp_path) -> None:

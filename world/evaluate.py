@@ -99,11 +99,15 @@ def run_variant(variant: Variant, scenes: list[Scene], device: str | None) -> di
         denoise_seconds.append(result.seconds.get("denoise", time.perf_counter() - start))
         videos.append(result.frames)
         hits.append(adherence(probe(result.frames), scene))
+    motions = sorted({scene.motion for scene in scenes})
     return {
         "attention": pipeline.attention.implementation,
         "videos": videos,
         "denoise_s": float(np.mean(denoise_seconds)),
         "adherence": {k: float(np.mean([h[k] for h in hits])) for k in ATTRIBUTES},
+        "motion_by_kind": {
+            m: float(np.mean([h["motion"] for h, s in zip(hits, scenes) if s.motion == m])) for m in motions
+        },
     }
 
 
@@ -133,6 +137,7 @@ def evaluate(model: str, prompts: int = 48, device: str | None = None, only: lis
                 "denoise_s_per_video": round(run["denoise_s"], 3),
                 "speedup": round(reference["denoise_s"] / run["denoise_s"], 3),
                 "adherence": {k: round(v, 4) for k, v in run["adherence"].items()},
+                "motion_by_kind": {k: round(v, 4) for k, v in run["motion_by_kind"].items()},
                 "psnr_db": round(float(np.mean([min(psnr(a, b), 99.0) for a, b in pairs])), 2),
                 "ssim": round(float(np.mean([ssim(a, b) for a, b in pairs])), 4),
             }
