@@ -182,16 +182,34 @@ def block_mask(
     the fused upstream path does: the pooled scores do not change, but a shared offset would
     otherwise make every key block look alike.
     """
-    if (topk is None) == (cdf is None):
-        raise ValueError("block_mask needs exactly one of topk and cdf")
-    frac = topk if topk is not None else cdf
-    if not 0.0 < frac <= 1.0:
-        raise ValueError(f"topk/cdf must be in (0, 1], got {frac}")
+    _check_selection(topk, cdf)
     qh, kh = _heads_first(q).float(), _heads_first(k).float()
     if smooth_k:
         kh = kh - kh.mean(dim=-2, keepdim=True)
     pq, sim_q = _pool_and_similarity(qh, block_q)
     pk, sim_k = _pool_and_similarity(kh, block_k)
+    return select_blocks(pq, sim_q, pk, sim_k, topk, cdf, sim_threshold)
+
+
+def _check_selection(topk: float | None, cdf: float | None) -> None:
+    if (topk is None) == (cdf is None):
+        raise ValueError("block_mask needs exactly one of topk and cdf")
+    frac = topk if topk is not None else cdf
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"topk/cdf must be in (0, 1], got {frac}")
+
+
+def select_blocks(
+    pq: torch.Tensor,
+    sim_q: torch.Tensor,
+    pk: torch.Tensor,
+    sim_k: torch.Tensor,
+    topk: float | None,
+    cdf: float | None,
+    sim_threshold: float | None,
+) -> torch.Tensor:
+    """``block_mask``'s selection from the block means (B, H, nb, D) and self-similarities (B, H, nb)."""
+    _check_selection(topk, cdf)
     if sim_threshold is None:
         q_alike = torch.ones_like(sim_q, dtype=torch.bool)
         k_alike = torch.ones_like(sim_k, dtype=torch.bool)
@@ -203,11 +221,11 @@ def block_mask(
     probs = torch.softmax(score, dim=-1).nan_to_num(0.0)  # all keys unlike: all kept below anyway
     sorted_p, order = probs.sort(dim=-1, descending=True)
     if topk is not None:
-        n_keep = torch.full(sorted_p.shape[:-1], max(1, int(topk * nk)), device=q.device)
+        n_keep = torch.full(sorted_p.shape[:-1], max(1, int(topk * nk)), device=pq.device)
     else:
         # Smallest prefix whose mass reaches cdf: blocks before the crossing, plus the crossing one.
         n_keep = ((sorted_p.cumsum(dim=-1) < cdf).sum(dim=-1) + 1).clamp(max=nk)
-    keep_sorted = torch.arange(nk, device=q.device) < n_keep[..., None]
+    keep_sorted = torch.arange(nk, device=pq.device) < n_keep[..., None]
     mask = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return mask | ~k_alike[..., None, :] | ~q_alike[..., :, None]
 

@@ -12,8 +12,9 @@ blocks, never drop a block whose tokens are not alike) and numerics are those of
   rule off.
 - ``implementation``: ``"upstream"`` is the ``spas_sage_attn`` package (SpargeAttn's CUDA kernels;
   fp32 inputs run in bf16); ``"triton"`` is this project's ``kernels.triton_sparge`` (the block map
-  is ``block_mask`` itself, then a Triton kernel that visits only the kept blocks, with the 8-bit
-  numerics of ``kernels.triton_sage``; needs triton and a CUDA GPU of sm_80+); ``None`` (default):
+  is ``block_mask``'s rule with the pooling in Triton, then a Triton kernel that visits only the
+  kept blocks, with the 8-bit numerics of ``kernels.triton_sage``; needs triton and a CUDA GPU of
+  sm_80+); ``None`` (default):
   upstream when importable, else ours.
 - ``pv_threshold`` (upstream only, so only with ``implementation="upstream"``): its P.V skip
   ``pvthreshd``; ``None`` means upstream's 50. Our kernel computes every kept block.

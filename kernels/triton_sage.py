@@ -80,6 +80,37 @@ class QuantizedQKV:
 # --- quantisation -------------------------------------------------------------------------------
 
 
+@triton.jit
+def load_token_block(
+    x_ptr,
+    mean_ptr,
+    block,
+    bh,
+    n_tokens,
+    n_heads,
+    stride_b,
+    stride_n,
+    stride_h,
+    stride_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr,
+):
+    """Tokens [block * BLOCK, +BLOCK) of head ``bh`` of x (batch, tokens, heads, d) in fp32, the
+    per-head ``mean`` subtracted if SUBTRACT_MEAN; rows past the last token are zeros."""
+    batch, head = bh // n_heads, bh % n_heads
+    rows = (block * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    dims = tl.arange(0, HEAD_DIM)
+    inside = rows[:, None] < n_tokens
+    src = x_ptr + batch.to(tl.int64) * stride_b + head * stride_h
+    x = tl.load(src + rows[:, None] * stride_n + dims[None, :] * stride_d, mask=inside, other=0.0)
+    x = x.to(tl.float32)
+    if SUBTRACT_MEAN:
+        mean = tl.load(mean_ptr + bh * HEAD_DIM + dims)
+        x = tl.where(inside, x - mean[None, :], 0.0)  # padding rows stay zero
+    return x
+
+
 # Token counts change with every video size: no recompiling for their divisibility by 16.
 @triton.jit(do_not_specialize=["n_tokens"])
 def _quantize_int8_kernel(
@@ -100,16 +131,12 @@ def _quantize_int8_kernel(
     block = tl.program_id(0)
     bh = tl.program_id(1)
     n_blocks = tl.num_programs(0)
-    batch, head = bh // n_heads, bh % n_heads
+    x = load_token_block(
+        x_ptr, mean_ptr, block, bh, n_tokens, n_heads, stride_b, stride_n, stride_h, stride_d,
+        HEAD_DIM, BLOCK, SUBTRACT_MEAN,
+    )  # fmt: skip
     rows = (block * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     dims = tl.arange(0, HEAD_DIM)
-    inside = rows[:, None] < n_tokens
-    src = x_ptr + batch.to(tl.int64) * stride_b + head * stride_h
-    x = tl.load(src + rows[:, None] * stride_n + dims[None, :] * stride_d, mask=inside, other=0.0)
-    x = x.to(tl.float32)
-    if SUBTRACT_MEAN:
-        mean = tl.load(mean_ptr + bh * HEAD_DIM + dims)
-        x = tl.where(inside, x - mean[None, :], 0.0)  # padding rows stay zero
     scale = tl.maximum(tl.max(tl.abs(x)) / 127.0, _FP32_TINY)
     values = (tl.div_rn(x, scale) + _ROUND_TO_INTEGER) - _ROUND_TO_INTEGER
     dst = values_ptr + bh.to(tl.int64) * n_blocks * BLOCK * HEAD_DIM
@@ -129,20 +156,33 @@ def quantize_int8_per_block(
     n_blocks = triton.cdiv(n, block)
     values = torch.empty(b * h, n_blocks * block, d, dtype=torch.int8, device=x.device)
     scales = torch.empty(b * h, n_blocks, dtype=torch.float32, device=x.device)
-    _quantize_int8_kernel[(n_blocks, b * h)](
+    launch_per_token_block(_quantize_int8_kernel, x, block, mean, (values, scales), num_warps=4)
+    return values, scales
+
+
+def launch_per_token_block(
+    kernel: triton.JITFunction,
+    x: torch.Tensor,
+    block: int,
+    mean: torch.Tensor | None,
+    outputs: tuple[torch.Tensor, ...],
+    num_warps: int,
+) -> None:
+    """Run a kernel with ``load_token_block``'s arguments (x, mean, *outputs, n_tokens, n_heads,
+    x's strides) on one program per block of ``block`` tokens and per batch and head."""
+    b, n, h, d = x.shape
+    kernel[(triton.cdiv(n, block), b * h)](
         x,
-        mean if mean is not None else scales,  # not read without SUBTRACT_MEAN
-        values,
-        scales,
+        mean if mean is not None else x,  # not read without SUBTRACT_MEAN
+        *outputs,
         n,
         h,
         *x.stride(),
         HEAD_DIM=d,
         BLOCK=block,
         SUBTRACT_MEAN=mean is not None,
-        num_warps=4,
+        num_warps=num_warps,
     )
-    return values, scales
 
 
 def prepare_v(v: torch.Tensor, block_n: int, pv_fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,9 +1,11 @@
 """This project's block-sparse 8-bit attention (SpargeAttn-style), in Triton.
 
 Two steps:
-  1. The block map: ``kernels.reference.block_mask`` itself (mean-pooled block scores, top-k or CDF
+  1. The block map: ``kernels.reference.block_mask``'s rule (mean-pooled block scores, top-k or CDF
      selection, never dropping a block whose tokens are not alike), on blocks of MAP_BLOCK_Q query
-     x MAP_BLOCK_K key tokens, so the kept set is exactly the reference's.
+     x MAP_BLOCK_K key tokens. The pooling (block means and self-similarities, K smoothed) is one
+     Triton pass over Q and one over K (``pool_blocks``) instead of several fp32 copies of both; the
+     selection on the pooled blocks is the reference's own ``select_blocks``.
   2. The kernel: per query block, a compact list of its kept key blocks (ascending) and their count;
      the program visits only those, with the per-tile code and 8-bit numerics of
      ``kernels.triton_sage`` (int8 Q.K with K smoothing, fp8 e4m3 or fp16 P.V, fp32 online softmax).
@@ -21,13 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import block_mask
+from kernels.reference import select_blocks
 from kernels.triton_sage import (
     LOG2_E,
     KernelConfig,
     attend_key_block,
     check_inputs,
+    launch_per_token_block,
     load_query_block,
+    load_token_block,
     quantize_qkv,
     store_output,
 )
@@ -48,6 +52,69 @@ SPARSE_CONFIGS: dict[int, KernelConfig] = {
 def sparse_config(head_dim: int) -> KernelConfig:
     """The kernel's tile and launch choice for ``head_dim``: tiles are the block map's."""
     return SPARSE_CONFIGS[head_dim]
+
+
+@triton.jit(do_not_specialize=["n_tokens"])
+def _pool_kernel(
+    x_ptr,
+    mean_ptr,
+    pooled_ptr,
+    sim_ptr,
+    n_tokens,
+    n_heads,
+    stride_b,
+    stride_n,
+    stride_h,
+    stride_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr,
+):
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_blocks = tl.num_programs(0)
+    x = load_token_block(
+        x_ptr, mean_ptr, block, bh, n_tokens, n_heads, stride_b, stride_n, stride_h, stride_d,
+        HEAD_DIM, BLOCK, SUBTRACT_MEAN,
+    )  # fmt: skip
+    dims = tl.arange(0, HEAD_DIM)
+    count = tl.minimum(n_tokens - block * BLOCK, BLOCK).to(tl.float32)
+    # Mean over all token pairs of cos(x_i, x_j) = ||sum of unit vectors||^2 / count^2.
+    norm = tl.sqrt(tl.sum(x * x, 1))
+    unit_sum = tl.sum(x / tl.maximum(norm, 1e-12)[:, None], 0)
+    out = pooled_ptr + (bh.to(tl.int64) * n_blocks + block) * HEAD_DIM
+    tl.store(out + dims, tl.sum(x, 0) / count)
+    tl.store(sim_ptr + bh * n_blocks + block, tl.sum(unit_sum * unit_sum) / (count * count))
+
+
+def pool_blocks(
+    x: torch.Tensor, block: int, mean: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (batch, tokens, heads, d) -> block means fp32 (batch, heads, blocks, d) and self-similarities
+    (batch, heads, blocks), as ``kernels.reference`` pools; ``mean`` (batch, heads, d) fp32 is
+    subtracted first if given."""
+    b, n, h, d = x.shape
+    n_blocks = triton.cdiv(n, block)
+    pooled = torch.empty(b, h, n_blocks, d, dtype=torch.float32, device=x.device)
+    sim = torch.empty(b, h, n_blocks, dtype=torch.float32, device=x.device)
+    num_warps = 8 if d * block > 8192 else 4  # at most 64 fp32 values of the tile per thread
+    launch_per_token_block(_pool_kernel, x, block, mean, (pooled, sim), num_warps)
+    return pooled, sim
+
+
+def fused_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    topk: float | None = None,
+    cdf: float | None = None,
+    sim_threshold: float | None = 0.6,
+) -> torch.Tensor:
+    """``kernels.reference.block_mask`` on MAP_BLOCK_Q x MAP_BLOCK_K blocks, K smoothed, with the
+    pooling in Triton: bool (batch, heads, query blocks, key blocks)."""
+    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()
+    pq, sim_q = pool_blocks(q, MAP_BLOCK_Q)
+    pk, sim_k = pool_blocks(k, MAP_BLOCK_K, mean=k_mean)
+    return select_blocks(pq, sim_q, pk, sim_k, topk, cdf, sim_threshold)
 
 
 def kept_block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,9 +247,9 @@ def sparge_attention(
     sim_threshold: float | None = 0.6,
     pv_fp8: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block map (``block_mask``, exactly one of topk and cdf) then the block-sparse kernel.
+    """Block map (``fused_block_mask``, exactly one of topk and cdf) then the block-sparse kernel.
 
     Returns (output, block mask); ``mask.float().mean()`` is the fraction of blocks computed.
     """
-    mask = block_mask(q, k, MAP_BLOCK_Q, MAP_BLOCK_K, topk=topk, cdf=cdf, sim_threshold=sim_threshold)
+    mask = fused_block_mask(q, k, topk=topk, cdf=cdf, sim_threshold=sim_threshold)
     return block_sparse_sage_attention(q, k, v, mask, pv_fp8), mask

@@ -295,6 +295,21 @@ def _check_sparge_uses_the_reference_block_map() -> None:
     assert (mask.sum(dim=-1) == 5).all()  # int(0.5 * 11 key blocks) kept by every query block
 
 
+def _check_pooling_matches_the_reference() -> None:
+    from kernels.reference import _heads_first, _pool_and_similarity
+    from kernels.triton_sparge import pool_blocks
+
+    q, k, _ = clustered_qkv(2, 3, 300, 64, clusters=4, seed=11)  # 300: a partial last block
+    k_mean = k.mean(dim=1)
+    for x, block, mean in ((q, 128, None), (k, 64, k_mean)):
+        pooled, sim = pool_blocks(x, block, mean=mean)
+        xh = _heads_first(x) - (0 if mean is None else mean[:, :, None, :])
+        ref_pooled, ref_sim = _pool_and_similarity(xh, block)
+        torch.testing.assert_close(pooled, ref_pooled, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sim, ref_sim, rtol=1e-5, atol=1e-6)
+        assert sim.min() < 0.5 < sim.max()  # clusters that cross blocks and blocks inside one
+
+
 def _check_kept_block_lists() -> None:
     from kernels.triton_sparge import kept_block_lists
 
@@ -417,6 +432,10 @@ def test_sparge_attention_uses_the_reference_block_map():
     _in_interpreter(_check_sparge_uses_the_reference_block_map)
 
 
+def test_pooling_for_the_block_map_matches_the_reference():
+    _in_interpreter(_check_pooling_matches_the_reference)
+
+
 def test_kept_block_lists_are_the_kept_indices_in_order():
     _in_interpreter(_check_kept_block_lists)
 
@@ -490,7 +509,7 @@ def test_sparsity_stats_sum_calls_until_reset():
 @pytest.mark.parametrize("pv_fp8", [True, False])
 def test_compiled_kernels_on_gpu(pv_fp8):
     from kernels.triton_sage import CONFIGS, sage_attention
-    from kernels.triton_sparge import block_sparse_sage_attention, sparse_config
+    from kernels.triton_sparge import block_sparse_sage_attention, fused_block_mask, sparse_config
 
     if pv_fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 P.V needs sm_89+")
@@ -502,6 +521,7 @@ def test_compiled_kernels_on_gpu(pv_fp8):
     assert out.isfinite().all()
     assert relative_error(out, exact) < 1.5 * relative_error(oracle, exact) + 5e-3  # + bf16 output rounding
     mask = block_mask(q, k, 128, 64, topk=0.5, sim_threshold=None)
+    assert torch.equal(fused_block_mask(q, k, topk=0.5, sim_threshold=None), mask)
     sparse = block_sparse_sage_attention(q, k, v, mask, pv_fp8=pv_fp8)
     assert relative_error(sparse, sparse_reference(q, k, v, mask)) < 0.05
     everything = torch.ones_like(mask)
