@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,14 +70,17 @@ class TokenOps:
 EAGER = TokenOps()
 
 
-def compiled(backend: str = "inductor") -> TokenOps:
-    """The same functions through ``torch.compile`` (one fused kernel each; compiled per shape).
+def compiled(backend: str | Callable[..., Any] = "inductor") -> TokenOps:
+    """The same functions through ``torch.compile`` (one fused kernel each).
 
-    ``fullgraph``: a graph break would silently split a fusion, so it is an error instead.
+    ``fullgraph``: a graph break would silently split a fusion, so it is an error instead. Shapes
+    are static for the first video size and become dynamic when a second one arrives (torch's
+    automatic dynamic shapes): a worker serving many sizes and frame counts compiles each function
+    twice, not once per size up to torch's recompile limit and eager after it.
     """
 
     def fuse(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        return torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
+        return torch.compile(fn, fullgraph=True, backend=backend)
 
     return TokenOps(
         modulated_norm=fuse(modulated_norm),

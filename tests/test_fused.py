@@ -74,3 +74,18 @@ def test_every_function_traces_as_one_graph(name: str) -> None:
     }[name]
     traced = getattr(fused.compiled(backend="eager"), name)
     assert torch.equal(traced(*args), getattr(fused.EAGER, name)(*args))
+
+
+def test_compiled_functions_compile_twice_for_any_number_of_video_sizes() -> None:
+    """Static for the first token count, dynamic from the second: five sizes, two compilations
+    (static shapes would compile five times, and fall back to eager past torch's recompile limit)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    norm = fused.compiled(backend=counter).rms_norm
+    weight = torch.randn(D * H)
+    for tokens in (5, 7, 9, 11, 13):
+        x = torch.randn(1, tokens, D * H)
+        assert torch.equal(norm(x, weight, 1e-6), fused.EAGER.rms_norm(x, weight, 1e-6))
+    assert counter.frame_count == 2
