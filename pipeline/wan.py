@@ -18,7 +18,7 @@ from pipeline.config import ModelConfig, ProfileConfig
 from pipeline.dit import WanDiT
 from pipeline.flexcache import COND, UNCOND, FlexCache
 from pipeline.memory import BlockStreamer, MemoryPlan, estimate_job_bytes
-from pipeline.params import GenerationParams, parse_size
+from pipeline.params import GenerationParams, parse_size, validate_params
 from pipeline.schedulers import make_scheduler
 from pipeline.video import to_uint8_frames
 
@@ -169,6 +169,26 @@ class WanPipeline:
             profile.attention_options,
             profile.compile,
         )
+
+    @torch.no_grad()
+    def warm_up(self) -> float:
+        """One DiT forward per expert at the model's default size and frame count, before any job:
+        kernels that compile or tune themselves on first use (the fused token-wise work of
+        ``compile``, Triton attention kernels, cuDNN's choice) do it here, not inside a job.
+        Returns the seconds it took."""
+        start = time.perf_counter()
+        params = validate_params({"prompt": "warm-up", "seed": 0}, self.model)
+        cond, _ = self.encode_text(params)
+        latents = self.initial_noise(params)
+        t = torch.tensor([999], device=self.device)  # the first step's timestep
+        for index, dit in enumerate(self.experts):
+            self.activate_expert(index)
+            dit(latents, t, cond)
+        if self.sparsity is not None:
+            self.sparsity.reset()  # the warm-up's blocks are no job's
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
 
     def activate_expert(self, index: int) -> None:
         """Level 3+: give the device to one expert; the others hold no device memory at all."""

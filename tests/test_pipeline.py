@@ -140,6 +140,18 @@ def test_wan22_switches_experts_at_timestep_875(tmp_path):
     assert calls == {0: 52, 1: 28}  # two forwards (cond, uncond) per step
 
 
+@pytest.mark.parametrize("level", [0, 3])
+def test_warm_up_runs_each_expert_once_at_the_default_size(tmp_path, level):
+    root = write_tiny_checkpoint(tmp_path / "moe", model_name="tiny-moe")
+    pipe = WanPipeline.from_checkpoint(root, device="cpu", low_mem_level=level)
+    shapes = {0: [], 1: []}
+    for i, dit in enumerate(pipe.experts):
+        dit.register_forward_hook(lambda module, args, out, i=i: shapes[i].append(tuple(args[0].shape)))
+    assert pipe.warm_up() > 0
+    default = validate_params({"prompt": "any"}, pipe.model)
+    assert shapes == {0: [(1, *pipe.latent_shape(default))], 1: [(1, *pipe.latent_shape(default))]}
+
+
 def test_checkpoint_identity_and_errors(tiny_checkpoint, tmp_path):
     assert open_checkpoint(tiny_checkpoint).model.name == "tiny"
     with pytest.raises(CheckpointError, match="holds tiny, not wan2.1-t2v-1.3b"):

@@ -157,6 +157,8 @@ class WorkerService:
                 time.perf_counter() - start,
                 self.pipeline.attention.implementation,
             )
+            if self.pipeline.device.type == "cuda":  # CPU workers have nothing to compile or tune
+                log.info("warm-up (one DiT forward per expert) in %.1f s", self.pipeline.warm_up())
         Path(self.settings.work_dir).mkdir(parents=True, exist_ok=True)
 
     def start_background(self) -> None:
