@@ -1,0 +1,109 @@
+"""Fit TeaCache's rescaling polynomial for the world model, from its own denoising runs.
+
+    python -m world.teacache_fit --prompts 16
+
+TeaCache skips the block stack while the accumulated, rescaled relative L1 change of the
+timestep-modulated input (since the last computed step) stays under a threshold, and then reuses the
+block stack's last residual (output minus input). The rescaling polynomial maps the input's change
+to the residual's change. The published fits are for the real Wan checkpoints; this fits one for our
+own weights. It runs the lossless sampler on the first ``--prompts`` prompts of the prompt set
+(seed = prompt index) and, for every step after the first of every CFG branch, takes the relative
+L1 change of the modulated input and of the residual from the step before. A least-squares
+polynomial of ``--degree`` through those pairs is printed as JSON: ``coefficients`` (highest power
+first, as ``teacache.coefficients`` in the model config wants them), the number of pairs and R^2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from pipeline.config import load_profile
+from pipeline.flexcache import COND, UNCOND, FlexCache
+from pipeline.params import validate_params
+from pipeline.wan import WanPipeline, apply_guidance
+from world.scenes import caption, prompt_set
+
+
+def relative_l1(new: torch.Tensor, old: torch.Tensor) -> float:
+    """TeaCache's measure of change: mean |new - old| / mean |old|."""
+    return ((new - old).abs().mean() / old.abs().mean()).item()
+
+
+class ChangeRecorder:
+    """``WanPipeline.denoise``'s guided velocity (both CFG branches, no caching) that records, per
+    expert and branch, the change of the modulated input and of the block-stack residual from the
+    step before. One recorder per video."""
+
+    def __init__(self, pipeline: WanPipeline, pairs: list[tuple[float, float]]) -> None:
+        self.pipeline = pipeline
+        self.use_projection = pipeline.model.teacache.modulated_input == "time_projection"
+        self.pairs = pairs
+        self.last: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(
+        self,
+        cache: FlexCache,
+        expert: int,
+        step: int,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        guidance: float,
+    ) -> torch.Tensor:
+        dit = self.pipeline.experts[expert]
+        velocities = []
+        for branch, context in ((COND, cond), (UNCOND, uncond)):
+            inputs = dit.prepare(latents, t, context)
+            out = dit.run_blocks(inputs)
+            modulated = inputs.time if self.use_projection else inputs.time_embedding
+            residual = (out - inputs.x).float()
+            if (expert, branch) in self.last:
+                old_input, old_residual = self.last[expert, branch]
+                self.pairs.append((relative_l1(modulated, old_input), relative_l1(residual, old_residual)))
+            self.last[expert, branch] = (modulated, residual)
+            velocities.append(dit.finish(out, inputs))
+        return apply_guidance(velocities[0], velocities[1], guidance)
+
+
+def change_pairs(pipeline: WanPipeline, prompts: int) -> list[tuple[float, float]]:
+    """(input change, residual change) between consecutive steps, over the first ``prompts`` prompts."""
+    pairs: list[tuple[float, float]] = []
+    for seed, scene in enumerate(prompt_set()[:prompts]):
+        params = validate_params({"prompt": caption(scene), "seed": seed}, pipeline.model)
+        cond, uncond = pipeline.encode_text(params)
+        noise = pipeline.initial_noise(params)
+        pipeline.denoise(noise, cond, uncond, params, guided_velocity=ChangeRecorder(pipeline, pairs))
+    return pairs
+
+
+def fit(pairs: list[tuple[float, float]], degree: int) -> dict:
+    """Least-squares polynomial residual change ~ input change, and how much of the variance it explains."""
+    x, y = np.array(pairs).T
+    coefficients = np.polyfit(x, y, degree)
+    predicted = np.polyval(coefficients, x)
+    r2 = 1.0 - float(np.sum((y - predicted) ** 2) / np.sum((y - y.mean()) ** 2))
+    return {"coefficients": [float(c) for c in coefficients], "pairs": len(pairs), "r2": round(r2, 4)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--profile", default="wan-world", help="a profile of the world model")
+    parser.add_argument("--prompts", type=int, default=16, help="the first N prompts of the prompt set")
+    parser.add_argument("--degree", type=int, default=4)
+    parser.add_argument("--device", help="default: CUDA when available, else the CPU")
+    args = parser.parse_args(argv)
+    pipeline = WanPipeline.from_profile(load_profile(args.profile), args.device)
+    with torch.no_grad():
+        pairs = change_pairs(pipeline, args.prompts)
+    print(json.dumps({"profile": args.profile, "prompts": args.prompts, **fit(pairs, args.degree)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
