@@ -26,6 +26,7 @@ from pipeline.fused import EAGER
 from pipeline.loading import assign_weights
 from pipeline.params import parse_size
 from pipeline.tiny import random_state
+from pipeline.wan import dit_tokens
 
 
 def build_dit(model_name: str) -> WanDiT:
@@ -75,7 +76,7 @@ def main() -> None:
     context = torch.randn(1, 512, model.dit.text_dim, device="cuda", generator=generator).to(torch.bfloat16)
     t = torch.tensor([999], device="cuda")
     report["shape"] = f"{width}x{height}x{args.frames}"
-    report["tokens"] = latent_frames * (height // 16) * (width // 16)
+    report["tokens"] = dit_tokens(model, args.frames, height, width)
 
     reference = None
     if not args.skip_diffusers:

@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import emit, ensure_checkpoint, report_header
+from common import GB, emit, ensure_checkpoint, report_header
 
 from pipeline.config import load_model_config
 from pipeline.flexcache import _TeaCache, _TeaState
 from pipeline.params import validate_params
 from pipeline.wan import WanPipeline
-
-GB = 1024**3
 
 
 def decision_cost_ms(pipe: WanPipeline, params, repeats: int = 200) -> float:

@@ -15,13 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import emit, ensure_checkpoint, report_header
+from common import GB, emit, ensure_checkpoint, report_header
 
 from pipeline.config import load_model_config
 from pipeline.params import validate_params
 from pipeline.wan import WanPipeline
-
-GB = 1024**3
 
 
 def measure_level(checkpoint: Path, model_name: str, level: int, request: dict) -> dict:

@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import diffusers_dit, emit, ensure_checkpoint, report_header, time_forward
+from common import GB, diffusers_dit, emit, ensure_checkpoint, report_header, time_forward
 
 from pipeline.config import load_model_config
 from pipeline.params import validate_params
 from pipeline.video import write_mp4
 from pipeline.wan import WanPipeline
-
-GB = 1024**3
 
 
 def main() -> None:

@@ -182,21 +182,12 @@ def block_mask(
     the fused upstream path does: the pooled scores do not change, but a shared offset would
     otherwise make every key block look alike.
     """
-    _check_selection(topk, cdf)
     qh, kh = _heads_first(q).float(), _heads_first(k).float()
     if smooth_k:
         kh = kh - kh.mean(dim=-2, keepdim=True)
     pq, sim_q = _pool_and_similarity(qh, block_q)
     pk, sim_k = _pool_and_similarity(kh, block_k)
     return select_blocks(pq, sim_q, pk, sim_k, topk, cdf, sim_threshold)
-
-
-def _check_selection(topk: float | None, cdf: float | None) -> None:
-    if (topk is None) == (cdf is None):
-        raise ValueError("block_mask needs exactly one of topk and cdf")
-    frac = topk if topk is not None else cdf
-    if not 0.0 < frac <= 1.0:
-        raise ValueError(f"topk/cdf must be in (0, 1], got {frac}")
 
 
 def select_blocks(
@@ -209,7 +200,11 @@ def select_blocks(
     sim_threshold: float | None,
 ) -> torch.Tensor:
     """``block_mask``'s selection from the block means (B, H, nb, D) and self-similarities (B, H, nb)."""
-    _check_selection(topk, cdf)
+    if (topk is None) == (cdf is None):
+        raise ValueError("block_mask needs exactly one of topk and cdf")
+    frac = topk if topk is not None else cdf
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"topk/cdf must be in (0, 1], got {frac}")
     if sim_threshold is None:
         q_alike = torch.ones_like(sim_q, dtype=torch.bool)
         k_alike = torch.ones_like(sim_k, dtype=torch.bool)

@@ -19,7 +19,7 @@ from torch import nn
 
 from kernels import AttentionBackend, get_backend
 from pipeline.config import DiTConfig
-from pipeline.fused import EAGER, TokenOps, modulated_norm
+from pipeline.fused import EAGER, TokenOps
 from pipeline.fused import compiled as compiled_token_ops
 from pipeline.loading import CheckpointError
 
@@ -216,9 +216,9 @@ class Head(nn.Module):
         self.head = nn.Linear(config.dim, out)
         self.modulation = nn.Parameter(torch.zeros(1, 2, config.dim))
 
-    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor, ops: TokenOps = EAGER) -> torch.Tensor:
         shift, scale = (self.modulation.float() + time_embedding[:, None]).unbind(1)
-        return self.head(modulated_norm(x, shift, scale, self.norm.eps))
+        return self.head(ops.modulated_norm(x, shift, scale, self.norm.eps))
 
 
 class WanDiT(nn.Module):
@@ -318,7 +318,7 @@ class WanDiT(nn.Module):
 
     def finish(self, x: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:
         """Head and unpatchify: tokens after the blocks -> velocity [B, C, F, H, W] in fp32."""
-        return self.unpatchify(self.head(x, inputs.time_embedding), inputs.grid).float()
+        return self.unpatchify(self.head(x, inputs.time_embedding, self.ops), inputs.grid).float()
 
     def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """[B, L, p_t*p_h*p_w*C] -> [B, C, F, H, W]."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 import torch
 
@@ -24,6 +23,8 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = 16, crf: int = DEFAULT_
     count, height, width, _ = frames.shape
     if width % 2 or height % 2:
         raise ValueError(f"yuv420p needs even sizes, got {width}x{height}")
+    import imageio_ffmpeg  # here, not at the top: frame conversion needs no ffmpeg
+
     writer = imageio_ffmpeg.write_frames(
         str(path),
         (width, height),
@@ -44,6 +45,8 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = 16, crf: int = DEFAULT_
 
 def read_mp4(path: Path) -> tuple[np.ndarray, dict]:
     """Decode an MP4 back to [F, H, W, 3] uint8 and its metadata (size, fps, codec)."""
+    import imageio_ffmpeg
+
     reader = imageio_ffmpeg.read_frames(str(path))
     meta = reader.__next__()
     width, height = meta["size"]

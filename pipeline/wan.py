@@ -50,13 +50,18 @@ def apply_guidance(
     return uncond_velocity + guidance * (cond_velocity - uncond_velocity)
 
 
+def dit_tokens(model: ModelConfig, frames: int, height: int, width: int) -> int:
+    """Tokens the DiT sees for a video of ``frames`` x ``height`` x ``width``: VAE stride, then patches."""
+    st, sh, sw = model.vae.stride
+    pt, ph, pw = model.dit.patch_size
+    return ((frames - 1) // st + 1) // pt * (height // sh // ph) * (width // sw // pw)
+
+
 def self_attention_shape(model: ModelConfig) -> tuple[int, int, int, int]:
     """(batch, tokens, heads, head_dim) of the self-attention at the model's default video size: the
     shape ``auto`` times its candidates on."""
     width, height = parse_size(model.sampling.size)
-    st, sh, sw = model.vae.stride
-    pt, ph, pw = model.dit.patch_size
-    tokens = ((model.sampling.frames - 1) // st + 1) // pt * (height // sh // ph) * (width // sw // pw)
+    tokens = dit_tokens(model, model.sampling.frames, height, width)
     return (1, tokens, model.dit.num_heads, model.dit.head_dim)
 
 
@@ -209,9 +214,7 @@ class WanPipeline:
 
     def estimate_job_bytes(self, params: GenerationParams) -> int:
         """Device memory this job needs on top of what is resident (see pipeline.memory)."""
-        _, frames, height, width = self.latent_shape(params)
-        p_t, p_h, p_w = self.model.dit.patch_size
-        tokens = (frames // p_t) * (height // p_h) * (width // p_w)
+        tokens = dit_tokens(self.model, params.frames, params.height, params.width)
         return estimate_job_bytes(
             self.plan.level, tokens, self.model.dit.dim, params.width * params.height, params.frames
         )
