@@ -420,7 +420,7 @@ def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list
     ref = fp32_reference(q, k, v) if ref is None else ref  # every config's error, also with --quick
     problems: list[str] = []
     rows = []
-    for block_m, block_n in ((128, 128), (128, 64), (64, 128)):
+    for block_m, block_n in ((128, 128), (128, 64), (64, 128), (64, 64)):
         for num_warps in (4, 8):
             for num_stages in (2, 3, 4):
                 config = KernelConfig(block_m, block_n, num_warps, num_stages)
@@ -430,12 +430,15 @@ def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list
                 )
     mask = block_mask(q, k, 128, 64, topk=0.5, sim_threshold=None)
     sparse_ref = fp32_reference(q, k, v, mask)
-    for num_warps in (4, 8):
-        for num_stages in (2, 3, 4):
-            config = replace(sparse_config(shape.dim), num_warps=num_warps, num_stages=num_stages)
-            run = partial(block_sparse_sage_attention, q, k, v, mask, pv_fp8, config)
-            name = f"sparse@0.5 {label(config)}"
-            rows.append(timing(name, str(config), shape, run, sparse_ref, "sparse", 50, problems))
+    for block_m in (128, 64):  # the map's query blocks, or halves of them
+        for num_warps in (4, 8):
+            for num_stages in (2, 3, 4):
+                config = replace(
+                    sparse_config(shape.dim), block_m=block_m, num_warps=num_warps, num_stages=num_stages
+                )
+                run = partial(block_sparse_sage_attention, q, k, v, mask, pv_fp8, config)
+                name = f"sparse@0.5 {label(config)}"
+                rows.append(timing(name, str(config), shape, run, sparse_ref, "sparse", 50, problems))
     return rows, problems
 
 

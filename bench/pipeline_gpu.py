@@ -5,7 +5,13 @@ loads it through the project's loader, times one DiT forward of ours and of diff
 WanTransformer3DModel with the same weights at the same shape, then generates one whole video.
 Prints one JSON object. Random weights: the speed of dense work does not depend on weight values.
 
+``--profile`` runs the way a profile does (attention backend, compile, memory level; the pipeline is
+warmed up first, as a worker does before its first job) and ``--flexcache`` asks the video's request
+for a feature cache. TeaCache's skips depend on the weights: with random ones its speed-up is not
+the one trained weights give, and the report counts the block stacks it computed.
+
     python bench/pipeline_gpu.py --model wan2.1-t2v-1.3b --checkpoint /tmp/wan13 --json-out result.json
+    python bench/pipeline_gpu.py --checkpoint /tmp/wan13 --profile wan2.1-1.3b-sparge --flexcache teacache
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from pathlib import Path
 import torch
 from common import GB, diffusers_dit, emit, ensure_checkpoint, report_header, time_forward
 
-from pipeline.config import load_model_config
+from pipeline.config import load_model_config, load_profile
 from pipeline.params import validate_params
 from pipeline.video import write_mp4
 from pipeline.wan import WanPipeline
@@ -26,6 +32,8 @@ from pipeline.wan import WanPipeline
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="wan2.1-t2v-1.3b")
+    parser.add_argument("--profile", help="run as this profile does (its model replaces --model)")
+    parser.add_argument("--flexcache", default="none", help="the video request's feature cache")
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--size", default=None)
     parser.add_argument("--frames", type=int, default=81)
@@ -37,14 +45,24 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
-    model = load_model_config(args.model)
+    profile = load_profile(args.profile) if args.profile else None
+    model = load_model_config(profile.model if profile else args.model)
     report = report_header(model)
     ensure_checkpoint(args.checkpoint, model, report)
 
     start = time.perf_counter()
-    pipe = WanPipeline.from_checkpoint(args.checkpoint, model.name, "cuda")
+    if profile:
+        report["profile"] = profile.name
+        pipe = WanPipeline.from_checkpoint(
+            args.checkpoint, model.name, "cuda", profile.dtype, profile.attention,
+            profile.low_mem_level, profile.attention_options, profile.compile,
+        )  # fmt: skip
+    else:
+        pipe = WanPipeline.from_checkpoint(args.checkpoint, model.name, "cuda")
     torch.cuda.synchronize()
     report["load_s"] = round(time.perf_counter() - start, 1)
+    if profile:
+        report["warm_up_s"] = round(pipe.warm_up(), 1)
     report["resident_gb"] = round(torch.cuda.memory_allocated() / GB, 2)
     report["attention"] = pipe.attention.implementation
 
@@ -53,6 +71,7 @@ def main() -> None:
         "frames": args.frames,
         "steps": args.steps,
         "seed": 0,
+        "flexcache": args.flexcache,
     }
     if args.size:
         request["size"] = args.size
@@ -85,6 +104,9 @@ def main() -> None:
             "total_s": round(time.perf_counter() - start, 2),
             "peak_gb": round(torch.cuda.max_memory_allocated() / GB, 2),
             "frames": list(result.frames.shape),
+            "attention": result.attention,
+            "cache": result.cache,
+            "attention_sparsity": result.attention_sparsity,
         }
         if args.video_out:
             start = time.perf_counter()

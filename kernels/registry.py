@@ -30,6 +30,12 @@ class AttentionBackend:
     # "exact", "8bit" or "sparse": the error class a profile may allow.
     error_class: str
     fn: AttentionFn
+    # The backend of the cross-attention to the text, where it is not this one (block-sparse
+    # selection would drop whole blocks of the prompt's tokens). None: this backend.
+    cross: AttentionBackend | None = None
+
+    def for_cross_attention(self) -> AttentionBackend:
+        return self.cross or self
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.fn(q, k, v)

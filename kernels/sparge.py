@@ -31,15 +31,19 @@ blocks, never drop a block whose tokens are not alike) and numerics are those of
 
   (Upstream does not expose its block map.)
 
+The cross-attention to the text stays exact (SDPA): the backend names it as its ``cross``.
+
 An implementation that is asked for and cannot run here raises ``BackendUnavailable``; without a
 CUDA device every implementation is unavailable.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from kernels import sage
+from kernels import sage, sdpa
 from kernels.registry import (
     AttentionBackend,
     AttentionFn,
@@ -180,6 +184,15 @@ def _triton_backend(
     return AttentionBackend("sparge", implementation, "sparse", attend)
 
 
+def _with_exact_cross_attention(backend: AttentionBackend, device: torch.device) -> AttentionBackend:
+    """Block-sparse self-attention, exact cross-attention: a block of the text is 64 of the prompt's
+    tokens, not a patch of video like its neighbours, and dropping it drops words. (SpargeAttn's own
+    Wan integration likewise replaces only the self-attention.)"""
+    cross = sdpa.build(device)
+    implementation = f"{backend.implementation}; cross-attention {cross.implementation}"
+    return replace(backend, implementation=implementation, cross=cross)
+
+
 def _unavailable(problems: list[str]) -> BackendUnavailable:
     return BackendUnavailable("attention backend 'sparge' unavailable: " + "; ".join(problems))
 
@@ -206,7 +219,9 @@ def build(
         if problems:
             raise _unavailable(problems)
         threshold = UPSTREAM_PV_THRESHOLD if pv_threshold is None else pv_threshold
-        return _upstream_backend(upstream, kind, value, sim_threshold, threshold)
+        return _with_exact_cross_attention(
+            _upstream_backend(upstream, kind, value, sim_threshold, threshold), device
+        )
 
     if problems:  # no CUDA: say what each implementation would need
         problems += [upstream_problem, _OURS] if implementation is None else [_OURS]
@@ -216,4 +231,4 @@ def build(
         if implementation is None:  # neither works: the upstream route is worth saying too
             problems.append(upstream_problem)
         raise _unavailable(problems)
-    return _triton_backend(kind, value, sim_threshold, chosen_pv, stats)
+    return _with_exact_cross_attention(_triton_backend(kind, value, sim_threshold, chosen_pv, stats), device)

@@ -12,9 +12,11 @@ Two steps:
      Quantisation covers all tokens (the K mean, the per-channel V scale), as upstream and
      ``kernels.reference.sparge_reference`` do. A query block that keeps no key block outputs zeros.
 
-The kernel's tiles are the map's blocks (BLOCK_M = MAP_BLOCK_Q, BLOCK_N = MAP_BLOCK_K), so each kept
-map block is exactly one kernel step. ``sparge_attention`` returns the block map with the output so
-a caller can log the fraction of blocks computed (``kernels.sparge.SparsityStats`` sums it per job).
+The kernel's key tiles are the map's key blocks (BLOCK_N = MAP_BLOCK_K), so each kept map block is
+exactly one kernel step per program; its query tiles are the map's query blocks or a half of one
+(BLOCK_M = 64 shares the list of its 128-token map block). ``sparge_attention`` returns the block
+map with the output so a caller can log the fraction of blocks computed
+(``kernels.sparge.SparsityStats`` sums it per job).
 """
 
 from __future__ import annotations
@@ -40,17 +42,17 @@ MAP_BLOCK_Q = 128
 MAP_BLOCK_K = 64
 
 
-# The map's tile sizes; launch choices tuned on an H200 with bench/attention_gpu.py --sweep (head dim
-# 128 at the 1.3B shape, half the blocks kept: 8.27 ms with 8 warps and 2 stages, 9.73 ms with 4
-# warps; head dim 64 is not tuned).
+# Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape, half the
+# blocks kept: 7.36 ms on 64-token query tiles with 4 warps and 2 stages, 8.14 ms on the map's
+# 128-token blocks with 8 warps; head dim 64 is not tuned).
 SPARSE_CONFIGS: dict[int, KernelConfig] = {
     64: KernelConfig(block_m=MAP_BLOCK_Q, block_n=MAP_BLOCK_K, num_warps=4, num_stages=3),
-    128: KernelConfig(block_m=MAP_BLOCK_Q, block_n=MAP_BLOCK_K, num_warps=8, num_stages=2),
+    128: KernelConfig(block_m=MAP_BLOCK_Q // 2, block_n=MAP_BLOCK_K, num_warps=4, num_stages=2),
 }
 
 
 def sparse_config(head_dim: int) -> KernelConfig:
-    """The kernel's tile and launch choice for ``head_dim``: tiles are the block map's."""
+    """The kernel's tile and launch choice for ``head_dim``."""
     return SPARSE_CONFIGS[head_dim]
 
 
@@ -149,18 +151,20 @@ def _block_sparse_sage_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MAP_BLOCK_Q: tl.constexpr,
     PV_FP8: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
-    n_q_blocks = tl.cdiv(n_q, BLOCK_M)
+    n_map_rows = tl.cdiv(n_q, MAP_BLOCK_Q)
+    map_row = q_block // (MAP_BLOCK_Q // BLOCK_M)  # the map block this query tile lies in
     n_k_blocks = tl.cdiv(n_k, BLOCK_N)
     q, q_scale = load_query_block(q_ptr, q_scale_ptr, bh, q_block, n_q, qk_scale, HEAD_DIM, BLOCK_M)
     k_head = k_ptr + bh.to(tl.int64) * n_k_blocks * BLOCK_N * HEAD_DIM
     v_head = v_ptr + bh.to(tl.int64) * HEAD_DIM * n_k_blocks * BLOCK_N
     k_scale_head = k_scale_ptr + bh * n_k_blocks
-    kept = kept_ptr + (bh.to(tl.int64) * n_q_blocks + q_block) * n_k_blocks
-    n_kept = tl.load(counts_ptr + bh * n_q_blocks + q_block)
+    kept = kept_ptr + (bh.to(tl.int64) * n_map_rows + map_row) * n_k_blocks
+    n_kept = tl.load(counts_ptr + bh * n_map_rows + map_row)
 
     # The list ascends, so a kept partial last key block (index n_k // BLOCK_N) is its last entry:
     # the only one that needs the column mask. Without a partial block no index equals n_k // BLOCK_N.
@@ -198,7 +202,7 @@ def block_sparse_sage_attention(
     """8-bit attention over the kept blocks of ``mask`` only; same shape and dtype as q.
 
     ``mask`` is bool (batch, heads, ceil(n_q / 128), ceil(n_k / 64)), True = compute. ``config``
-    overrides warps and stages (its tile sizes must be the map's).
+    overrides the tile and launch choice: BLOCK_N must be the map's 64, BLOCK_M 128 or 64.
     """
     check_inputs(q, k, v)
     b, n_q, h, d = q.shape
@@ -207,12 +211,14 @@ def block_sparse_sage_attention(
     if mask.dtype != torch.bool or tuple(mask.shape) != expected or mask.device != q.device:
         raise ValueError(f"mask must be bool {expected} on {q.device}, got {mask.dtype} {tuple(mask.shape)}")
     config = config or sparse_config(d)
-    if (config.block_m, config.block_n) != (MAP_BLOCK_Q, MAP_BLOCK_K):
-        raise ValueError(f"the kernel's tiles must be the map's blocks {MAP_BLOCK_Q}x{MAP_BLOCK_K}")
+    if config.block_m not in (MAP_BLOCK_Q, MAP_BLOCK_Q // 2) or config.block_n != MAP_BLOCK_K:
+        raise ValueError(
+            f"the kernel's tiles must be {MAP_BLOCK_Q} or {MAP_BLOCK_Q // 2} query x {MAP_BLOCK_K} key tokens"
+        )
     qkv = quantize_qkv(q, k, v, config, pv_fp8)
     kept, counts = kept_block_lists(mask)
     out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
-    grid = (expected[2], b * h)
+    grid = (triton.cdiv(n_q, config.block_m), b * h)
     _block_sparse_sage_kernel[grid](
         qkv.q,
         qkv.q_scale,
@@ -231,6 +237,7 @@ def block_sparse_sage_attention(
         HEAD_DIM=d,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
+        MAP_BLOCK_Q=MAP_BLOCK_Q,
         PV_FP8=pv_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,

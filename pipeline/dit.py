@@ -179,10 +179,11 @@ class WanBlock(nn.Module):
         """x [B, L, dim]; time [B, 6, dim] fp32 (the projected timestep); context [B, text_len, dim].
 
         ``reuse`` (PAB) may serve the self- and cross-attention outputs from an earlier step.
-        ``cross_attention`` (default ``attention``) attends to the text: sequence parallelism wraps
-        only the self-attention. ``ops`` runs the token-wise work (eager, or compiled: pipeline.fused).
+        ``cross_attention`` (default: the one ``attention`` names) attends to the text: sequence
+        parallelism wraps only the self-attention. ``ops`` runs the token-wise work (eager, or
+        compiled: pipeline.fused).
         """
-        cross_attention = cross_attention or attention
+        cross_attention = cross_attention or attention.for_cross_attention()
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time).unbind(1)
         chunks, eps = self.token_chunks, self.norm1.eps
 
@@ -228,8 +229,7 @@ class WanDiT(nn.Module):
         super().__init__()
         self.config = config
         dim = config.dim
-        self.attention = attention or get_backend("sdpa")
-        self.cross_attention = self.attention
+        self.set_attention(attention or get_backend("sdpa"))
         self.ops = EAGER
         self.patch_embedding = nn.Conv3d(
             config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
@@ -244,9 +244,10 @@ class WanDiT(nn.Module):
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_attention(self, attention: AttentionBackend, cross: AttentionBackend | None = None) -> None:
-        """``cross`` (default ``attention``) is the backend of the cross-attention to the text."""
+        """``cross`` (default ``attention``) is the backend of the cross-attention to the text, or
+        rather the one it names for that (``AttentionBackend.for_cross_attention``)."""
         self.attention = attention
-        self.cross_attention = cross or attention
+        self.cross_attention = (cross or attention).for_cross_attention()
 
     def compile_token_ops(self) -> None:
         """Run the token-wise work through ``torch.compile`` (fused kernels; for CUDA)."""

@@ -120,3 +120,26 @@ def test_wrong_shape_and_unknown_key_are_named():
         assign_weights(dit, state, "f.safetensors", torch.float32, "cpu")
     with pytest.raises(CheckpointError, match="unknown key 'blocks.0.attn9.x'"):
         diffusers_dit_key_to_official("blocks.0.attn9.x")
+
+
+def test_cross_attention_runs_on_the_backend_the_self_attention_backend_names():
+    from kernels import get_backend
+    from kernels.registry import AttentionBackend
+
+    exact = get_backend("sdpa", "cpu")
+    key_tokens = {"self": [], "cross": []}
+
+    def recording(kind):
+        def attend(q, k, v):
+            key_tokens[kind].append(k.shape[1])
+            return exact(q, k, v)
+
+        return attend
+
+    cross = AttentionBackend("cross", "recording", "exact", recording("cross"))
+    _, dit = tiny_pair()
+    dit.set_attention(AttentionBackend("main", "recording", "sparse", recording("self"), cross=cross))
+    with torch.no_grad():
+        dit(torch.randn(1, 16, 3, 8, 12), torch.tensor([999]), torch.randn(1, 16, 32))
+    assert key_tokens == {"self": [3 * 4 * 6] * 2, "cross": [16] * 2}  # 2 blocks: video, then text tokens
+    assert dit.cross_attention is cross

@@ -251,16 +251,21 @@ def _hand_made_mask() -> torch.Tensor:
 
 
 def _check_sparse_at_a_hand_made_mask() -> None:
+    from kernels.triton_sage import KernelConfig
     from kernels.triton_sparge import block_sparse_sage_attention
 
     q, k, v = _gaussian(300, 64, seed=8)
     mask = _hand_made_mask()
-    out = block_sparse_sage_attention(q, k, v, mask, pv_fp8=False)
-    # The same numerics over the kept tokens only, in torch: int8 Q.K, smoothing, fp16 P.V.
     token_mask = _token_mask(mask, 128, 64, 300, 300)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
-    oracle = _sage_core(qh, kh, vh, 128, 64, None, True, token_mask).transpose(1, 2)
-    assert relative_error(out, oracle) < 1e-3
+    # 64-token query tiles share their map block's list; Q is then quantised per 64 tokens.
+    for block_m in (64, 128):
+        config = KernelConfig(block_m=block_m, block_n=64, num_warps=4, num_stages=2)
+        out = block_sparse_sage_attention(q, k, v, mask, pv_fp8=False, config=config)
+        # The same numerics over the kept tokens only, in torch: int8 Q.K, smoothing, fp16 P.V.
+        oracle = _sage_core(qh, kh, vh, block_m, 64, None, True, token_mask).transpose(1, 2)
+        assert relative_error(out, oracle) < 1e-3
+    out = block_sparse_sage_attention(q, k, v, mask, pv_fp8=False)
     assert not out[:, :128, 0].any()  # head 0, query block 0 kept nothing: zeros, as the reference
     exact = sparse_reference(q, k, v, mask)
     assert relative_error(out, exact) < 0.03
@@ -347,6 +352,9 @@ def _check_backends_run_our_kernels() -> None:
     sparse = get_backend("sparge", "cpu", implementation="triton", topk=0.5, sim_threshold=-1.0, stats=stats)
     assert sparse.implementation.startswith("smartdiff-triton block-sparse topk=0.5 sim>-1.0 int8-qk fp8-pv")
     assert sparse.error_class == "sparse"
+    # The text is not a video: its cross-attention runs exact, and stays out of the statistics.
+    assert sparse.for_cross_attention() == get_backend("sdpa", "cpu")
+    assert sparse.implementation.endswith("; cross-attention torch-sdpa-cpu")
     out = sparse(q, k, v)
     expected, mask = sparge_attention(q, k, v, topk=0.5, sim_threshold=None)
     assert torch.equal(out, expected)
