@@ -17,6 +17,8 @@ and by bench/attention_gpu.py.
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,8 +49,17 @@ ROOT = TESTS.parent
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# The interpreter these checks were measured with (the test extra's pin). Older ones differ: on a
+# GPU machine with Triton 3.6, its interpreter failed at the kernels' runtime loop bound
+# (range(0, n_k // BLOCK_N): "only 0-dimensional arrays can be converted to Python scalars").
+INTERPRETER_VERSION = "3.9.0"
+
+
 def _in_interpreter(check: Callable[..., None], **kwargs: object) -> None:
     """Run ``check(**kwargs)`` in a fresh Python with Triton's interpreter on; fail with its output."""
+    installed = importlib.metadata.version("triton")
+    if installed != INTERPRETER_VERSION:  # e.g. a GPU machine's own Triton: the compiled test covers it
+        pytest.skip(f"the interpreter checks need triton=={INTERPRETER_VERSION} (installed: {installed})")
     code = (
         f"import json, sys; sys.path.insert(0, {str(TESTS)!r}); import test_triton_kernels as t; "
         f"t._interpreter_main({check.__name__!r}, json.loads(sys.argv[1]))"
@@ -475,10 +486,12 @@ def test_asked_for_implementations_are_unavailable_without_cuda(name, implementa
 
 
 def test_default_implementation_without_cuda_names_both_routes():
-    for name in ("sage", "sparge"):
+    for name, package in (("sage", "sageattention"), ("sparge", "spas_sage_attn")):
         with pytest.raises(BackendUnavailable) as e:
             get_backend(name, "cpu")
-        assert "implementation='triton'" in str(e.value) and "not importable" in str(e.value)
+        assert "implementation='triton'" in str(e.value) and "CUDA" in str(e.value)
+        # The upstream route's own problem too, where its package is missing (as in CI).
+        assert ("not importable" in str(e.value)) == (importlib.util.find_spec(package) is None)
 
 
 @pytest.mark.parametrize(
