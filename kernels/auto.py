@@ -10,6 +10,8 @@ implementation string, e.g. "auto -> torch-sdpa-cpu".
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from kernels import registry
@@ -63,7 +65,7 @@ def build(
 
     if device.type != "cuda":
         choice = built.get("sdpa") or built[sorted(built)[0]]
-        return AttentionBackend("auto", f"auto -> {choice.implementation}", choice.error_class, choice.fn)
+        return replace(choice, name="auto", implementation=f"auto -> {choice.implementation}")
 
     timings: dict[str, float] = {}
     for name, backend in built.items():
@@ -76,9 +78,6 @@ def build(
         raise BackendUnavailable(f"auto: every candidate failed on {device} ({reasons})")
     best = min(timings, key=timings.__getitem__)
     choice = built[best]
-    return AttentionBackend(
-        "auto",
-        f"auto -> {choice.implementation} ({timings[best]:.2f} ms at {tuple(shape or WAN_1_3B_480P)})",
-        choice.error_class,
-        choice.fn,
-    )
+    timed = f"{timings[best]:.2f} ms at {tuple(shape or WAN_1_3B_480P)}"
+    # replace keeps what the choice names for the cross-attention
+    return replace(choice, name="auto", implementation=f"auto -> {choice.implementation} ({timed})")

@@ -25,7 +25,7 @@ from kernels.reference import (
     sparge_reference,
     sparse_reference,
 )
-from kernels.registry import BackendUnavailable
+from kernels.registry import AttentionBackend, BackendUnavailable
 
 B, L, H, D = 1, 1024, 2, 64
 
@@ -257,6 +257,23 @@ def test_auto_lists_why_each_backend_failed(monkeypatch):
         get_backend("auto", "cpu")
     for name in ("flash_attn", "sage", "sparge"):
         assert f"{name}: " in str(e.value)
+
+
+def test_auto_keeps_the_cross_attention_its_choice_names(monkeypatch):
+    from kernels import registry
+
+    exact = get_backend("sdpa", "cpu")
+    sparse = AttentionBackend("sparge", "sparse-self", "sparse", exact.fn, cross=exact)
+
+    def only_sparse(name, device, **options):
+        if name != "sparge":
+            raise BackendUnavailable(f"{name}: not here")
+        return sparse
+
+    monkeypatch.setattr(registry, "get_backend", only_sparse)
+    backend = get_backend("auto", "cpu", allow="sparse")
+    assert backend.implementation == "auto -> sparse-self" and backend.error_class == "sparse"
+    assert backend.for_cross_attention() is exact
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
