@@ -406,7 +406,8 @@ def sparse_timings(
 
 
 def label(config: KernelConfig) -> str:
-    return f"m{config.block_m} n{config.block_n} w{config.num_warps} s{config.num_stages}"
+    loads = " tma-ws" if config.warp_specialize else " tma" if config.tma else ""
+    return f"m{config.block_m} n{config.block_n} w{config.num_warps} s{config.num_stages}{loads}"
 
 
 def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list[str]]:
@@ -419,15 +420,24 @@ def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list
     pv_fp8 = ours_pv() == "fp8"
     ref = fp32_reference(q, k, v) if ref is None else ref  # every config's error, also with --quick
     problems: list[str] = []
-    rows = []
-    for block_m, block_n in ((128, 128), (128, 64), (64, 128), (64, 64)):
-        for num_warps in (4, 8):
-            for num_stages in (2, 3, 4):
-                config = KernelConfig(block_m, block_n, num_warps, num_stages)
-                run = partial(sage_attention, q, k, v, pv_fp8, config)
-                rows.append(
-                    timing(f"sage {label(config)}", str(config), shape, run, ref, "8bit", 50, problems)
-                )
+
+    def sage_row(config: KernelConfig) -> dict:
+        run = partial(sage_attention, q, k, v, pv_fp8, config)
+        return timing(f"sage {label(config)}", str(config), shape, run, ref, "8bit", 50, problems)
+
+    rows = [
+        sage_row(KernelConfig(block_m, block_n, num_warps, num_stages))
+        for block_m, block_n in ((128, 128), (128, 64), (64, 128), (64, 64))
+        for num_warps in (4, 8)
+        for num_stages in (2, 3, 4)
+    ]
+    # TMA loads, with and without warp specialisation, at the tiles that did best with pointers.
+    rows += [
+        sage_row(KernelConfig(block_m, block_n, num_warps, num_stages, tma=True, warp_specialize=specialize))
+        for block_m, block_n, num_warps in ((64, 128, 4), (128, 128, 8))
+        for num_stages in (2, 3)
+        for specialize in (False, True)
+    ]
     mask = block_mask(q, k, 128, 64, topk=0.5, sim_threshold=None)
     sparse_ref = fp32_reference(q, k, v, mask)
     for block_m in (128, 64):  # the map's query blocks, or halves of them

@@ -23,6 +23,10 @@ a different token count from q (cross-attention). Numerics, those of
 Layout of the quantised operands: Q and K int8 (batch*heads, padded tokens, head_dim); V
 transposed, (batch*heads, head_dim, padded tokens), so the P.V operand is K-major as Hopper's fp8
 MMA wants it. ``kernels.triton_sparge`` runs the same per-tile code over a block-sparse key list.
+
+A ``KernelConfig`` with ``tma`` reads the same layouts through host-side TMA descriptors instead of
+pointers (``_sage_attention_tma_kernel``, sm_90+), and with ``warp_specialize`` lets Triton split the
+key loop into loading and computing warps: options for the tuning sweep, same numerics.
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ class KernelConfig:
     block_n: int  # key tokens per step (and per K quantisation block)
     num_warps: int
     num_stages: int
+    tma: bool = False  # Q, K and V tiles read by the TMA through descriptors (sm_90+), not pointers
+    warp_specialize: bool = False  # producer and consumer warps in the key loop (needs tma)
+
+    def __post_init__(self) -> None:
+        if self.warp_specialize and not self.tma:
+            raise ValueError("warp_specialize needs tma: Triton specialises warps around TMA loads")
 
 
 # Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape: 10.1 ms at
@@ -236,6 +246,47 @@ def load_query_block(
 
 
 @triton.jit
+def empty_softmax_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(acc, row_max, row_sum) before the first key tile."""
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    return acc, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+
+@triton.jit
+def online_softmax(scores, scale, row_max, row_sum, cols, n_k, PV_FP8: tl.constexpr, MASK_TAIL: tl.constexpr):
+    """One key tile's step of the online softmax on the int32 scores (BLOCK_M, BLOCK_N).
+
+    Returns P~ (fp32; 448 P~ with PV_FP8), the new row max, the correction of the earlier tiles
+    and the new row sum. MASK_TAIL: columns past n_k are padding.
+    """
+    scores = scores.to(tl.float32)
+    # fp8: exp2(x + log2 448) = 448 exp2(x), so P~ comes out of the exp2 already scaled for fp8.
+    p_offset = _LOG2_FP8_MAX if PV_FP8 else 0.0
+    if MASK_TAIL:
+        scores = tl.where(cols[None, :] < n_k, scores * scale, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        p = tl.exp2(scores - (new_max - p_offset)[:, None])
+    else:
+        # scale > 0: the row max of the scaled scores is the scaled row max, and scaling, shifting
+        # and the exp2 argument become one FMA per score.
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * scale)
+        p = tl.exp2(scores * scale - (new_max - p_offset)[:, None])
+    correction = tl.exp2(row_max - new_max)  # 0 on the first block (row_max = -inf)
+    return p, new_max, correction, row_sum * correction + tl.sum(p, 1)
+
+
+@triton.jit
+def accumulate_pv(acc, correction, p, v, PV_FP8: tl.constexpr):
+    """acc * correction + P~ . V for a V tile (d, BLOCK_N), tokens contiguous."""
+    if PV_FP8:
+        pv = tl.dot(p.to(tl.float8e4nv, fp_downcast_rounding="rtne"), tl.trans(v), out_dtype=tl.float32)
+    else:
+        pv = tl.dot(p.to(tl.float16), tl.trans(v), out_dtype=tl.float32)
+    # A fresh MMA accumulator per tile, summed here in fp32: the two-level accumulation.
+    return acc * correction[:, None] + pv
+
+
+@triton.jit
 def attend_key_block(
     acc,
     row_max,
@@ -252,7 +303,8 @@ def attend_key_block(
     PV_FP8: tl.constexpr,
     MASK_TAIL: tl.constexpr,
 ):
-    """One key block of the online softmax; returns the updated (acc, row_max, row_sum).
+    """One key block of the online softmax, K and V read through pointers; returns the updated
+    (acc, row_max, row_sum).
 
     k_head, k_scale_head and v_head point at this batch and head. MASK_TAIL: the block is the
     partial last one, and its columns past n_k are padding.
@@ -261,30 +313,13 @@ def attend_key_block(
     cols = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     k = tl.load(k_head + cols[:, None] * HEAD_DIM + dims[None, :])
-    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
     scale = q_scale * tl.load(k_scale_head + key_block)  # one scale per tile: to log2 units
-    # fp8: exp2(x + log2 448) = 448 exp2(x), so P~ comes out of the exp2 already scaled for fp8.
-    p_offset = _LOG2_FP8_MAX if PV_FP8 else 0.0
-    if MASK_TAIL:
-        scores = tl.where(cols[None, :] < n_k, scores * scale, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        p = tl.exp2(scores - (new_max - p_offset)[:, None])
-    else:
-        # scale > 0: the row max of the scaled scores is the scaled row max, and scaling, shifting
-        # and the exp2 argument become one FMA per score.
-        new_max = tl.maximum(row_max, tl.max(scores, 1) * scale)
-        p = tl.exp2(scores * scale - (new_max - p_offset)[:, None])
-    correction = tl.exp2(row_max - new_max)  # 0 on the first block (row_max = -inf)
-    row_sum = row_sum * correction + tl.sum(p, 1)
+    p, new_max, correction, row_sum = online_softmax(
+        scores, scale, row_max, row_sum, cols, n_k, PV_FP8, MASK_TAIL
+    )
     v = tl.load(v_head + dims[:, None] * n_k_padded + cols[None, :])  # (d, BLOCK_N), tokens contiguous
-    if PV_FP8:
-        p8 = p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
-        pv = tl.dot(p8, tl.trans(v), out_dtype=tl.float32)
-    else:
-        pv = tl.dot(p.to(tl.float16), tl.trans(v), out_dtype=tl.float32)
-    # A fresh MMA accumulator per tile, summed here in fp32: the two-level accumulation.
-    acc = acc * correction[:, None] + pv
-    return acc, new_max, row_sum
+    return accumulate_pv(acc, correction, p, v, PV_FP8), new_max, row_sum
 
 
 @triton.jit
@@ -350,9 +385,7 @@ def _sage_attention_kernel(
     v_head = v_ptr + bh.to(tl.int64) * HEAD_DIM * n_k_blocks * BLOCK_N
     k_scale_head = k_scale_ptr + bh * n_k_blocks
 
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc, row_max, row_sum = empty_softmax_state(BLOCK_M, HEAD_DIM)
     n_full = n_k // BLOCK_N
     for key_block in range(0, n_full):
         acc, row_max, row_sum = attend_key_block(
@@ -362,6 +395,89 @@ def _sage_attention_kernel(
     if n_full < n_k_blocks:  # a partial last block: the only one that needs the column mask
         acc, row_max, row_sum = attend_key_block(
             acc, row_max, row_sum, q, q_scale, k_head, k_scale_head, v_head, n_full, n_k,
+            HEAD_DIM, BLOCK_N, PV_FP8, True,
+        )  # fmt: skip
+    store_output(
+        acc, row_sum, v_scale_ptr, out_ptr, bh, q_block, n_q, n_heads,
+        stride_ob, stride_on, stride_oh, stride_od, HEAD_DIM, BLOCK_M, PV_FP8,
+    )  # fmt: skip
+
+
+@triton.jit
+def attend_key_block_tma(
+    acc,
+    row_max,
+    row_sum,
+    q,
+    q_scale,
+    k_desc,
+    k_scale_head,
+    v_desc,
+    bh,
+    key_block,
+    n_k,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    MASK_TAIL: tl.constexpr,
+):
+    """``attend_key_block`` with K and V read by the tensor memory accelerator (TMA) through
+    descriptors of K (batch*heads*padded tokens, d) and of transposed V (batch*heads*d, padded tokens)."""
+    n_k_padded = tl.cdiv(n_k, BLOCK_N) * BLOCK_N
+    cols = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = k_desc.load([bh * n_k_padded + key_block * BLOCK_N, 0])
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    scale = q_scale * tl.load(k_scale_head + key_block)
+    p, new_max, correction, row_sum = online_softmax(
+        scores, scale, row_max, row_sum, cols, n_k, PV_FP8, MASK_TAIL
+    )
+    v = v_desc.load([bh * HEAD_DIM, key_block * BLOCK_N])
+    return accumulate_pv(acc, correction, p, v, PV_FP8), new_max, row_sum
+
+
+@triton.jit(do_not_specialize=["n_q", "n_k"])
+def _sage_attention_tma_kernel(
+    q_desc,
+    q_scale_ptr,
+    k_desc,
+    k_scale_ptr,
+    v_desc,
+    v_scale_ptr,
+    out_ptr,
+    stride_ob,
+    stride_on,
+    stride_oh,
+    stride_od,
+    n_q,
+    n_k,
+    n_heads,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """``_sage_attention_kernel`` with TMA loads; WARP_SPECIALIZE lets Triton split the key loop
+    into producer (loads) and consumer (MMA and softmax) warps."""
+    q_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_q_blocks = tl.cdiv(n_q, BLOCK_M)
+    n_k_blocks = tl.cdiv(n_k, BLOCK_N)
+    q = q_desc.load([(bh * n_q_blocks + q_block) * BLOCK_M, 0])
+    q_scale = tl.load(q_scale_ptr + bh * n_q_blocks + q_block) * qk_scale
+    k_scale_head = k_scale_ptr + bh * n_k_blocks
+
+    acc, row_max, row_sum = empty_softmax_state(BLOCK_M, HEAD_DIM)
+    n_full = n_k // BLOCK_N
+    for key_block in tl.range(0, n_full, warp_specialize=WARP_SPECIALIZE):
+        acc, row_max, row_sum = attend_key_block_tma(
+            acc, row_max, row_sum, q, q_scale, k_desc, k_scale_head, v_desc, bh, key_block, n_k,
+            HEAD_DIM, BLOCK_N, PV_FP8, False,
+        )  # fmt: skip
+    if n_full < n_k_blocks:
+        acc, row_max, row_sum = attend_key_block_tma(
+            acc, row_max, row_sum, q, q_scale, k_desc, k_scale_head, v_desc, bh, n_full, n_k,
             HEAD_DIM, BLOCK_N, PV_FP8, True,
         )  # fmt: skip
     store_output(
@@ -408,12 +524,17 @@ def sage_attention(
     qkv = quantize_qkv(q, k, v, config, pv_fp8)
     out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(n_q, config.block_m), b * h)
-    _sage_attention_kernel[grid](
-        qkv.q,
+    if config.tma:
+        kernel, (q_in, k_in, v_in) = _sage_attention_tma_kernel, tma_descriptors(qkv, config)
+        options = {"WARP_SPECIALIZE": config.warp_specialize}
+    else:
+        kernel, (q_in, k_in, v_in), options = _sage_attention_kernel, (qkv.q, qkv.k, qkv.v), {}
+    kernel[grid](
+        q_in,
         qkv.q_scale,
-        qkv.k,
+        k_in,
         qkv.k_scale,
-        qkv.v,
+        v_in,
         qkv.v_scale,
         out,
         *out.stride(),
@@ -427,5 +548,19 @@ def sage_attention(
         PV_FP8=pv_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **options,
     )
     return out
+
+
+def tma_descriptors(qkv: QuantizedQKV, config: KernelConfig) -> tuple:
+    """Host-side TMA descriptors of the quantised operands, as 2-D tensors whose boxes are one tile:
+    Q (bh * padded queries, d), K (bh * padded keys, d), transposed V (bh * d, padded keys)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    d = qkv.q.shape[-1]
+    return (
+        TensorDescriptor.from_tensor(qkv.q.view(-1, d), [config.block_m, d]),
+        TensorDescriptor.from_tensor(qkv.k.view(-1, d), [config.block_n, d]),
+        TensorDescriptor.from_tensor(qkv.v.view(-1, qkv.v.shape[-1]), [d, config.block_n]),
+    )

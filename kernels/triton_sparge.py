@@ -31,6 +31,7 @@ from kernels.triton_sage import (
     KernelConfig,
     attend_key_block,
     check_inputs,
+    empty_softmax_state,
     launch_per_token_block,
     load_query_block,
     load_token_block,
@@ -171,9 +172,7 @@ def _block_sparse_sage_kernel(
     last = tl.load(kept + tl.maximum(n_kept - 1, 0))
     tail_kept = (n_kept > 0) & (last == n_k // BLOCK_N)
 
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    row_max = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc, row_max, row_sum = empty_softmax_state(BLOCK_M, HEAD_DIM)
     for i in range(0, n_kept - tail_kept.to(tl.int32)):
         key_block = tl.load(kept + i)
         acc, row_max, row_sum = attend_key_block(
@@ -211,6 +210,8 @@ def block_sparse_sage_attention(
     if mask.dtype != torch.bool or tuple(mask.shape) != expected or mask.device != q.device:
         raise ValueError(f"mask must be bool {expected} on {q.device}, got {mask.dtype} {tuple(mask.shape)}")
     config = config or sparse_config(d)
+    if config.tma:
+        raise ValueError("the sparse kernel reads its gathered key blocks through pointers, not the TMA")
     if config.block_m not in (MAP_BLOCK_Q, MAP_BLOCK_Q // 2) or config.block_n != MAP_BLOCK_K:
         raise ValueError(
             f"the kernel's tiles must be {MAP_BLOCK_Q} or {MAP_BLOCK_Q // 2} query x {MAP_BLOCK_K} key tokens"

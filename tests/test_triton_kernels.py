@@ -221,6 +221,30 @@ def _check_sage_keeps_the_input_dtype(dtype: str) -> None:
     assert relative_error(out, attention_reference(*half)) < 0.1
 
 
+def _check_tma_loads_give_the_pointer_kernels_output() -> None:
+    from kernels.triton_sage import KernelConfig, sage_attention
+    from kernels.triton_sparge import block_sparse_sage_attention
+
+    # 200 queries and 300 keys: partial last tiles of both, and a tail key block.
+    q, k, v = _gaussian(200, 64, seed=14, kv_tokens=300)
+    for pv_fp8 in (True, False):
+        pointers = sage_attention(q, k, v, pv_fp8, KernelConfig(64, 64, 4, 2))
+        for warp_specialize in (False, True):
+            config = KernelConfig(64, 64, 4, 2, tma=True, warp_specialize=warp_specialize)
+            assert torch.equal(sage_attention(q, k, v, pv_fp8, config), pointers)
+    for bad in (
+        lambda: KernelConfig(64, 64, 4, 2, warp_specialize=True),  # warp specialisation without TMA
+        lambda: block_sparse_sage_attention(
+            q, k, v, torch.ones(1, 2, 2, 5, dtype=torch.bool), config=KernelConfig(64, 64, 4, 2, tma=True)
+        ),
+    ):
+        try:
+            bad()
+        except ValueError:
+            continue
+        raise AssertionError("accepted a TMA setting it cannot honour")
+
+
 def _check_sage_rejects_what_it_cannot_run() -> None:
     from kernels.triton_sage import sage_attention
 
@@ -429,6 +453,10 @@ def test_sage_kernel_on_clustered_inputs():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_sage_kernel_keeps_the_input_dtype(dtype):
     _in_interpreter(_check_sage_keeps_the_input_dtype, dtype=dtype)
+
+
+def test_tma_loads_give_the_pointer_kernels_output():
+    _in_interpreter(_check_tma_loads_give_the_pointer_kernels_output)
 
 
 def test_sage_kernel_rejects_inputs_it_cannot_run():
