@@ -406,7 +406,7 @@ def sparse_timings(
 
 
 def label(config: KernelConfig) -> str:
-    loads = " tma-ws" if config.warp_specialize else " tma" if config.tma else ""
+    loads = " tma" if config.tma else ""
     return f"m{config.block_m} n{config.block_n} w{config.num_warps} s{config.num_stages}{loads}"
 
 
@@ -431,12 +431,11 @@ def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list
         for num_warps in (4, 8)
         for num_stages in (2, 3, 4)
     ]
-    # TMA loads, with and without warp specialisation, at the tiles that did best with pointers.
+    # TMA loads at the tiles that did best with pointers.
     rows += [
-        sage_row(KernelConfig(block_m, block_n, num_warps, num_stages, tma=True, warp_specialize=specialize))
-        for block_m, block_n, num_warps in ((64, 128, 4), (128, 128, 8))
-        for num_stages in (2, 3)
-        for specialize in (False, True)
+        sage_row(KernelConfig(block_m, block_n, num_warps, num_stages, tma=True))
+        for block_m, block_n, num_warps in ((64, 128, 4), (128, 128, 8), (64, 64, 4))
+        for num_stages in (2, 3, 4)
     ]
     mask = block_mask(q, k, 128, 64, topk=0.5, sim_threshold=None)
     sparse_ref = fp32_reference(q, k, v, mask)

@@ -25,8 +25,9 @@ transposed, (batch*heads, head_dim, padded tokens), so the P.V operand is K-majo
 MMA wants it. ``kernels.triton_sparge`` runs the same per-tile code over a block-sparse key list.
 
 A ``KernelConfig`` with ``tma`` reads the same layouts through host-side TMA descriptors instead of
-pointers (``_sage_attention_tma_kernel``, sm_90+), and with ``warp_specialize`` lets Triton split the
-key loop into loading and computing warps: options for the tuning sweep, same numerics.
+pointers (``_sage_attention_tma_kernel``, sm_90+): an option for the tuning sweep, same numerics.
+(Triton's ``warp_specialize`` on its key loop compiles to the same PTX for sm_90 with Triton 3.9, so
+it is not offered.)
 """
 
 from __future__ import annotations
@@ -57,11 +58,6 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # Q, K and V tiles read by the TMA through descriptors (sm_90+), not pointers
-    warp_specialize: bool = False  # producer and consumer warps in the key loop (needs tma)
-
-    def __post_init__(self) -> None:
-        if self.warp_specialize and not self.tma:
-            raise ValueError("warp_specialize needs tma: Triton specialises warps around TMA loads")
 
 
 # Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape: 10.1 ms at
@@ -254,12 +250,11 @@ def empty_softmax_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def online_softmax(scores, scale, row_max, row_sum, cols, n_k, PV_FP8: tl.constexpr, MASK_TAIL: tl.constexpr):
-    """One key tile's step of the online softmax on the int32 scores (BLOCK_M, BLOCK_N).
+    """One key tile's step of the online softmax on the scores (BLOCK_M, BLOCK_N), fp32 integers.
 
     Returns P~ (fp32; 448 P~ with PV_FP8), the new row max, the correction of the earlier tiles
     and the new row sum. MASK_TAIL: columns past n_k are padding.
     """
-    scores = scores.to(tl.float32)
     # fp8: exp2(x + log2 448) = 448 exp2(x), so P~ comes out of the exp2 already scaled for fp8.
     p_offset = _LOG2_FP8_MAX if PV_FP8 else 0.0
     if MASK_TAIL:
@@ -313,7 +308,7 @@ def attend_key_block(
     cols = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     k = tl.load(k_head + cols[:, None] * HEAD_DIM + dims[None, :])
-    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     scale = q_scale * tl.load(k_scale_head + key_block)  # one scale per tile: to log2 units
     p, new_max, correction, row_sum = online_softmax(
         scores, scale, row_max, row_sum, cols, n_k, PV_FP8, MASK_TAIL
@@ -426,7 +421,7 @@ def attend_key_block_tma(
     n_k_padded = tl.cdiv(n_k, BLOCK_N) * BLOCK_N
     cols = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
     k = k_desc.load([bh * n_k_padded + key_block * BLOCK_N, 0])
-    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     scale = q_scale * tl.load(k_scale_head + key_block)
     p, new_max, correction, row_sum = online_softmax(
         scores, scale, row_max, row_sum, cols, n_k, PV_FP8, MASK_TAIL
@@ -456,10 +451,8 @@ def _sage_attention_tma_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PV_FP8: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
-    """``_sage_attention_kernel`` with TMA loads; WARP_SPECIALIZE lets Triton split the key loop
-    into producer (loads) and consumer (MMA and softmax) warps."""
+    """``_sage_attention_kernel`` with TMA loads."""
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
     n_q_blocks = tl.cdiv(n_q, BLOCK_M)
@@ -470,7 +463,7 @@ def _sage_attention_tma_kernel(
 
     acc, row_max, row_sum = empty_softmax_state(BLOCK_M, HEAD_DIM)
     n_full = n_k // BLOCK_N
-    for key_block in tl.range(0, n_full, warp_specialize=WARP_SPECIALIZE):
+    for key_block in range(0, n_full):
         acc, row_max, row_sum = attend_key_block_tma(
             acc, row_max, row_sum, q, q_scale, k_desc, k_scale_head, v_desc, bh, key_block, n_k,
             HEAD_DIM, BLOCK_N, PV_FP8, False,
@@ -526,9 +519,8 @@ def sage_attention(
     grid = (triton.cdiv(n_q, config.block_m), b * h)
     if config.tma:
         kernel, (q_in, k_in, v_in) = _sage_attention_tma_kernel, tma_descriptors(qkv, config)
-        options = {"WARP_SPECIALIZE": config.warp_specialize}
     else:
-        kernel, (q_in, k_in, v_in), options = _sage_attention_kernel, (qkv.q, qkv.k, qkv.v), {}
+        kernel, (q_in, k_in, v_in) = _sage_attention_kernel, (qkv.q, qkv.k, qkv.v)
     kernel[grid](
         q_in,
         qkv.q_scale,
@@ -548,7 +540,6 @@ def sage_attention(
         PV_FP8=pv_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
-        **options,
     )
     return out
 

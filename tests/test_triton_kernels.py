@@ -10,9 +10,10 @@ e4m3 operands in ``tl.dot`` exactly (widened to fp16, fp32 accumulation); fp32 -
 (numpy, round to nearest even). What it does not: its fp32 -> fp8 e4m3 cast rounds ties away from
 zero and drops the carry into odd exponents (31.2 -> 16 instead of 32; triton-lang/triton#8322,
 open fixes in PRs #9808 and #11897), so every child first replaces that one conversion with torch's
-(``_faithful_fp8_casts``), which rounds as the GPU's cvt.rn.satfinite.e4m3x2.f32 does. The GPU's own
-cast, and everything compiled, is checked by ``test_compiled_kernels_on_gpu`` (CUDA machines only)
-and by bench/attention_gpu.py.
+(``_faithful_fp8_casts``), which rounds as the GPU's cvt.rn.satfinite.e4m3x2.f32 does. That the
+attention kernels compile for Hopper (to sm_90 cubins, ptxas included) is checked here too, without
+a GPU (``test_kernels_compile_for_hopper``). The GPU's own cast, and everything compiled running, is
+checked by ``test_compiled_kernels_on_gpu`` (CUDA machines only) and by bench/attention_gpu.py.
 """
 
 from __future__ import annotations
@@ -60,11 +61,14 @@ def _in_interpreter(check: Callable[..., None], **kwargs: object) -> None:
     installed = importlib.metadata.version("triton")
     if installed != INTERPRETER_VERSION:  # e.g. a GPU machine's own Triton: the compiled test covers it
         pytest.skip(f"the interpreter checks need triton=={INTERPRETER_VERSION} (installed: {installed})")
+    _in_fresh_python(check, {**os.environ, "TRITON_INTERPRET": "1"}, kwargs)
+
+
+def _in_fresh_python(check: Callable[..., None], env: dict[str, str], kwargs: dict) -> None:
     code = (
         f"import json, sys; sys.path.insert(0, {str(TESTS)!r}); import test_triton_kernels as t; "
-        f"t._interpreter_main({check.__name__!r}, json.loads(sys.argv[1]))"
+        f"t._child_main({check.__name__!r}, json.loads(sys.argv[1]))"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run(
         [sys.executable, "-c", code, json.dumps(kwargs)],
         cwd=ROOT,
@@ -76,9 +80,10 @@ def _in_interpreter(check: Callable[..., None], **kwargs: object) -> None:
     assert result.returncode == 0, f"{check.__name__}({kwargs}) failed:\n{result.stdout}\n{result.stderr}"
 
 
-def _interpreter_main(name: str, kwargs: dict) -> None:
-    assert os.environ.get("TRITON_INTERPRET") == "1" and "triton" not in sys.modules
-    _faithful_fp8_casts()
+def _child_main(name: str, kwargs: dict) -> None:
+    assert "triton" not in sys.modules
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _faithful_fp8_casts()
     globals()[name](**kwargs)
 
 
@@ -229,20 +234,53 @@ def _check_tma_loads_give_the_pointer_kernels_output() -> None:
     q, k, v = _gaussian(200, 64, seed=14, kv_tokens=300)
     for pv_fp8 in (True, False):
         pointers = sage_attention(q, k, v, pv_fp8, KernelConfig(64, 64, 4, 2))
-        for warp_specialize in (False, True):
-            config = KernelConfig(64, 64, 4, 2, tma=True, warp_specialize=warp_specialize)
-            assert torch.equal(sage_attention(q, k, v, pv_fp8, config), pointers)
-    for bad in (
-        lambda: KernelConfig(64, 64, 4, 2, warp_specialize=True),  # warp specialisation without TMA
-        lambda: block_sparse_sage_attention(
-            q, k, v, torch.ones(1, 2, 2, 5, dtype=torch.bool), config=KernelConfig(64, 64, 4, 2, tma=True)
-        ),
-    ):
-        try:
-            bad()
-        except ValueError:
-            continue
-        raise AssertionError("accepted a TMA setting it cannot honour")
+        assert torch.equal(sage_attention(q, k, v, pv_fp8, KernelConfig(64, 64, 4, 2, tma=True)), pointers)
+    everything = torch.ones(1, 2, 2, 5, dtype=torch.bool)  # 2 map rows of 128 queries, 5 key blocks
+    try:
+        block_sparse_sage_attention(q, k, v, everything, config=KernelConfig(64, 64, 4, 2, tma=True))
+    except ValueError as e:
+        assert "TMA" in str(e)
+    else:
+        raise AssertionError("the sparse kernel accepted a TMA config it does not implement")
+
+
+def _check_kernels_compile_for_hopper() -> None:
+    """The attention kernels through Triton's whole pipeline to an sm_90 cubin (ptxas included), at
+    the default configs and with TMA loads: what the interpreter cannot show, without a GPU."""
+    from dataclasses import replace
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.triton_sage import CONFIGS, _sage_attention_kernel, _sage_attention_tma_kernel
+    from kernels.triton_sparge import MAP_BLOCK_Q, _block_sparse_sage_kernel, sparse_config
+
+    operands = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*fp8e4nv", "out_ptr": "*bf16"}
+    operands |= dict.fromkeys(("q_scale_ptr", "k_scale_ptr", "v_scale_ptr"), "*fp32")
+    operands |= {"kept_ptr": "*i32", "counts_ptr": "*i32", "qk_scale": "fp32"}
+
+    def compile_for_hopper(kernel, config, **constexprs) -> None:
+        constexprs |= {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "PV_FP8": True}
+        signature = {
+            name: "constexpr" if name in constexprs else operands.get(name, "i32")
+            for name in kernel.arg_names
+        }
+        source = ASTSource(
+            kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
+        )
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+        assert len(compiled.asm["cubin"]) > 1000
+
+    for d, config in CONFIGS.items():
+        compile_for_hopper(_sage_attention_kernel, config, HEAD_DIM=d)
+        compile_for_hopper(_block_sparse_sage_kernel, sparse_config(d), HEAD_DIM=d, MAP_BLOCK_Q=MAP_BLOCK_Q)
+        tma = replace(config, tma=True)
+        operands["q_desc"] = f"tensordesc<i8[{tma.block_m}, {d}]>"
+        operands["k_desc"] = f"tensordesc<i8[{tma.block_n}, {d}]>"
+        operands["v_desc"] = f"tensordesc<fp8e4nv[{d}, {tma.block_n}]>"
+        compile_for_hopper(_sage_attention_tma_kernel, tma, HEAD_DIM=d)
 
 
 def _check_sage_rejects_what_it_cannot_run() -> None:
@@ -457,6 +495,11 @@ def test_sage_kernel_keeps_the_input_dtype(dtype):
 
 def test_tma_loads_give_the_pointer_kernels_output():
     _in_interpreter(_check_tma_loads_give_the_pointer_kernels_output)
+
+
+def test_kernels_compile_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    _in_fresh_python(_check_kernels_compile_for_hopper, env, {})
 
 
 def test_sage_kernel_rejects_inputs_it_cannot_run():
