@@ -17,7 +17,8 @@
 A package that is not installed is reported as "not installed". Anything else that goes wrong (a
 build, a run, an error bound, NaN, a poisoning that did not land) is reported as FAILED and makes the
 exit status 1. Prints JSON, then the tables. About 3 minutes on an H200; --quick (1.3B shape only)
-about 1.5; --sweep (other tile configs of our kernels at the first shape) adds about 1.5.
+about 1.5; --sweep (other tile configs of our kernels at the first shape) adds about 3 (57 configs,
+TMA loads among them).
 
     python bench/attention_gpu.py --json-out attention_gpu.json
     python bench/attention_gpu.py --quick --sweep
@@ -439,15 +440,19 @@ def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list
     ]
     mask = block_mask(q, k, 128, 64, topk=0.5, sim_threshold=None)
     sparse_ref = fp32_reference(q, k, v, mask)
-    for block_m in (128, 64):  # the map's query blocks, or halves of them
-        for num_warps in (4, 8):
-            for num_stages in (2, 3, 4):
-                config = replace(
-                    sparse_config(shape.dim), block_m=block_m, num_warps=num_warps, num_stages=num_stages
-                )
-                run = partial(block_sparse_sage_attention, q, k, v, mask, pv_fp8, config)
-                name = f"sparse@0.5 {label(config)}"
-                rows.append(timing(name, str(config), shape, run, sparse_ref, "sparse", 50, problems))
+    sparse_configs = [
+        replace(
+            sparse_config(shape.dim), block_m=block_m, num_warps=num_warps, num_stages=num_stages, tma=tma
+        )
+        for block_m in (128, 64)  # the map's query blocks, or halves of them
+        for num_warps in (4, 8)
+        for num_stages in (2, 3, 4)
+        for tma in (False, True)
+    ]
+    for config in sparse_configs:
+        run = partial(block_sparse_sage_attention, q, k, v, mask, pv_fp8, config)
+        name = f"sparse@0.5 {label(config)}"
+        rows.append(timing(name, str(config), shape, run, sparse_ref, "sparse", 50, problems))
     return rows, problems
 
 

@@ -24,8 +24,9 @@ Layout of the quantised operands: Q and K int8 (batch*heads, padded tokens, head
 transposed, (batch*heads, head_dim, padded tokens), so the P.V operand is K-major as Hopper's fp8
 MMA wants it. ``kernels.triton_sparge`` runs the same per-tile code over a block-sparse key list.
 
-A ``KernelConfig`` with ``tma`` reads the same layouts through host-side TMA descriptors instead of
-pointers (``_sage_attention_tma_kernel``, sm_90+): an option for the tuning sweep, same numerics.
+A ``KernelConfig`` with ``tma`` has the kernels read the same layouts through host-side TMA
+descriptors instead of pointers (sm_90+; Triton then keeps several K and V tiles in flight in
+shared memory): an option for the tuning sweep, same numerics.
 (Triton's ``warp_specialize`` on its key loop compiles to the same PTX for sm_90 with Triton 3.9, so
 it is not offered.)
 """
@@ -229,32 +230,65 @@ def quantize_qkv(
 
 @triton.jit
 def load_query_block(
-    q_ptr, q_scale_ptr, bh, q_block, n_q, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr
+    q,
+    q_scale_ptr,
+    bh,
+    q_block,
+    n_q,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TMA: tl.constexpr,
 ):
-    """The int8 query tile of this program and its scale, softmax scale and log2(e) folded in."""
+    """The int8 query tile of this program and its scale, softmax scale and log2(e) folded in.
+    ``q``: the TMA descriptor of Q (batch*heads*padded queries, d) if TMA, else Q's pointer."""
     n_q_blocks = tl.cdiv(n_q, BLOCK_M)
-    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, HEAD_DIM)
-    q_head = q_ptr + bh.to(tl.int64) * n_q_blocks * BLOCK_M * HEAD_DIM
-    q = tl.load(q_head + rows[:, None] * HEAD_DIM + dims[None, :])
+    if TMA:
+        tile = q.load([(bh * n_q_blocks + q_block) * BLOCK_M, 0])
+    else:
+        rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, HEAD_DIM)
+        q_head = q + bh.to(tl.int64) * n_q_blocks * BLOCK_M * HEAD_DIM
+        tile = tl.load(q_head + rows[:, None] * HEAD_DIM + dims[None, :])
     q_scale = tl.load(q_scale_ptr + bh * n_q_blocks + q_block) * qk_scale
-    return q, q_scale
+    return tile, q_scale
 
 
 @triton.jit
-def empty_softmax_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """(acc, row_max, row_sum) before the first key tile."""
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    return acc, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_M,), dtype=tl.float32)
+def attend_key_block(
+    acc,
+    row_max,
+    row_sum,
+    q,
+    q_scale,
+    k_src,
+    k_scale_head,
+    v_src,
+    bh,
+    key_block,
+    n_k,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PV_FP8: tl.constexpr,
+    MASK_TAIL: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """One key block of the online softmax; returns the updated (acc, row_max, row_sum).
 
-
-@triton.jit
-def online_softmax(scores, scale, row_max, row_sum, cols, n_k, PV_FP8: tl.constexpr, MASK_TAIL: tl.constexpr):
-    """One key tile's step of the online softmax on the scores (BLOCK_M, BLOCK_N), fp32 integers.
-
-    Returns P~ (fp32; 448 P~ with PV_FP8), the new row max, the correction of the earlier tiles
-    and the new row sum. MASK_TAIL: columns past n_k are padding.
+    With TMA, k_src and v_src are the TMA descriptors of K (batch*heads*padded keys, d) and of
+    transposed V (batch*heads*d, padded keys); else pointers at this batch and head's K and V.
+    k_scale_head points at this batch and head's K scales. MASK_TAIL: the block is the partial last
+    one, and its columns past n_k are padding.
     """
+    n_k_padded = tl.cdiv(n_k, BLOCK_N) * BLOCK_N
+    cols = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    if TMA:
+        k = k_src.load([bh * n_k_padded + key_block * BLOCK_N, 0])
+    else:
+        k = tl.load(k_src + cols[:, None] * HEAD_DIM + dims[None, :])
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+    scale = q_scale * tl.load(k_scale_head + key_block)  # one scale per tile: to log2 units
     # fp8: exp2(x + log2 448) = 448 exp2(x), so P~ comes out of the exp2 already scaled for fp8.
     p_offset = _LOG2_FP8_MAX if PV_FP8 else 0.0
     if MASK_TAIL:
@@ -267,54 +301,19 @@ def online_softmax(scores, scale, row_max, row_sum, cols, n_k, PV_FP8: tl.conste
         new_max = tl.maximum(row_max, tl.max(scores, 1) * scale)
         p = tl.exp2(scores * scale - (new_max - p_offset)[:, None])
     correction = tl.exp2(row_max - new_max)  # 0 on the first block (row_max = -inf)
-    return p, new_max, correction, row_sum * correction + tl.sum(p, 1)
-
-
-@triton.jit
-def accumulate_pv(acc, correction, p, v, PV_FP8: tl.constexpr):
-    """acc * correction + P~ . V for a V tile (d, BLOCK_N), tokens contiguous."""
+    row_sum = row_sum * correction + tl.sum(p, 1)
+    if TMA:
+        v = v_src.load([bh * HEAD_DIM, key_block * BLOCK_N])
+    else:
+        v = tl.load(v_src + dims[:, None] * n_k_padded + cols[None, :])  # (d, BLOCK_N), tokens contiguous
     if PV_FP8:
-        pv = tl.dot(p.to(tl.float8e4nv, fp_downcast_rounding="rtne"), tl.trans(v), out_dtype=tl.float32)
+        p8 = p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
+        pv = tl.dot(p8, tl.trans(v), out_dtype=tl.float32)
     else:
         pv = tl.dot(p.to(tl.float16), tl.trans(v), out_dtype=tl.float32)
     # A fresh MMA accumulator per tile, summed here in fp32: the two-level accumulation.
-    return acc * correction[:, None] + pv
-
-
-@triton.jit
-def attend_key_block(
-    acc,
-    row_max,
-    row_sum,
-    q,
-    q_scale,
-    k_head,
-    k_scale_head,
-    v_head,
-    key_block,
-    n_k,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PV_FP8: tl.constexpr,
-    MASK_TAIL: tl.constexpr,
-):
-    """One key block of the online softmax, K and V read through pointers; returns the updated
-    (acc, row_max, row_sum).
-
-    k_head, k_scale_head and v_head point at this batch and head. MASK_TAIL: the block is the
-    partial last one, and its columns past n_k are padding.
-    """
-    n_k_padded = tl.cdiv(n_k, BLOCK_N) * BLOCK_N
-    cols = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
-    k = tl.load(k_head + cols[:, None] * HEAD_DIM + dims[None, :])
-    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-    scale = q_scale * tl.load(k_scale_head + key_block)  # one scale per tile: to log2 units
-    p, new_max, correction, row_sum = online_softmax(
-        scores, scale, row_max, row_sum, cols, n_k, PV_FP8, MASK_TAIL
-    )
-    v = tl.load(v_head + dims[:, None] * n_k_padded + cols[None, :])  # (d, BLOCK_N), tokens contiguous
-    return accumulate_pv(acc, correction, p, v, PV_FP8), new_max, row_sum
+    acc = acc * correction[:, None] + pv
+    return acc, new_max, row_sum
 
 
 @triton.jit
@@ -350,13 +349,20 @@ def store_output(
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < n_q)
 
 
+@triton.jit
+def empty_softmax_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """(acc, row_max, row_sum) before the first key tile."""
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    return acc, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+
 @triton.jit(do_not_specialize=["n_q", "n_k"])
 def _sage_attention_kernel(
-    q_ptr,
+    q,
     q_scale_ptr,
-    k_ptr,
+    k,
     k_scale_ptr,
-    v_ptr,
+    v,
     v_scale_ptr,
     out_ptr,
     stride_ob,
@@ -371,107 +377,31 @@ def _sage_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PV_FP8: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """q, k, v: the quantised operands' TMA descriptors if TMA, else their pointers."""
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
     n_k_blocks = tl.cdiv(n_k, BLOCK_N)
-    q, q_scale = load_query_block(q_ptr, q_scale_ptr, bh, q_block, n_q, qk_scale, HEAD_DIM, BLOCK_M)
-    k_head = k_ptr + bh.to(tl.int64) * n_k_blocks * BLOCK_N * HEAD_DIM
-    v_head = v_ptr + bh.to(tl.int64) * HEAD_DIM * n_k_blocks * BLOCK_N
+    q, q_scale = load_query_block(q, q_scale_ptr, bh, q_block, n_q, qk_scale, HEAD_DIM, BLOCK_M, TMA)
+    if TMA:
+        k_src, v_src = k, v
+    else:
+        k_src = k + bh.to(tl.int64) * n_k_blocks * BLOCK_N * HEAD_DIM
+        v_src = v + bh.to(tl.int64) * HEAD_DIM * n_k_blocks * BLOCK_N
     k_scale_head = k_scale_ptr + bh * n_k_blocks
 
     acc, row_max, row_sum = empty_softmax_state(BLOCK_M, HEAD_DIM)
     n_full = n_k // BLOCK_N
     for key_block in range(0, n_full):
         acc, row_max, row_sum = attend_key_block(
-            acc, row_max, row_sum, q, q_scale, k_head, k_scale_head, v_head, key_block, n_k,
-            HEAD_DIM, BLOCK_N, PV_FP8, False,
+            acc, row_max, row_sum, q, q_scale, k_src, k_scale_head, v_src, bh, key_block, n_k,
+            HEAD_DIM, BLOCK_N, PV_FP8, False, TMA,
         )  # fmt: skip
     if n_full < n_k_blocks:  # a partial last block: the only one that needs the column mask
         acc, row_max, row_sum = attend_key_block(
-            acc, row_max, row_sum, q, q_scale, k_head, k_scale_head, v_head, n_full, n_k,
-            HEAD_DIM, BLOCK_N, PV_FP8, True,
-        )  # fmt: skip
-    store_output(
-        acc, row_sum, v_scale_ptr, out_ptr, bh, q_block, n_q, n_heads,
-        stride_ob, stride_on, stride_oh, stride_od, HEAD_DIM, BLOCK_M, PV_FP8,
-    )  # fmt: skip
-
-
-@triton.jit
-def attend_key_block_tma(
-    acc,
-    row_max,
-    row_sum,
-    q,
-    q_scale,
-    k_desc,
-    k_scale_head,
-    v_desc,
-    bh,
-    key_block,
-    n_k,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PV_FP8: tl.constexpr,
-    MASK_TAIL: tl.constexpr,
-):
-    """``attend_key_block`` with K and V read by the tensor memory accelerator (TMA) through
-    descriptors of K (batch*heads*padded tokens, d) and of transposed V (batch*heads*d, padded tokens)."""
-    n_k_padded = tl.cdiv(n_k, BLOCK_N) * BLOCK_N
-    cols = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    k = k_desc.load([bh * n_k_padded + key_block * BLOCK_N, 0])
-    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
-    scale = q_scale * tl.load(k_scale_head + key_block)
-    p, new_max, correction, row_sum = online_softmax(
-        scores, scale, row_max, row_sum, cols, n_k, PV_FP8, MASK_TAIL
-    )
-    v = v_desc.load([bh * HEAD_DIM, key_block * BLOCK_N])
-    return accumulate_pv(acc, correction, p, v, PV_FP8), new_max, row_sum
-
-
-@triton.jit(do_not_specialize=["n_q", "n_k"])
-def _sage_attention_tma_kernel(
-    q_desc,
-    q_scale_ptr,
-    k_desc,
-    k_scale_ptr,
-    v_desc,
-    v_scale_ptr,
-    out_ptr,
-    stride_ob,
-    stride_on,
-    stride_oh,
-    stride_od,
-    n_q,
-    n_k,
-    n_heads,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    PV_FP8: tl.constexpr,
-):
-    """``_sage_attention_kernel`` with TMA loads."""
-    q_block = tl.program_id(0)
-    bh = tl.program_id(1)
-    n_q_blocks = tl.cdiv(n_q, BLOCK_M)
-    n_k_blocks = tl.cdiv(n_k, BLOCK_N)
-    q = q_desc.load([(bh * n_q_blocks + q_block) * BLOCK_M, 0])
-    q_scale = tl.load(q_scale_ptr + bh * n_q_blocks + q_block) * qk_scale
-    k_scale_head = k_scale_ptr + bh * n_k_blocks
-
-    acc, row_max, row_sum = empty_softmax_state(BLOCK_M, HEAD_DIM)
-    n_full = n_k // BLOCK_N
-    for key_block in range(0, n_full):
-        acc, row_max, row_sum = attend_key_block_tma(
-            acc, row_max, row_sum, q, q_scale, k_desc, k_scale_head, v_desc, bh, key_block, n_k,
-            HEAD_DIM, BLOCK_N, PV_FP8, False,
-        )  # fmt: skip
-    if n_full < n_k_blocks:
-        acc, row_max, row_sum = attend_key_block_tma(
-            acc, row_max, row_sum, q, q_scale, k_desc, k_scale_head, v_desc, bh, n_full, n_k,
-            HEAD_DIM, BLOCK_N, PV_FP8, True,
+            acc, row_max, row_sum, q, q_scale, k_src, k_scale_head, v_src, bh, n_full, n_k,
+            HEAD_DIM, BLOCK_N, PV_FP8, True, TMA,
         )  # fmt: skip
     store_output(
         acc, row_sum, v_scale_ptr, out_ptr, bh, q_block, n_q, n_heads,
@@ -517,11 +447,8 @@ def sage_attention(
     qkv = quantize_qkv(q, k, v, config, pv_fp8)
     out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(n_q, config.block_m), b * h)
-    if config.tma:
-        kernel, (q_in, k_in, v_in) = _sage_attention_tma_kernel, tma_descriptors(qkv, config)
-    else:
-        kernel, (q_in, k_in, v_in) = _sage_attention_kernel, (qkv.q, qkv.k, qkv.v)
-    kernel[grid](
+    q_in, k_in, v_in = tma_descriptors(qkv, config) if config.tma else (qkv.q, qkv.k, qkv.v)
+    _sage_attention_kernel[grid](
         q_in,
         qkv.q_scale,
         k_in,
@@ -538,6 +465,7 @@ def sage_attention(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         PV_FP8=pv_fp8,
+        TMA=config.tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

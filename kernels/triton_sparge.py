@@ -37,6 +37,7 @@ from kernels.triton_sage import (
     load_token_block,
     quantize_qkv,
     store_output,
+    tma_descriptors,
 )
 
 MAP_BLOCK_Q = 128
@@ -132,11 +133,11 @@ def kept_block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @triton.jit(do_not_specialize=["n_q", "n_k"])
 def _block_sparse_sage_kernel(
-    q_ptr,
+    q,
     q_scale_ptr,
-    k_ptr,
+    k,
     k_scale_ptr,
-    v_ptr,
+    v,
     v_scale_ptr,
     out_ptr,
     kept_ptr,
@@ -154,15 +155,20 @@ def _block_sparse_sage_kernel(
     BLOCK_N: tl.constexpr,
     MAP_BLOCK_Q: tl.constexpr,
     PV_FP8: tl.constexpr,
+    TMA: tl.constexpr,
 ):
+    """q, k, v: the quantised operands' TMA descriptors if TMA, else their pointers."""
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
     n_map_rows = tl.cdiv(n_q, MAP_BLOCK_Q)
     map_row = q_block // (MAP_BLOCK_Q // BLOCK_M)  # the map block this query tile lies in
     n_k_blocks = tl.cdiv(n_k, BLOCK_N)
-    q, q_scale = load_query_block(q_ptr, q_scale_ptr, bh, q_block, n_q, qk_scale, HEAD_DIM, BLOCK_M)
-    k_head = k_ptr + bh.to(tl.int64) * n_k_blocks * BLOCK_N * HEAD_DIM
-    v_head = v_ptr + bh.to(tl.int64) * HEAD_DIM * n_k_blocks * BLOCK_N
+    q, q_scale = load_query_block(q, q_scale_ptr, bh, q_block, n_q, qk_scale, HEAD_DIM, BLOCK_M, TMA)
+    if TMA:
+        k_src, v_src = k, v
+    else:
+        k_src = k + bh.to(tl.int64) * n_k_blocks * BLOCK_N * HEAD_DIM
+        v_src = v + bh.to(tl.int64) * HEAD_DIM * n_k_blocks * BLOCK_N
     k_scale_head = k_scale_ptr + bh * n_k_blocks
     kept = kept_ptr + (bh.to(tl.int64) * n_map_rows + map_row) * n_k_blocks
     n_kept = tl.load(counts_ptr + bh * n_map_rows + map_row)
@@ -176,13 +182,13 @@ def _block_sparse_sage_kernel(
     for i in range(0, n_kept - tail_kept.to(tl.int32)):
         key_block = tl.load(kept + i)
         acc, row_max, row_sum = attend_key_block(
-            acc, row_max, row_sum, q, q_scale, k_head, k_scale_head, v_head, key_block, n_k,
-            HEAD_DIM, BLOCK_N, PV_FP8, False,
+            acc, row_max, row_sum, q, q_scale, k_src, k_scale_head, v_src, bh, key_block, n_k,
+            HEAD_DIM, BLOCK_N, PV_FP8, False, TMA,
         )  # fmt: skip
     if tail_kept:
         acc, row_max, row_sum = attend_key_block(
-            acc, row_max, row_sum, q, q_scale, k_head, k_scale_head, v_head, last, n_k,
-            HEAD_DIM, BLOCK_N, PV_FP8, True,
+            acc, row_max, row_sum, q, q_scale, k_src, k_scale_head, v_src, bh, last, n_k,
+            HEAD_DIM, BLOCK_N, PV_FP8, True, TMA,
         )  # fmt: skip
     store_output(
         acc, row_sum, v_scale_ptr, out_ptr, bh, q_block, n_q, n_heads,
@@ -201,7 +207,8 @@ def block_sparse_sage_attention(
     """8-bit attention over the kept blocks of ``mask`` only; same shape and dtype as q.
 
     ``mask`` is bool (batch, heads, ceil(n_q / 128), ceil(n_k / 64)), True = compute. ``config``
-    overrides the tile and launch choice: BLOCK_N must be the map's 64, BLOCK_M 128 or 64.
+    overrides the tile and launch choice (BLOCK_N must be the map's 64, BLOCK_M 128 or 64), and the
+    loads (``tma``).
     """
     check_inputs(q, k, v)
     b, n_q, h, d = q.shape
@@ -210,8 +217,6 @@ def block_sparse_sage_attention(
     if mask.dtype != torch.bool or tuple(mask.shape) != expected or mask.device != q.device:
         raise ValueError(f"mask must be bool {expected} on {q.device}, got {mask.dtype} {tuple(mask.shape)}")
     config = config or sparse_config(d)
-    if config.tma:
-        raise ValueError("the sparse kernel reads its gathered key blocks through pointers, not the TMA")
     if config.block_m not in (MAP_BLOCK_Q, MAP_BLOCK_Q // 2) or config.block_n != MAP_BLOCK_K:
         raise ValueError(
             f"the kernel's tiles must be {MAP_BLOCK_Q} or {MAP_BLOCK_Q // 2} query x {MAP_BLOCK_K} key tokens"
@@ -220,12 +225,13 @@ def block_sparse_sage_attention(
     kept, counts = kept_block_lists(mask)
     out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(n_q, config.block_m), b * h)
+    q_in, k_in, v_in = tma_descriptors(qkv, config) if config.tma else (qkv.q, qkv.k, qkv.v)
     _block_sparse_sage_kernel[grid](
-        qkv.q,
+        q_in,
         qkv.q_scale,
-        qkv.k,
+        k_in,
         qkv.k_scale,
-        qkv.v,
+        v_in,
         qkv.v_scale,
         out,
         kept,
@@ -240,6 +246,7 @@ def block_sparse_sage_attention(
         BLOCK_N=config.block_n,
         MAP_BLOCK_Q=MAP_BLOCK_Q,
         PV_FP8=pv_fp8,
+        TMA=config.tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -232,16 +232,12 @@ def _check_tma_loads_give_the_pointer_kernels_output() -> None:
 
     # 200 queries and 300 keys: partial last tiles of both, and a tail key block.
     q, k, v = _gaussian(200, 64, seed=14, kv_tokens=300)
+    mask = _hand_made_mask()[:, :, :2]  # 2 map rows of 128 queries, 5 key blocks
+    pointers, tma = KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 2, tma=True)
     for pv_fp8 in (True, False):
-        pointers = sage_attention(q, k, v, pv_fp8, KernelConfig(64, 64, 4, 2))
-        assert torch.equal(sage_attention(q, k, v, pv_fp8, KernelConfig(64, 64, 4, 2, tma=True)), pointers)
-    everything = torch.ones(1, 2, 2, 5, dtype=torch.bool)  # 2 map rows of 128 queries, 5 key blocks
-    try:
-        block_sparse_sage_attention(q, k, v, everything, config=KernelConfig(64, 64, 4, 2, tma=True))
-    except ValueError as e:
-        assert "TMA" in str(e)
-    else:
-        raise AssertionError("the sparse kernel accepted a TMA config it does not implement")
+        assert torch.equal(sage_attention(q, k, v, pv_fp8, tma), sage_attention(q, k, v, pv_fp8, pointers))
+        sparse = block_sparse_sage_attention(q, k, v, mask, pv_fp8, tma)
+        assert torch.equal(sparse, block_sparse_sage_attention(q, k, v, mask, pv_fp8, pointers))
 
 
 def _check_kernels_compile_for_hopper() -> None:
@@ -253,15 +249,27 @@ def _check_kernels_compile_for_hopper() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels.triton_sage import CONFIGS, _sage_attention_kernel, _sage_attention_tma_kernel
+    from kernels.triton_sage import CONFIGS, _sage_attention_kernel
     from kernels.triton_sparge import MAP_BLOCK_Q, _block_sparse_sage_kernel, sparse_config
 
-    operands = {"q_ptr": "*i8", "k_ptr": "*i8", "v_ptr": "*fp8e4nv", "out_ptr": "*bf16"}
-    operands |= dict.fromkeys(("q_scale_ptr", "k_scale_ptr", "v_scale_ptr"), "*fp32")
-    operands |= {"kept_ptr": "*i32", "counts_ptr": "*i32", "qk_scale": "fp32"}
-
     def compile_for_hopper(kernel, config, **constexprs) -> None:
-        constexprs |= {"BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "PV_FP8": True}
+        d = constexprs["HEAD_DIM"]
+        if config.tma:
+            operands = {
+                "q": f"tensordesc<i8[{config.block_m}, {d}]>",
+                "k": f"tensordesc<i8[{config.block_n}, {d}]>",
+                "v": f"tensordesc<fp8e4nv[{d}, {config.block_n}]>",
+            }
+        else:
+            operands = {"q": "*i8", "k": "*i8", "v": "*fp8e4nv"}
+        operands |= dict.fromkeys(("q_scale_ptr", "k_scale_ptr", "v_scale_ptr"), "*fp32")
+        operands |= {"out_ptr": "*bf16", "kept_ptr": "*i32", "counts_ptr": "*i32", "qk_scale": "fp32"}
+        constexprs |= {
+            "BLOCK_M": config.block_m,
+            "BLOCK_N": config.block_n,
+            "PV_FP8": True,
+            "TMA": config.tma,
+        }
         signature = {
             name: "constexpr" if name in constexprs else operands.get(name, "i32")
             for name in kernel.arg_names
@@ -274,13 +282,10 @@ def _check_kernels_compile_for_hopper() -> None:
         assert len(compiled.asm["cubin"]) > 1000
 
     for d, config in CONFIGS.items():
-        compile_for_hopper(_sage_attention_kernel, config, HEAD_DIM=d)
-        compile_for_hopper(_block_sparse_sage_kernel, sparse_config(d), HEAD_DIM=d, MAP_BLOCK_Q=MAP_BLOCK_Q)
-        tma = replace(config, tma=True)
-        operands["q_desc"] = f"tensordesc<i8[{tma.block_m}, {d}]>"
-        operands["k_desc"] = f"tensordesc<i8[{tma.block_n}, {d}]>"
-        operands["v_desc"] = f"tensordesc<fp8e4nv[{d}, {tma.block_n}]>"
-        compile_for_hopper(_sage_attention_tma_kernel, tma, HEAD_DIM=d)
+        for tma in (False, True):
+            compile_for_hopper(_sage_attention_kernel, replace(config, tma=tma), HEAD_DIM=d)
+            sparse = replace(sparse_config(d), tma=tma)
+            compile_for_hopper(_block_sparse_sage_kernel, sparse, HEAD_DIM=d, MAP_BLOCK_Q=MAP_BLOCK_Q)
 
 
 def _check_sage_rejects_what_it_cannot_run() -> None:
