@@ -384,6 +384,7 @@ def _sage_attention_kernel(
     bh = tl.program_id(1)
     n_k_blocks = tl.cdiv(n_k, BLOCK_N)
     q, q_scale = load_query_block(q, q_scale_ptr, bh, q_block, n_q, qk_scale, HEAD_DIM, BLOCK_M, TMA)
+    # Inline, here and in the sparse kernel: Triton cannot return a descriptor from a helper.
     if TMA:
         k_src, v_src = k, v
     else:
