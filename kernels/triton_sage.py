@@ -478,6 +478,9 @@ def tma_descriptors(qkv: QuantizedQKV, config: KernelConfig) -> tuple:
     Q (bh * padded queries, d), K (bh * padded keys, d), transposed V (bh * d, padded keys)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    device = qkv.q.device
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        raise ValueError("TMA loads need a GPU of sm_90 or newer")
     d = qkv.q.shape[-1]
     return (
         TensorDescriptor.from_tensor(qkv.q.view(-1, d), [config.block_m, d]),
