@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -53,10 +54,7 @@ def main() -> None:
     start = time.perf_counter()
     if profile:
         report["profile"] = profile.name
-        pipe = WanPipeline.from_checkpoint(
-            args.checkpoint, model.name, "cuda", profile.dtype, profile.attention,
-            profile.low_mem_level, profile.attention_options, profile.compile,
-        )  # fmt: skip
+        pipe = WanPipeline.from_profile(replace(profile, checkpoint=str(args.checkpoint.resolve())), "cuda")
     else:
         pipe = WanPipeline.from_checkpoint(args.checkpoint, model.name, "cuda")
     torch.cuda.synchronize()

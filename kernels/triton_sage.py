@@ -26,9 +26,8 @@ MMA wants it. ``kernels.triton_sparge`` runs the same per-tile code over a block
 
 A ``KernelConfig`` with ``tma`` has the kernels read the same layouts through host-side TMA
 descriptors instead of pointers (sm_90+; Triton then keeps several K and V tiles in flight in
-shared memory): an option for the tuning sweep, same numerics.
-(Triton's ``warp_specialize`` on its key loop compiles to the same PTX for sm_90 with Triton 3.9, so
-it is not offered.)
+shared memory; ``bench/kernel_build.py`` shows how much): an option for the tuning sweep, same
+numerics.
 """
 
 from __future__ import annotations

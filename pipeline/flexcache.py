@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.dit import WanDiT
+from pipeline.config import ModelConfig, TeaCacheConfig
+from pipeline.dit import DiTInputs, WanDiT
 from pipeline.params import GenerationParams
 
 COND, UNCOND = 0, 1
@@ -97,6 +97,17 @@ class FlexCache:
         return out
 
 
+def relative_l1(new: torch.Tensor, old: torch.Tensor) -> float:
+    """TeaCache's measure of change: mean |new - old| / mean |old|."""
+    return ((new - old).abs().mean() / old.abs().mean()).item()
+
+
+def teacache_input(inputs: DiTInputs, config: TeaCacheConfig) -> torch.Tensor:
+    """The timestep-modulated input whose change TeaCache tracks: the projected timestep or its
+    embedding, as the model config says."""
+    return inputs.time if config.modulated_input == "time_projection" else inputs.time_embedding
+
+
 @dataclass
 class _TeaState:
     previous: torch.Tensor | None = None  # the modulated input of the last call
@@ -106,10 +117,9 @@ class _TeaState:
 
 class _TeaCache:
     def __init__(self, params: GenerationParams, model: ModelConfig):
-        config = model.teacache
+        self.config = config = model.teacache
         self.threshold = params.teacache_threshold
         self.rescale = np.poly1d(config.coefficients)
-        self.use_projection = config.modulated_input == "time_projection"
         self.first_steps = config.first_steps
         self.last_steps = config.last_steps
         self.states: dict[tuple[int, int], _TeaState] = {}
@@ -119,8 +129,7 @@ class _TeaCache:
         if forced:
             state.accumulated = 0.0
         else:
-            change = ((modulated - state.previous).abs().mean() / state.previous.abs().mean()).item()
-            state.accumulated += float(self.rescale(change))
+            state.accumulated += float(self.rescale(relative_l1(modulated, state.previous)))
         state.previous = modulated
         if forced or state.accumulated >= self.threshold:
             state.accumulated = 0.0
@@ -129,7 +138,7 @@ class _TeaCache:
 
     def blocks(self, dit, inputs, expert, branch, step, steps, record) -> torch.Tensor:
         state = self.states.setdefault((expert, branch), _TeaState())
-        modulated = inputs.time if self.use_projection else inputs.time_embedding
+        modulated = teacache_input(inputs, self.config)
         if not self.should_compute(state, modulated, step, steps):
             record.computed = False
             return inputs.x + state.residual

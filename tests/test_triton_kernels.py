@@ -243,49 +243,12 @@ def _check_tma_loads_give_the_pointer_kernels_output() -> None:
 def _check_kernels_compile_for_hopper() -> None:
     """The attention kernels through Triton's whole pipeline to an sm_90 cubin (ptxas included), at
     the default configs and with TMA loads: what the interpreter cannot show, without a GPU."""
-    from dataclasses import replace
+    from kernels.triton_build import compile_for_hopper, default_configs
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from kernels.triton_sage import CONFIGS, _sage_attention_kernel
-    from kernels.triton_sparge import MAP_BLOCK_Q, _block_sparse_sage_kernel, sparse_config
-
-    def compile_for_hopper(kernel, config, **constexprs) -> None:
-        d = constexprs["HEAD_DIM"]
-        if config.tma:
-            operands = {
-                "q": f"tensordesc<i8[{config.block_m}, {d}]>",
-                "k": f"tensordesc<i8[{config.block_n}, {d}]>",
-                "v": f"tensordesc<fp8e4nv[{d}, {config.block_n}]>",
-            }
-        else:
-            operands = {"q": "*i8", "k": "*i8", "v": "*fp8e4nv"}
-        operands |= dict.fromkeys(("q_scale_ptr", "k_scale_ptr", "v_scale_ptr"), "*fp32")
-        operands |= {"out_ptr": "*bf16", "kept_ptr": "*i32", "counts_ptr": "*i32", "qk_scale": "fp32"}
-        constexprs |= {
-            "BLOCK_M": config.block_m,
-            "BLOCK_N": config.block_n,
-            "PV_FP8": True,
-            "TMA": config.tma,
-        }
-        signature = {
-            name: "constexpr" if name in constexprs else operands.get(name, "i32")
-            for name in kernel.arg_names
-        }
-        source = ASTSource(
-            kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
-        )
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-        assert len(compiled.asm["cubin"]) > 1000
-
-    for d, config in CONFIGS.items():
+    for d in (64, 128):
         for tma in (False, True):
-            compile_for_hopper(_sage_attention_kernel, replace(config, tma=tma), HEAD_DIM=d)
-            sparse = replace(sparse_config(d), tma=tma)
-            compile_for_hopper(_block_sparse_sage_kernel, sparse, HEAD_DIM=d, MAP_BLOCK_Q=MAP_BLOCK_Q)
+            for kind, config in default_configs(d, tma).items():
+                assert len(compile_for_hopper(kind == "sparse", config, d).asm["cubin"]) > 1000
 
 
 def _check_sage_rejects_what_it_cannot_run() -> None:

@@ -22,15 +22,10 @@ import numpy as np
 import torch
 
 from pipeline.config import load_profile
-from pipeline.flexcache import COND, UNCOND, FlexCache
+from pipeline.flexcache import COND, UNCOND, FlexCache, relative_l1, teacache_input
 from pipeline.params import validate_params
 from pipeline.wan import WanPipeline, apply_guidance
 from world.scenes import caption, prompt_set
-
-
-def relative_l1(new: torch.Tensor, old: torch.Tensor) -> float:
-    """TeaCache's measure of change: mean |new - old| / mean |old|."""
-    return ((new - old).abs().mean() / old.abs().mean()).item()
 
 
 class ChangeRecorder:
@@ -40,7 +35,6 @@ class ChangeRecorder:
 
     def __init__(self, pipeline: WanPipeline, pairs: list[tuple[float, float]]) -> None:
         self.pipeline = pipeline
-        self.use_projection = pipeline.model.teacache.modulated_input == "time_projection"
         self.pairs = pairs
         self.last: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -60,7 +54,7 @@ class ChangeRecorder:
         for branch, context in ((COND, cond), (UNCOND, uncond)):
             inputs = dit.prepare(latents, t, context)
             out = dit.run_blocks(inputs)
-            modulated = inputs.time if self.use_projection else inputs.time_embedding
+            modulated = teacache_input(inputs, self.pipeline.model.teacache)
             residual = (out - inputs.x).float()
             if (expert, branch) in self.last:
                 old_input, old_residual = self.last[expert, branch]
