@@ -442,7 +442,11 @@ def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list
     sparse_ref = fp32_reference(q, k, v, mask)
     sparse_configs = [
         replace(
-            sparse_config(shape.dim), block_m=block_m, num_warps=num_warps, num_stages=num_stages, tma=tma
+            sparse_config(shape.dim, q.device),
+            block_m=block_m,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            tma=tma,
         )
         for block_m in (128, 64)  # the map's query blocks, or halves of them
         for num_warps in (4, 8)

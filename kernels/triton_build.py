@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
-from kernels.triton_sparge import MAP_BLOCK_Q, _block_sparse_sage_kernel, sparse_config
+from kernels.triton_sparge import MAP_BLOCK_Q, SPARSE_CONFIGS, _block_sparse_sage_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -53,5 +53,5 @@ def default_configs(head_dim: int, tma: bool) -> dict[str, KernelConfig]:
     """The dense and sparse kernels' default configs for ``head_dim``, with or without TMA loads."""
     return {
         "dense": replace(CONFIGS[head_dim], tma=tma),
-        "sparse": replace(sparse_config(head_dim), tma=tma),
+        "sparse": replace(SPARSE_CONFIGS[head_dim], tma=tma),
     }

@@ -26,14 +26,14 @@ MMA wants it. ``kernels.triton_sparge`` runs the same per-tile code over a block
 
 A ``KernelConfig`` with ``tma`` has the kernels read the same layouts through host-side TMA
 descriptors instead of pointers (sm_90+; Triton then keeps several K and V tiles in flight in
-shared memory; ``bench/kernel_build.py`` shows how much): an option for the tuning sweep, same
-numerics.
+shared memory, ``bench/kernel_build.py`` shows how much). Same numerics; the default on Hopper,
+where it measured 8-14% faster than pointer loads; older GPUs read through pointers.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -47,6 +47,7 @@ INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # torch.round), for |x| < 2^22; the values rounded here are at most 127. The interpreter has no
 # libdevice, so rint is not an option for code that must also run there.
 _ROUND_TO_INTEGER = tl.constexpr(12582912.0)
+_FP8_MAX = tl.constexpr(FP8_MAX)
 _LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_MAX))
 _FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny, as the reference
 
@@ -60,13 +61,22 @@ class KernelConfig:
     tma: bool = False  # Q, K and V tiles read by the TMA through descriptors (sm_90+), not pointers
 
 
-# Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape: 10.1 ms at
-# 64 x 128 tiles with 4 warps and 3 stages; 11.6 ms at 128 x 128 with 8 warps, 13.2 ms at 128 x 64;
-# head dim 64 is not tuned). BLOCK_M and BLOCK_N are also the Q and K quantisation blocks.
+# Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape: 9.3 ms at
+# 64 x 128 tiles with 4 warps, 2 stages and TMA loads; 10.2 ms at the same tiles with pointer loads
+# and 3 stages, 11.9 ms at 128 x 128 with 8 warps; head dim 64 is not tuned). BLOCK_M and BLOCK_N
+# are also the Q and K quantisation blocks.
 CONFIGS: dict[int, KernelConfig] = {
-    64: KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
-    128: KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=3),
+    64: KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, tma=True),
+    128: KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True),
 }
+
+
+def for_device(config: KernelConfig, device: torch.device) -> KernelConfig:
+    """A default config as ``device`` can run it: its tiles read by the TMA on sm_90 and newer,
+    through pointers on older GPUs (same numerics, same tiles)."""
+    if config.tma and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
+        return replace(config, tma=False)
+    return config
 
 
 @dataclass(frozen=True)
@@ -171,16 +181,16 @@ def launch_per_token_block(
     x: torch.Tensor,
     block: int,
     mean: torch.Tensor | None,
-    outputs: tuple[torch.Tensor, ...],
+    tensors: tuple[torch.Tensor, ...],
     num_warps: int,
 ) -> None:
-    """Run a kernel with ``load_token_block``'s arguments (x, mean, *outputs, n_tokens, n_heads,
+    """Run a kernel with ``load_token_block``'s arguments (x, mean, *tensors, n_tokens, n_heads,
     x's strides) on one program per block of ``block`` tokens and per batch and head."""
     b, n, h, d = x.shape
     kernel[(triton.cdiv(n, block), b * h)](
         x,
         mean if mean is not None else x,  # not read without SUBTRACT_MEAN
-        *outputs,
+        *tensors,
         n,
         h,
         *x.stride(),
@@ -188,6 +198,44 @@ def launch_per_token_block(
         BLOCK=block,
         SUBTRACT_MEAN=mean is not None,
         num_warps=num_warps,
+    )
+
+
+# Token counts change with every video size: no recompiling for their divisibility by 16.
+@triton.jit(do_not_specialize=["n_tokens"])
+def _quantize_v_fp8_kernel(
+    x_ptr,
+    mean_ptr,
+    scale_ptr,
+    out_ptr,
+    n_tokens,
+    n_heads,
+    stride_b,
+    stride_n,
+    stride_h,
+    stride_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SUBTRACT_MEAN: tl.constexpr,
+):
+    """One block of V's tokens divided by the per-channel scale, to fp8 e4m3, stored transposed
+    (batch*heads, d, padded tokens); the padding columns get zeros (rows past the last token)."""
+    block = tl.program_id(0)
+    bh = tl.program_id(1)
+    n_padded = tl.num_programs(0) * BLOCK
+    x = load_token_block(
+        x_ptr, mean_ptr, block, bh, n_tokens, n_heads, stride_b, stride_n, stride_h, stride_d,
+        HEAD_DIM, BLOCK, SUBTRACT_MEAN,
+    )  # fmt: skip
+    dims = tl.arange(0, HEAD_DIM)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    scale = tl.load(scale_ptr + bh * HEAD_DIM + dims)
+    # Clamped: the division can round a channel's largest value just past the fp8 maximum.
+    x = tl.minimum(tl.maximum(tl.div_rn(x, scale[None, :]), -_FP8_MAX), _FP8_MAX)
+    dst = out_ptr + bh.to(tl.int64) * HEAD_DIM * n_padded
+    tl.store(
+        dst + dims[:, None] * n_padded + cols[None, :],
+        tl.trans(x).to(tl.float8e4nv, fp_downcast_rounding="rtne"),
     )
 
 
@@ -199,16 +247,14 @@ def prepare_v(v: torch.Tensor, block_n: int, pv_fp8: bool) -> tuple[torch.Tensor
     """
     b, n, h, d = v.shape
     n_padded = triton.cdiv(n, block_n) * block_n
-    dtype = torch.float8_e4m3fn if pv_fp8 else torch.float16
-    out = torch.empty(b, h, d, n_padded, dtype=dtype, device=v.device)
-    out[..., n:].zero_()
     if pv_fp8:
-        scale = (v.abs().amax(dim=1).float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-        # torch's fp8 cast does not saturate: clamp the rounding overshoot of the division.
-        scaled = (v.float() / scale[:, None]).clamp_(-FP8_MAX, FP8_MAX)  # a copy even for fp32 v
-        out[..., :n].copy_(scaled.permute(0, 2, 3, 1))
+        low, high = torch.aminmax(v, dim=1)  # one pass, no |V| copy
+        scale = (torch.maximum(high, -low).float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+        out = torch.empty(b * h, d, n_padded, dtype=torch.float8_e4m3fn, device=v.device)
+        launch_per_token_block(_quantize_v_fp8_kernel, v, block_n, None, (scale, out), num_warps=4)
     else:
         scale = torch.ones(b, h, d, dtype=torch.float32, device=v.device)
+        out = torch.zeros(b, h, d, n_padded, dtype=torch.float16, device=v.device)
         out[..., :n].copy_(v.permute(0, 2, 3, 1))
     return out.view(b * h, d, n_padded), scale.view(b * h, d)
 
@@ -439,11 +485,12 @@ def sage_attention(
 ) -> torch.Tensor:
     """8-bit attention (module docstring): fp8 P.V when ``pv_fp8``, else fp16. Same shape and dtype as q.
 
-    ``config`` overrides the tile and launch choice of ``CONFIGS`` (for tuning).
+    ``config`` overrides the tile and launch choice of ``CONFIGS`` (for tuning); a ``tma`` config
+    asked for on a GPU older than sm_90 is an error.
     """
     check_inputs(q, k, v)
     b, n_q, h, d = q.shape
-    config = config or CONFIGS[d]
+    config = config or for_device(CONFIGS[d], q.device)
     qkv = quantize_qkv(q, k, v, config, pv_fp8)
     out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(n_q, config.block_m), b * h)

@@ -32,6 +32,7 @@ from kernels.triton_sage import (
     attend_key_block,
     check_inputs,
     empty_softmax_state,
+    for_device,
     launch_per_token_block,
     load_query_block,
     load_token_block,
@@ -45,17 +46,18 @@ MAP_BLOCK_K = 64
 
 
 # Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape, half the
-# blocks kept: 7.36 ms on 64-token query tiles with 4 warps and 2 stages, 8.14 ms on the map's
-# 128-token blocks with 8 warps; head dim 64 is not tuned).
+# blocks kept: 6.0 ms on 64-token query tiles with 4 warps, 3 stages and TMA loads; 7.0-7.4 ms at the
+# same tiles with pointer loads, 8.3 ms on the map's 128-token blocks with 8 warps; head dim 64 is
+# not tuned).
 SPARSE_CONFIGS: dict[int, KernelConfig] = {
-    64: KernelConfig(block_m=MAP_BLOCK_Q, block_n=MAP_BLOCK_K, num_warps=4, num_stages=3),
-    128: KernelConfig(block_m=MAP_BLOCK_Q // 2, block_n=MAP_BLOCK_K, num_warps=4, num_stages=2),
+    64: KernelConfig(block_m=MAP_BLOCK_Q, block_n=MAP_BLOCK_K, num_warps=4, num_stages=3, tma=True),
+    128: KernelConfig(block_m=MAP_BLOCK_Q // 2, block_n=MAP_BLOCK_K, num_warps=4, num_stages=3, tma=True),
 }
 
 
-def sparse_config(head_dim: int) -> KernelConfig:
-    """The kernel's tile and launch choice for ``head_dim``."""
-    return SPARSE_CONFIGS[head_dim]
+def sparse_config(head_dim: int, device: torch.device) -> KernelConfig:
+    """The kernel's tile and launch choice for ``head_dim`` on ``device`` (``for_device``)."""
+    return for_device(SPARSE_CONFIGS[head_dim], device)
 
 
 @triton.jit(do_not_specialize=["n_tokens"])
@@ -216,7 +218,7 @@ def block_sparse_sage_attention(
     expected = (b, h, triton.cdiv(n_q, MAP_BLOCK_Q), triton.cdiv(n_k, MAP_BLOCK_K))
     if mask.dtype != torch.bool or tuple(mask.shape) != expected or mask.device != q.device:
         raise ValueError(f"mask must be bool {expected} on {q.device}, got {mask.dtype} {tuple(mask.shape)}")
-    config = config or sparse_config(d)
+    config = config or sparse_config(d, q.device)
     if config.block_m not in (MAP_BLOCK_Q, MAP_BLOCK_Q // 2) or config.block_n != MAP_BLOCK_K:
         raise ValueError(
             f"the kernel's tiles must be {MAP_BLOCK_Q} or {MAP_BLOCK_Q // 2} query x {MAP_BLOCK_K} key tokens"

@@ -510,27 +510,33 @@ def test_backends_choose_and_check_pv_precision_by_gpu():
 
 
 @pytest.mark.parametrize(
-    ("name", "implementation", "says"),
+    ("name", "implementation", "package", "says"),
     [
-        ("sage", "triton", "implementation='triton'"),
-        ("sage", "upstream", "pip install sageattention"),
-        ("sparge", "triton", "implementation='triton'"),
-        ("sparge", "upstream", "SpargeAttn"),
+        ("sage", "triton", None, "implementation='triton'"),
+        ("sage", "upstream", "sageattention", "pip install sageattention"),
+        ("sparge", "triton", None, "implementation='triton'"),
+        ("sparge", "upstream", "spas_sage_attn", "SpargeAttn"),
     ],
 )
-def test_asked_for_implementations_are_unavailable_without_cuda(name, implementation, says):
+def test_asked_for_implementations_are_unavailable_without_cuda(name, implementation, package, says):
     with pytest.raises(BackendUnavailable) as e:
         get_backend(name, "cpu", implementation=implementation)
-    assert "CUDA" in str(e.value) and says in str(e.value)
+    assert "CUDA" in str(e.value)
+    # The upstream route names how to install its package only where it is missing (as in CI).
+    missing = package is None or importlib.util.find_spec(package) is None
+    assert (says in str(e.value)) == missing
 
 
 def test_default_implementation_without_cuda_names_both_routes():
     for name, package in (("sage", "sageattention"), ("sparge", "spas_sage_attn")):
         with pytest.raises(BackendUnavailable) as e:
             get_backend(name, "cpu")
-        assert "implementation='triton'" in str(e.value) and "CUDA" in str(e.value)
-        # The upstream route's own problem too, where its package is missing (as in CI).
-        assert ("not importable" in str(e.value)) == (importlib.util.find_spec(package) is None)
+        assert "CUDA" in str(e.value)
+        # Where the package is missing (as in CI), both routes' problems; where it is installed, the
+        # default is the upstream route and the missing GPU is the whole story.
+        missing = importlib.util.find_spec(package) is None
+        assert ("not importable" in str(e.value)) == missing
+        assert ("implementation='triton'" in str(e.value)) == missing
 
 
 @pytest.mark.parametrize(
@@ -587,5 +593,5 @@ def test_compiled_kernels_on_gpu(pv_fp8):
     sparse = block_sparse_sage_attention(q, k, v, mask, pv_fp8=pv_fp8)
     assert relative_error(sparse, sparse_reference(q, k, v, mask)) < 0.05
     everything = torch.ones_like(mask)
-    same_tiles = sage_attention(q, k, v, pv_fp8=pv_fp8, config=sparse_config(128))
+    same_tiles = sage_attention(q, k, v, pv_fp8=pv_fp8, config=sparse_config(128, q.device))
     assert torch.equal(block_sparse_sage_attention(q, k, v, everything, pv_fp8=pv_fp8), same_tiles)
