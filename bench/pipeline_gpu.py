@@ -17,6 +17,7 @@ the one trained weights give, and the report counts the block stacks it computed
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +36,13 @@ def main() -> None:
     parser.add_argument("--model", default="wan2.1-t2v-1.3b")
     parser.add_argument("--profile", help="run as this profile does (its model replaces --model)")
     parser.add_argument("--flexcache", default="none", help="the video request's feature cache")
+    parser.add_argument(
+        "--attention-options",
+        type=json.loads,
+        default={},
+        help="JSON merged into the profile's attention options, e.g. '{\"sim_threshold\": -1}' for sparge "
+        "on random weights (no two blocks alike: the similarity rule would keep every block)",
+    )
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--size", default=None)
     parser.add_argument("--frames", type=int, default=81)
@@ -54,7 +62,10 @@ def main() -> None:
     start = time.perf_counter()
     if profile:
         report["profile"] = profile.name
-        pipe = WanPipeline.from_profile(replace(profile, checkpoint=str(args.checkpoint.resolve())), "cuda")
+        options = {**profile.attention_options, **args.attention_options}
+        profile = replace(profile, checkpoint=str(args.checkpoint.resolve()), attention_options=options)
+        report["attention_options"] = options
+        pipe = WanPipeline.from_profile(profile, "cuda")
     else:
         pipe = WanPipeline.from_checkpoint(args.checkpoint, model.name, "cuda")
     torch.cuda.synchronize()

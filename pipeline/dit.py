@@ -19,7 +19,7 @@ from torch import nn
 
 from kernels import AttentionBackend, get_backend
 from pipeline.config import DiTConfig
-from pipeline.fused import EAGER, TokenOps
+from pipeline.fused import EAGER, TokenOps, linear_gelu
 from pipeline.fused import compiled as compiled_token_ops
 from pipeline.loading import CheckpointError
 
@@ -62,6 +62,19 @@ def by_token_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     if chunks == 1:
         return fn(x)
     return torch.cat([fn(part) for part in x.chunk(chunks, dim=1)], dim=1)
+
+
+class FeedForward(nn.Sequential):
+    """Linear, GELU (tanh), Linear. A Sequential, so the weights keep the official names (``ffn.0``,
+    ``ffn.2``); the first product and the GELU run as one (``fused.linear_gelu``)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        gelu = nn.GELU(approximate="tanh")  # applied by linear_gelu; here for the layout and the names
+        super().__init__(nn.Linear(in_dim, hidden_dim), gelu, nn.Linear(hidden_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, _, down = self
+        return down(linear_gelu(x, up.weight, up.bias))
 
 
 class RMSNorm(nn.Module):
@@ -157,9 +170,7 @@ class WanBlock(nn.Module):
         self.norm3 = LayerNorm(dim, eps, elementwise_affine=True)
         self.cross_attn = Attention(dim, config.num_heads, eps)
         self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
-        )
+        self.ffn = FeedForward(dim, config.ffn_dim, dim)
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
         # >1 (memory level 4): token-local work (modulation, RoPE, the whole FFN half) runs on this
         # many token chunks, so its fp32 temporaries and the 4.7x-wide FFN hidden are never whole.
@@ -234,9 +245,7 @@ class WanDiT(nn.Module):
         self.patch_embedding = nn.Conv3d(
             config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
         )
-        self.text_embedding = nn.Sequential(
-            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
-        )
+        self.text_embedding = FeedForward(config.text_dim, dim, dim)
         self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))

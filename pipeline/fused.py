@@ -54,6 +54,20 @@ def rms_norm_rope(
     return rope(rms_norm(x, weight, eps).unflatten(2, (heads, -1)), cos, sin)
 
 
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh approximation, as Wan) of ``x @ weight.T + bias``.
+
+    In CUDA inference one cuBLASLt matrix product adds the bias and applies the GELU in its epilogue,
+    on the fp32 accumulator: the FFN's 4.7x-wide hidden is written once, in bf16, instead of being
+    written, read and written again by a separate GELU pass. That entry (torch's own, the one its
+    compiler emits for linear + GELU) has no backward: training, and other devices, take two steps.
+    """
+    if not x.is_cuda or torch.is_grad_enabled():
+        return F.gelu(F.linear(x, weight, bias), approximate="tanh")
+    flat = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+    return flat.view(*x.shape[:-1], weight.shape[0])
+
+
 @dataclass(frozen=True)
 class TokenOps:
     """The set of token-wise functions a DiT runs with: eager, or compiled."""

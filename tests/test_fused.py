@@ -89,3 +89,38 @@ def test_compiled_functions_compile_twice_for_any_number_of_video_sizes() -> Non
         x = torch.randn(1, tokens, D * H)
         assert torch.equal(norm(x, weight, 1e-6), fused.EAGER.rms_norm(x, weight, 1e-6))
     assert counter.frame_count == 2
+
+
+def _tanh_gelu64(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x + 0.044715 * x**3)))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="the epilogue path is CUDA's"),
+        ),
+    ],
+)
+def test_linear_gelu_is_the_tanh_gelu_of_the_product(device: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    x, weight, bias = (
+        torch.randn(2, 40, 64, generator=g),
+        torch.randn(96, 64, generator=g) / 8,
+        torch.randn(96, generator=g),
+    )
+    expected = _tanh_gelu64(x.double() @ weight.double().T + bias.double())
+    erf_gelu = torch.nn.functional.gelu(x.double() @ weight.double().T + bias.double())
+    # In fp32 (torch's default: no TF32 products) the two GELUs can be told apart.
+    assert torch.get_float32_matmul_precision() == "highest"
+    with torch.no_grad():  # inference: on CUDA the GELU runs in the matrix product's epilogue
+        out = fused.linear_gelu(*(t.to(device) for t in (x, weight, bias))).cpu().double()
+    assert out.shape == (2, 40, 96)
+    assert (out - expected).abs().max() < 1e-5 < (erf_gelu - expected).abs().max()
+    # With gradients on (training) the same function, differentiable.
+    x.requires_grad_(True)
+    fused.linear_gelu(x.to(device), weight.to(device), bias.to(device)).sum().backward()
+    assert x.grad is not None and x.grad.isfinite().all()
