@@ -210,7 +210,7 @@ class WanBlock(nn.Module):
             y = self.cross_attn(h, context, cross_attention, ops)
         else:
             y = reuse.cross_attention(lambda: self.cross_attn(h, context, cross_attention, ops))
-        x = x + y
+        x = ops.residual(x, y)
 
         def feed_forward(part: torch.Tensor) -> torch.Tensor:
             return ops.gated_residual(

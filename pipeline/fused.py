@@ -33,6 +33,11 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return (x.float() + y.float() * gate[:, None]).to(x.dtype)
 
 
+def residual(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x + y`` (the cross-attention's residual, no gate), in one pass whatever the layouts."""
+    return x + y
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last axis in fp32, cast back, then the weight (the official order of casts)."""
     x32 = x.float()
@@ -75,6 +80,7 @@ class TokenOps:
     modulated_norm: Callable[..., torch.Tensor] = modulated_norm
     affine_norm: Callable[..., torch.Tensor] = affine_norm
     gated_residual: Callable[..., torch.Tensor] = gated_residual
+    residual: Callable[..., torch.Tensor] = residual
     rms_norm: Callable[..., torch.Tensor] = rms_norm
     rope: Callable[..., torch.Tensor] = rope
     rms_norm_rope: Callable[..., torch.Tensor] = rms_norm_rope
@@ -100,6 +106,7 @@ def compiled(backend: str | Callable[..., Any] = "inductor") -> TokenOps:
         modulated_norm=fuse(modulated_norm),
         affine_norm=fuse(affine_norm),
         gated_residual=fuse(gated_residual),
+        residual=fuse(residual),
         rms_norm=fuse(rms_norm),
         rope=fuse(rope),
         rms_norm_rope=fuse(rms_norm_rope),

@@ -56,7 +56,8 @@ def test_bf16_in_bf16_out_with_fp32_math() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["modulated_norm", "affine_norm", "gated_residual", "rms_norm", "rope", "rms_norm_rope"]
+    "name",
+    ["modulated_norm", "affine_norm", "gated_residual", "residual", "rms_norm", "rope", "rms_norm_rope"],
 )
 def test_every_function_traces_as_one_graph(name: str) -> None:
     """fullgraph tracing (the eager backend: no code generation) finds no graph break, and the traced
@@ -68,6 +69,7 @@ def test_every_function_traces_as_one_graph(name: str) -> None:
         "modulated_norm": (x, shift, scale, 1e-6),
         "affine_norm": (x, weight, bias, 1e-6),
         "gated_residual": (x, y, gate),
+        "residual": (x, y),
         "rms_norm": (x, weight, 1e-6),
         "rope": (heads, cos, sin),
         "rms_norm_rope": (x, weight, 1e-6, H, cos, sin),
