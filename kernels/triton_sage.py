@@ -61,10 +61,10 @@ class KernelConfig:
     tma: bool = False  # Q, K and V tiles read by the TMA through descriptors (sm_90+), not pointers
 
 
-# Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape: 9.3 ms at
-# 64 x 128 tiles with 4 warps, 2 stages and TMA loads; 10.2 ms at the same tiles with pointer loads
-# and 3 stages, 11.9 ms at 128 x 128 with 8 warps; head dim 64 is not tuned). BLOCK_M and BLOCK_N
-# are also the Q and K quantisation blocks.
+# Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape, the whole
+# call while V was still quantised in PyTorch: 9.3 ms at 64 x 128 tiles with 4 warps, 2 stages and
+# TMA loads; 10.2 ms at the same tiles with pointer loads and 3 stages, 11.9 ms at 128 x 128 with
+# 8 warps; head dim 64 is not tuned). BLOCK_M and BLOCK_N are also the Q and K quantisation blocks.
 CONFIGS: dict[int, KernelConfig] = {
     64: KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, tma=True),
     128: KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True),

@@ -465,6 +465,19 @@ def test_tma_loads_give_the_pointer_kernels_output():
     _in_interpreter(_check_tma_loads_give_the_pointer_kernels_output)
 
 
+@pytest.mark.parametrize(("capability", "tma"), [((8, 9), False), ((9, 0), True), ((10, 0), True)])
+def test_default_configs_read_through_tma_from_sm90_on(monkeypatch, capability, tma):
+    from kernels.triton_sage import CONFIGS, for_device
+    from kernels.triton_sparge import sparse_config
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    assert CONFIGS[128].tma and sparse_config(128, torch.device("cpu")).tma  # the tuned defaults
+    for default in (for_device(CONFIGS[128], cuda), sparse_config(128, cuda)):
+        assert default.tma == tma
+    assert for_device(CONFIGS[128], cuda).block_m == CONFIGS[128].block_m  # same tiles either way
+
+
 def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     _in_fresh_python(_check_kernels_compile_for_hopper, env, {})
