@@ -259,11 +259,22 @@ def prepare_v(v: torch.Tensor, block_n: int, pv_fp8: bool) -> tuple[torch.Tensor
     return out.view(b * h, d, n_padded), scale.view(b * h, d)
 
 
+def token_mean(x: torch.Tensor) -> torch.Tensor:
+    """x (batch, tokens, heads, d) -> its mean over tokens, fp32 (batch, heads, d): K smoothing's mean."""
+    return x.mean(dim=1, dtype=torch.float32).contiguous()
+
+
 def quantize_qkv(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: KernelConfig, pv_fp8: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: KernelConfig,
+    pv_fp8: bool,
+    k_mean: torch.Tensor | None = None,
 ) -> QuantizedQKV:
-    """Steps 1, 2 and the V half of step 5 of the module docstring."""
-    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()  # (batch, heads, d)
+    """Steps 1, 2 and the V half of step 5 of the module docstring (``k_mean``: ``token_mean(k)``,
+    if the caller has it)."""
+    k_mean = token_mean(k) if k_mean is None else k_mean
     q8, q_scale = quantize_int8_per_block(q, config.block_m)
     k8, k_scale = quantize_int8_per_block(k, config.block_n, mean=k_mean)
     v_t, v_scale = prepare_v(v, config.block_n, pv_fp8)

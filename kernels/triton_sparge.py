@@ -39,6 +39,7 @@ from kernels.triton_sage import (
     quantize_qkv,
     store_output,
     tma_descriptors,
+    token_mean,
 )
 
 MAP_BLOCK_Q = 128
@@ -86,8 +87,10 @@ def _pool_kernel(
     dims = tl.arange(0, HEAD_DIM)
     count = tl.minimum(n_tokens - block * BLOCK, BLOCK).to(tl.float32)
     # Mean over all token pairs of cos(x_i, x_j) = ||sum of unit vectors||^2 / count^2.
-    norm = tl.sqrt(tl.sum(x * x, 1))
-    unit_sum = tl.sum(x / tl.maximum(norm, 1e-12)[:, None], 0)
+    # One reciprocal per token, not a division per element (a division is a long instruction
+    # sequence, and this kernel would be bound by it instead of by its loads).
+    inverse_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(x * x, 1)), 1e-12)
+    unit_sum = tl.sum(x * inverse_norm[:, None], 0)
     out = pooled_ptr + (bh.to(tl.int64) * n_blocks + block) * HEAD_DIM
     tl.store(out + dims, tl.sum(x, 0) / count)
     tl.store(sim_ptr + bh * n_blocks + block, tl.sum(unit_sum * unit_sum) / (count * count))
@@ -114,10 +117,12 @@ def fused_block_mask(
     topk: float | None = None,
     cdf: float | None = None,
     sim_threshold: float | None = 0.6,
+    k_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``kernels.reference.block_mask`` on MAP_BLOCK_Q x MAP_BLOCK_K blocks, K smoothed, with the
-    pooling in Triton: bool (batch, heads, query blocks, key blocks)."""
-    k_mean = k.mean(dim=1, dtype=torch.float32).contiguous()
+    pooling in Triton: bool (batch, heads, query blocks, key blocks). ``k_mean``: K's mean over
+    tokens (``token_mean``), if the caller has it already."""
+    k_mean = token_mean(k) if k_mean is None else k_mean
     pq, sim_q = pool_blocks(q, MAP_BLOCK_Q)
     pk, sim_k = pool_blocks(k, MAP_BLOCK_K, mean=k_mean)
     return select_blocks(pq, sim_q, pk, sim_k, topk, cdf, sim_threshold)
@@ -205,12 +210,13 @@ def block_sparse_sage_attention(
     mask: torch.Tensor,
     pv_fp8: bool = True,
     config: KernelConfig | None = None,
+    k_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """8-bit attention over the kept blocks of ``mask`` only; same shape and dtype as q.
 
     ``mask`` is bool (batch, heads, ceil(n_q / 128), ceil(n_k / 64)), True = compute. ``config``
     overrides the tile and launch choice (BLOCK_N must be the map's 64, BLOCK_M 128 or 64), and the
-    loads (``tma``).
+    loads (``tma``). ``k_mean``: ``token_mean(k)``, if the caller has it (the block map needs it too).
     """
     check_inputs(q, k, v)
     b, n_q, h, d = q.shape
@@ -223,7 +229,7 @@ def block_sparse_sage_attention(
         raise ValueError(
             f"the kernel's tiles must be {MAP_BLOCK_Q} or {MAP_BLOCK_Q // 2} query x {MAP_BLOCK_K} key tokens"
         )
-    qkv = quantize_qkv(q, k, v, config, pv_fp8)
+    qkv = quantize_qkv(q, k, v, config, pv_fp8, k_mean)
     kept, counts = kept_block_lists(mask)
     out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(n_q, config.block_m), b * h)
@@ -268,5 +274,6 @@ def sparge_attention(
 
     Returns (output, block mask); ``mask.float().mean()`` is the fraction of blocks computed.
     """
-    mask = fused_block_mask(q, k, topk=topk, cdf=cdf, sim_threshold=sim_threshold)
-    return block_sparse_sage_attention(q, k, v, mask, pv_fp8), mask
+    k_mean = token_mean(k)  # K smoothing's mean, for the block map and for the quantisation
+    mask = fused_block_mask(q, k, topk=topk, cdf=cdf, sim_threshold=sim_threshold, k_mean=k_mean)
+    return block_sparse_sage_attention(q, k, v, mask, pv_fp8, k_mean=k_mean), mask
