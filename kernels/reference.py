@@ -190,6 +190,20 @@ def block_mask(
     return select_blocks(pq, sim_q, pk, sim_k, topk, cdf, sim_threshold)
 
 
+def check_selection(topk: float | None, cdf: float | None) -> None:
+    """Raise ValueError unless exactly one of topk and cdf is given, in (0, 1]."""
+    if (topk is None) == (cdf is None):
+        raise ValueError("block_mask needs exactly one of topk and cdf")
+    frac = topk if topk is not None else cdf
+    if not 0.0 < frac <= 1.0:
+        raise ValueError(f"topk/cdf must be in (0, 1], got {frac}")
+
+
+def topk_count(topk: float, n_key_blocks: int) -> int:
+    """Key blocks kept per query block by top-k selection (at least one)."""
+    return max(1, int(topk * n_key_blocks))
+
+
 def select_blocks(
     pq: torch.Tensor,
     sim_q: torch.Tensor,
@@ -200,11 +214,7 @@ def select_blocks(
     sim_threshold: float | None,
 ) -> torch.Tensor:
     """``block_mask``'s selection from the block means (B, H, nb, D) and self-similarities (B, H, nb)."""
-    if (topk is None) == (cdf is None):
-        raise ValueError("block_mask needs exactly one of topk and cdf")
-    frac = topk if topk is not None else cdf
-    if not 0.0 < frac <= 1.0:
-        raise ValueError(f"topk/cdf must be in (0, 1], got {frac}")
+    check_selection(topk, cdf)
     if sim_threshold is None:
         q_alike = torch.ones_like(sim_q, dtype=torch.bool)
         k_alike = torch.ones_like(sim_k, dtype=torch.bool)
@@ -216,7 +226,7 @@ def select_blocks(
     probs = torch.softmax(score, dim=-1).nan_to_num(0.0)  # all keys unlike: all kept below anyway
     sorted_p, order = probs.sort(dim=-1, descending=True)
     if topk is not None:
-        n_keep = torch.full(sorted_p.shape[:-1], max(1, int(topk * nk)), device=pq.device)
+        n_keep = torch.full(sorted_p.shape[:-1], topk_count(topk, nk), device=pq.device)
     else:
         # Smallest prefix whose mass reaches cdf: blocks before the crossing, plus the crossing one.
         n_keep = ((sorted_p.cumsum(dim=-1) < cdf).sum(dim=-1) + 1).clamp(max=nk)

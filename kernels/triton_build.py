@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
-from kernels.triton_sparge import MAP_BLOCK_Q, SPARSE_CONFIGS, _block_sparse_sage_kernel
+from kernels.triton_sparge import MAP_BLOCK_Q, SPARSE_CONFIGS, _block_sparse_sage_kernel, _select_kernel
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -39,14 +39,32 @@ def compile_for_hopper(sparse: bool, config: KernelConfig, head_dim: int):
     }  # fmt: skip
     if sparse:
         constexprs["MAP_BLOCK_Q"] = MAP_BLOCK_Q
+    return _compile(kernel, operands, constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def compile_selection_for_hopper(n_pad: int, use_cdf: bool, use_sim: bool):
+    """The block map's selection kernel for rows of ``n_pad`` key blocks, compiled for sm_90."""
+    operands = {name: "*fp32" for name in ("score_ptr", "sim_q_ptr", "sim_k_ptr")}
+    operands |= {
+        "mask_ptr": "*u8",
+        "kept_ptr": "*i32",
+        "counts_ptr": "*i32",
+        "cdf": "fp32",
+        "sim_threshold": "fp32",
+    }
+    constexprs = {"USE_CDF": use_cdf, "USE_SIM": use_sim, "N_PAD": n_pad}
+    return _compile(_select_kernel, operands, constexprs, num_warps=4, num_stages=1)
+
+
+def _compile(kernel, operands: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """``kernel`` compiled for sm_90; arguments not in ``operands`` or ``constexprs`` are i32."""
     signature = {
         name: "constexpr" if name in constexprs else operands.get(name, "i32") for name in kernel.arg_names
     }
     source = ASTSource(
         kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
     )
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(source, target=HOPPER, options=options)
+    return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def default_configs(head_dim: int, tma: bool) -> dict[str, KernelConfig]:

@@ -5,8 +5,11 @@ Two steps:
      selection, never dropping a block whose tokens are not alike), on blocks of MAP_BLOCK_Q query
      x MAP_BLOCK_K key tokens. The pooling (block means and self-similarities, K smoothed) is one
      Triton pass over Q and one over K (``pool_blocks``) instead of several fp32 copies of both; the
-     selection on the pooled blocks is the reference's own ``select_blocks``.
-  2. The kernel: per query block, a compact list of its kept key blocks (ascending) and their count;
+     block scores are the reference's (one matrix product), and the selection (softmax, ranking,
+     top-k or CDF cut, the similarity rule) and the kept lists are one Triton program per query
+     block (``block_map``).
+  2. The kernel: per query block, a compact list of its kept key blocks (ascending) and their count
+     (``block_map`` writes them; ``kept_block_lists`` derives them from any mask);
      the program visits only those, with the per-tile code and 8-bit numerics of
      ``kernels.triton_sage`` (int8 Q.K with K smoothing, fp8 e4m3 or fp16 P.V, fp32 online softmax).
      Quantisation covers all tokens (the K mean, the per-channel V scale), as upstream and
@@ -21,11 +24,13 @@ map with the output so a caller can log the fraction of blocks computed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import select_blocks
+from kernels.reference import check_selection, topk_count
 from kernels.triton_sage import (
     LOG2_E,
     KernelConfig,
@@ -111,21 +116,116 @@ def pool_blocks(
     return pooled, sim
 
 
-def fused_block_mask(
+@triton.jit
+def _ordered_key(x):
+    """fp32 -> int32 whose signed order is x's order (negative floats have their magnitude bits
+    flipped); the map is its own inverse."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _select_kernel(
+    score_ptr,
+    sim_q_ptr,
+    sim_k_ptr,
+    mask_ptr,
+    kept_ptr,
+    counts_ptr,
+    n_q_blocks,
+    n_k_blocks,
+    keep_topk,
+    cdf,
+    sim_threshold,
+    USE_CDF: tl.constexpr,
+    USE_SIM: tl.constexpr,
+    N_PAD: tl.constexpr,
+):
+    """One query block's row of ``select_blocks``, and its kept key blocks as an ascending list.
+
+    The row's key blocks are ranked by score in one sort of (score, index) keys packed into int64
+    (ties: the lower index first); the kept ones are those ranked above the n_keep-th.
+    """
+    row = tl.program_id(0)
+    bh = tl.program_id(1)
+    keys = tl.arange(0, N_PAD)
+    valid = keys < n_k_blocks
+    line = bh.to(tl.int64) * n_q_blocks + row
+    score = tl.load(score_ptr + line * n_k_blocks + keys, mask=valid, other=float("-inf"))
+    if USE_SIM:  # a block whose tokens are not alike is always kept, and never ranked
+        k_unlike = tl.load(sim_k_ptr + bh * n_k_blocks + keys, mask=valid, other=0.0) <= sim_threshold
+        q_unlike = tl.load(sim_q_ptr + line) <= sim_threshold
+        score = tl.where(k_unlike, float("-inf"), score)
+        always = tl.where(q_unlike, valid, k_unlike)
+    else:
+        always = keys < 0  # none
+    packed = (_ordered_key(score).to(tl.int64) << 32) | (N_PAD - 1 - keys).to(tl.int64)
+    ranked = tl.sort(packed, descending=True)
+    if USE_CDF:
+        # The smallest prefix of the ranked softmax whose mass reaches cdf, plus the crossing block.
+        ranked_score = _ordered_key((ranked >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
+        top = tl.max(score)
+        p = tl.where(ranked_score > float("-inf"), tl.exp(ranked_score - top), 0.0)
+        p = p / tl.maximum(tl.sum(p), 1e-38)  # no alike key: all zeros, and all kept below anyway
+        n_keep = tl.minimum(tl.sum((tl.cumsum(p) < cdf).to(tl.int32)) + 1, n_k_blocks)
+    else:
+        n_keep = keep_topk
+    threshold = tl.sum(tl.where(keys == n_keep - 1, ranked, 0))
+    keep = ((packed >= threshold) | always) & valid
+    tl.store(mask_ptr + line * n_k_blocks + keys, keep.to(tl.uint8), mask=valid)
+    keep32 = keep.to(tl.int32)
+    tl.store(kept_ptr + line * n_k_blocks + tl.cumsum(keep32) - 1, keys, mask=keep)
+    tl.store(counts_ptr + line, tl.sum(keep32))
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    mask: torch.Tensor  # bool (batch, heads, query blocks, key blocks), True = compute
+    kept: torch.Tensor  # int32 (batch*heads, query blocks, key blocks): kept key blocks first, ascending
+    counts: torch.Tensor  # int32 (batch*heads, query blocks): how many of ``kept`` are valid
+
+
+def block_map(
     q: torch.Tensor,
     k: torch.Tensor,
     topk: float | None = None,
     cdf: float | None = None,
     sim_threshold: float | None = 0.6,
     k_mean: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> BlockMap:
     """``kernels.reference.block_mask`` on MAP_BLOCK_Q x MAP_BLOCK_K blocks, K smoothed, with the
-    pooling in Triton: bool (batch, heads, query blocks, key blocks). ``k_mean``: K's mean over
-    tokens (``token_mean``), if the caller has it already."""
+    pooling and the selection in Triton, and the kept lists the sparse kernel reads. ``k_mean``: K's
+    mean over tokens (``token_mean``), if the caller has it already."""
+    check_selection(topk, cdf)
     k_mean = token_mean(k) if k_mean is None else k_mean
     pq, sim_q = pool_blocks(q, MAP_BLOCK_Q)
     pk, sim_k = pool_blocks(k, MAP_BLOCK_K, mean=k_mean)
-    return select_blocks(pq, sim_q, pk, sim_k, topk, cdf, sim_threshold)
+    (b, h, n_q_blocks, d), n_k_blocks = pq.shape, pk.shape[-2]
+    score = (pq @ pk.transpose(-1, -2)).mul_(d**-0.5)  # the reference's scores, bit for bit
+    mask = torch.empty(b, h, n_q_blocks, n_k_blocks, dtype=torch.uint8, device=q.device)
+    kept = torch.empty(b * h, n_q_blocks, n_k_blocks, dtype=torch.int32, device=q.device)
+    counts = torch.empty(b * h, n_q_blocks, dtype=torch.int32, device=q.device)
+    n_pad = triton.next_power_of_2(n_k_blocks)
+    _select_kernel[(n_q_blocks, b * h)](
+        score, sim_q, sim_k, mask, kept, counts, n_q_blocks, n_k_blocks,
+        topk_count(topk, n_k_blocks) if topk is not None else 0,
+        cdf if cdf is not None else 0.0,
+        sim_threshold if sim_threshold is not None else 0.0,
+        USE_CDF=cdf is not None, USE_SIM=sim_threshold is not None, N_PAD=n_pad,
+        num_warps=4 if n_pad <= 1024 else 8,
+    )  # fmt: skip
+    return BlockMap(mask.view(torch.bool), kept, counts)
+
+
+def fused_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    topk: float | None = None,
+    cdf: float | None = None,
+    sim_threshold: float | None = 0.6,
+) -> torch.Tensor:
+    """``block_map``'s mask alone."""
+    return block_map(q, k, topk, cdf, sim_threshold).mask
 
 
 def kept_block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,27 +310,42 @@ def block_sparse_sage_attention(
     mask: torch.Tensor,
     pv_fp8: bool = True,
     config: KernelConfig | None = None,
-    k_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """8-bit attention over the kept blocks of ``mask`` only; same shape and dtype as q.
 
     ``mask`` is bool (batch, heads, ceil(n_q / 128), ceil(n_k / 64)), True = compute. ``config``
     overrides the tile and launch choice (BLOCK_N must be the map's 64, BLOCK_M 128 or 64), and the
-    loads (``tma``). ``k_mean``: ``token_mean(k)``, if the caller has it (the block map needs it too).
+    loads (``tma``).
     """
     check_inputs(q, k, v)
-    b, n_q, h, d = q.shape
-    n_k = k.shape[1]
-    expected = (b, h, triton.cdiv(n_q, MAP_BLOCK_Q), triton.cdiv(n_k, MAP_BLOCK_K))
+    b, n_q, h, _ = q.shape
+    expected = (b, h, triton.cdiv(n_q, MAP_BLOCK_Q), triton.cdiv(k.shape[1], MAP_BLOCK_K))
     if mask.dtype != torch.bool or tuple(mask.shape) != expected or mask.device != q.device:
         raise ValueError(f"mask must be bool {expected} on {q.device}, got {mask.dtype} {tuple(mask.shape)}")
+    kept, counts = kept_block_lists(mask)
+    return attend_kept_blocks(q, k, v, kept, counts, pv_fp8, config)
+
+
+def attend_kept_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kept: torch.Tensor,
+    counts: torch.Tensor,
+    pv_fp8: bool,
+    config: KernelConfig | None,
+    k_mean: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The kernel over kept-block lists (``kept_block_lists`` or ``block_map``'s); ``k_mean``:
+    ``token_mean(k)``, if the caller has it."""
+    b, n_q, h, d = q.shape
+    n_k = k.shape[1]
     config = config or sparse_config(d, q.device)
     if config.block_m not in (MAP_BLOCK_Q, MAP_BLOCK_Q // 2) or config.block_n != MAP_BLOCK_K:
         raise ValueError(
             f"the kernel's tiles must be {MAP_BLOCK_Q} or {MAP_BLOCK_Q // 2} query x {MAP_BLOCK_K} key tokens"
         )
     qkv = quantize_qkv(q, k, v, config, pv_fp8, k_mean)
-    kept, counts = kept_block_lists(mask)
     out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(n_q, config.block_m), b * h)
     q_in, k_in, v_in = tma_descriptors(qkv, config) if config.tma else (qkv.q, qkv.k, qkv.v)
@@ -270,10 +385,12 @@ def sparge_attention(
     sim_threshold: float | None = 0.6,
     pv_fp8: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block map (``fused_block_mask``, exactly one of topk and cdf) then the block-sparse kernel.
+    """Block map (``block_map``, exactly one of topk and cdf) then the block-sparse kernel.
 
     Returns (output, block mask); ``mask.float().mean()`` is the fraction of blocks computed.
     """
+    check_inputs(q, k, v)
     k_mean = token_mean(k)  # K smoothing's mean, for the block map and for the quantisation
-    mask = fused_block_mask(q, k, topk=topk, cdf=cdf, sim_threshold=sim_threshold, k_mean=k_mean)
-    return block_sparse_sage_attention(q, k, v, mask, pv_fp8, k_mean=k_mean), mask
+    blocks = block_map(q, k, topk=topk, cdf=cdf, sim_threshold=sim_threshold, k_mean=k_mean)
+    out = attend_kept_blocks(q, k, v, blocks.kept, blocks.counts, pv_fp8, None, k_mean)
+    return out, blocks.mask

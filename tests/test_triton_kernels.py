@@ -241,14 +241,18 @@ def _check_tma_loads_give_the_pointer_kernels_output() -> None:
 
 
 def _check_kernels_compile_for_hopper() -> None:
-    """The attention kernels through Triton's whole pipeline to an sm_90 cubin (ptxas included), at
-    the default configs and with TMA loads: what the interpreter cannot show, without a GPU."""
-    from kernels.triton_build import compile_for_hopper, default_configs
+    """The attention kernels and the block map's selection through Triton's whole pipeline to an
+    sm_90 cubin (ptxas included), at the default configs and with TMA loads: what the interpreter
+    cannot show, without a GPU."""
+    from kernels.triton_build import compile_for_hopper, compile_selection_for_hopper, default_configs
 
     for d in (64, 128):
         for tma in (False, True):
             for kind, config in default_configs(d, tma).items():
                 assert len(compile_for_hopper(kind == "sparse", config, d).asm["cubin"]) > 1000
+    # The block map's selection: 1.3B and 14B rows (512 and 1,182 key blocks), both cuts.
+    for n_pad, use_cdf in ((512, False), (2048, True)):
+        assert len(compile_selection_for_hopper(n_pad, use_cdf, use_sim=True).asm["cubin"]) > 1000
 
 
 def _check_sage_rejects_what_it_cannot_run() -> None:
@@ -330,15 +334,35 @@ def _check_dropped_blocks_are_never_read() -> None:
 
 
 def _check_sparge_uses_the_reference_block_map() -> None:
-    from kernels.triton_sparge import block_sparse_sage_attention, sparge_attention
+    from kernels.triton_sparge import (
+        block_map,
+        block_sparse_sage_attention,
+        kept_block_lists,
+        sparge_attention,
+    )
 
     q, k, v = clustered_qkv(1, 2, 700, 64, clusters=5, seed=10)
-    for selection in ({"topk": 0.5, "sim_threshold": None}, {"cdf": 0.9, "sim_threshold": 0.6}):
+    selections = (
+        {"topk": 0.5, "sim_threshold": None},
+        {"topk": 0.25, "sim_threshold": 0.6},
+        {"cdf": 0.9, "sim_threshold": 0.6},
+        {"cdf": 0.5, "sim_threshold": 0.3},
+        {"cdf": 1.0, "sim_threshold": None},
+    )
+    for selection in selections:
         out, mask = sparge_attention(q, k, v, **selection)
         assert torch.equal(mask, block_mask(q, k, 128, 64, **selection))
         assert torch.equal(out, block_sparse_sage_attention(q, k, v, mask))
+        # The map's own kept lists: those of its mask, ascending.
+        blocks, (kept, counts) = block_map(q, k, **selection), kept_block_lists(mask)
+        assert torch.equal(blocks.counts, counts)
+        listed = torch.arange(kept.shape[-1]) < counts[..., None]  # the entries the kernel reads
+        assert torch.equal(blocks.kept[listed], kept[listed])
     _, mask = sparge_attention(q, k, v, topk=0.5, sim_threshold=None)
     assert (mask.sum(dim=-1) == 5).all()  # int(0.5 * 11 key blocks) kept by every query block
+    # Gaussian tokens are alike in no block: every block is kept, whatever the selection.
+    gaussian_q, gaussian_k = torch.randn(1, 300, 2, 64), torch.randn(1, 300, 2, 64)
+    assert block_map(gaussian_q, gaussian_k, topk=0.25, sim_threshold=0.6).mask.all()
 
 
 def _check_pooling_matches_the_reference() -> None:
