@@ -144,7 +144,8 @@ def _select_kernel(
     """One query block's row of ``select_blocks``, and its kept key blocks as an ascending list.
 
     The row's key blocks are ranked by score in one sort of (score, index) keys packed into int64
-    (ties: the lower index first); the kept ones are those ranked above the n_keep-th.
+    (ties: the lower index first); the kept ones are those ranked above the n_keep-th. Scores rank
+    as the reference's softmax probabilities do, except where those underflow to a tie at 0.
     """
     row = tl.program_id(0)
     bh = tl.program_id(1)
