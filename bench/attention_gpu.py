@@ -352,16 +352,16 @@ def sparse_timings(
     """Block map alone; then per kept fraction our kernel alone at a fixed map, and both backends
     end to end (map + kernel). Upstream's own map is not known here, so its error is not measured
     on these Gaussian inputs (see the checks on clustered inputs)."""
-    from kernels.triton_sparge import block_sparse_sage_attention, fused_block_mask
+    from kernels.triton_sparge import block_map, block_sparse_sage_attention
 
     q, k, v = qkv
     pv_fp8 = ours_pv() == "fp8"
     rows = [
         timing(
             "block-map topk=0.5",
-            "kernels.triton_sparge.fused_block_mask, sim_threshold 0.6",
+            "kernels.triton_sparge.block_map, sim_threshold 0.6",
             shape,
-            lambda: fused_block_mask(q, k, topk=0.5, sim_threshold=0.6),
+            lambda: block_map(q, k, topk=0.5, sim_threshold=0.6).mask,
             None,
             "sparse",
             rep_ms,

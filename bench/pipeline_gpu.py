@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--video-out", type=Path)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
+    if args.attention_options and not args.profile:
+        parser.error("--attention-options changes a profile's options: it needs --profile")
 
     profile = load_profile(args.profile) if args.profile else None
     model = load_model_config(profile.model if profile else args.model)

@@ -218,17 +218,6 @@ def block_map(
     return BlockMap(mask.view(torch.bool), kept, counts)
 
 
-def fused_block_mask(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    topk: float | None = None,
-    cdf: float | None = None,
-    sim_threshold: float | None = 0.6,
-) -> torch.Tensor:
-    """``block_map``'s mask alone."""
-    return block_map(q, k, topk, cdf, sim_threshold).mask
-
-
 def kept_block_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Block mask (B, H, nq, nk) -> kept key blocks per query block, ascending, then the others
     (int32 (B*H, nq, nk); only the first ``count`` entries are read), and counts (int32 (B*H, nq))."""

@@ -612,7 +612,7 @@ def test_sparsity_stats_sum_calls_until_reset():
 @pytest.mark.parametrize("pv_fp8", [True, False])
 def test_compiled_kernels_on_gpu(pv_fp8):
     from kernels.triton_sage import CONFIGS, sage_attention
-    from kernels.triton_sparge import block_sparse_sage_attention, fused_block_mask, sparse_config
+    from kernels.triton_sparge import block_map, block_sparse_sage_attention, sparse_config
 
     if pv_fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 P.V needs sm_89+")
@@ -625,7 +625,7 @@ def test_compiled_kernels_on_gpu(pv_fp8):
     assert relative_error(out, exact) < 1.5 * relative_error(oracle, exact) + 5e-3  # + bf16 output rounding
     mask = block_mask(q, k, 128, 64, topk=0.5, sim_threshold=None)
     # Triton pools in another summation order than torch: near-tied blocks may swap, nothing more.
-    fused = fused_block_mask(q, k, topk=0.5, sim_threshold=None)
+    fused = block_map(q, k, topk=0.5, sim_threshold=None).mask
     assert torch.equal(fused.sum(-1), mask.sum(-1)) and (fused == mask).float().mean() > 0.99
     sparse = block_sparse_sage_attention(q, k, v, mask, pv_fp8=pv_fp8)
     assert relative_error(sparse, sparse_reference(q, k, v, mask)) < 0.05
