@@ -1,16 +1,18 @@
 # syntax=docker/dockerfile:1.7
 #
-# The Smart-Diffusion worker image: CUDA build of PyTorch, flash-attn and SageAttention compiled from
-# source for Hopper (H100/H200), and the project installed with its [gpu] extra.
+# The Smart-Diffusion worker image: the Python stack of locks/gpu.txt (CUDA build of PyTorch included),
+# flash-attn and SageAttention compiled from source for Hopper (H100/H200), and the project's wheel.
 #
 #   docker build -t smart-diffusion/worker:0.1.0 .                # or: docker compose build
 #   docker build --build-arg TORCH_CUDA_ARCH_LIST="8.0;9.0" ...   # also A100 (longer build)
 #
 # Stages, slowest and least often changed first, so a code change rebuilds only the last few layers:
-#   toolchain  CUDA devel image + Python venv + pinned build tools
-#   torch      the CUDA build of PyTorch
+#   toolchain  CUDA devel image + Python venv
+#   torch      every locked dependency, hash-checked (locks/gpu.txt): PyTorch, Triton, the farm's
+#              dependencies and the kernels' build tools
 #   kernels    flash-attn and SageAttention compiled from source (tens of minutes)
-#   worker     CUDA runtime image + that venv + the project's dependencies + the project itself
+#   wheel      the project's wheel, built with the locked setuptools
+#   worker     CUDA runtime image + that venv + the wheel (not editable: the image runs what users install)
 #
 # Versions go together: the CUDA image (13.0.3) must match the CUDA that PyTorch is built with (the
 # torch stage checks it), and needs a host driver >= 580. Both FROM images must be the same Ubuntu
@@ -26,28 +28,26 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     CUDA_HOME=/usr/local/cuda
 
-# Ubuntu 24.04's Python is 3.12; a venv keeps pip away from the system's packages (PEP 668).
+# Ubuntu 24.04's Python is 3.12 (what locks/gpu.txt is compiled for); a venv keeps pip away from the
+# system's packages (PEP 668).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
         python3 python3-venv python3-dev build-essential git ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-
-# Build tools, pinned: the kernel packages build with --no-build-isolation, so these are what they get.
-RUN python3 -m venv /opt/venv \
- && pip install --no-cache-dir \
-        setuptools==84.2.1 wheel==0.48.0 packaging==26.3 ninja==1.13.2 psutil==7.2.2
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/venv \
+ && pip install --no-cache-dir pip==26.3
 
 ############################################################################ torch
 FROM toolchain AS torch
 
-# PyTorch 2.13.0 (the version the project's CPU tests run) from its CUDA 13.0 index: the same build as
-# the PyPI wheel (torch 2.13.0 on PyPI requires cuda-toolkit 13.0.3). PyPI stays as an extra index for
-# the dependencies. Changing TORCH_VERSION or the index means rebuilding the kernels: they link to it.
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+# Everything the image runs and builds with, from the lock and checked against its hashes: PyTorch
+# 2.13.0 (PyPI's build for CUDA 13.0, with its cuda-toolkit and nvidia-* wheels), Triton, the farm's
+# dependencies and the kernels' build tools (setuptools, ninja, einops...). `make lock` regenerates
+# it; a new lock rebuilds the kernels below, which link against this torch.
+COPY locks/gpu.txt /tmp/gpu.txt
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
-        "torch==${TORCH_VERSION}"
+    pip install --require-hashes -r /tmp/gpu.txt \
+ && rm /tmp/gpu.txt
 
 # The kernels are compiled by this image's nvcc against torch's CUDA: they must be the same release.
 RUN python - <<'EOF'
@@ -89,8 +89,7 @@ ENV TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST} \
 # FLASH_ATTN_CUDA_ARCHS is flash-attn's own arch list, derived from TORCH_CUDA_ARCH_LIST ("9.0" -> "90").
 # --no-cache-dir on purpose: pip's wheel cache does not know the arch list and could hand back a
 # wheel built for other GPUs. Docker's layer cache (keyed by the ARGs above) is the cache here.
-RUN pip install --no-cache-dir einops==0.8.2 \
- && export FLASH_ATTN_CUDA_ARCHS="$(echo "${TORCH_CUDA_ARCH_LIST}" | sed -e 's/+PTX//g' -e 's/\.//g' -e 's/a//g')" \
+RUN export FLASH_ATTN_CUDA_ARCHS="$(echo "${TORCH_CUDA_ARCH_LIST}" | sed -e 's/+PTX//g' -e 's/\.//g' -e 's/a//g')" \
  && echo "flash-attn ${FLASH_ATTN_VERSION} for FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS}" \
  && pip wheel --no-cache-dir --no-build-isolation --no-deps --no-binary flash-attn \
         -w /wheels "flash-attn==${FLASH_ATTN_VERSION}"
@@ -128,6 +127,13 @@ EOF
 RUN pip freeze | grep -Ei '^(torch|triton|flash[-_]attn|sageattention|nvidia-|cuda-)' > /opt/venv/constraints.txt \
  && cat /opt/venv/constraints.txt
 
+############################################################################ wheel
+FROM kernels AS wheel
+
+# The project's wheel: code, configs and the shipped world model. Only this stage sees the sources.
+COPY . /src
+RUN pip wheel --no-deps --no-build-isolation -w /dist /src
+
 ############################################################################ worker
 FROM nvidia/cuda:13.0.3-runtime-ubuntu24.04 AS worker
 
@@ -155,25 +161,12 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-WORKDIR /app
-
-# The project's dependencies, from pyproject.toml alone: a code change does not reinstall them.
-COPY pyproject.toml README.md ./
-RUN python - <<'EOF'
-import tomllib
-
-with open("pyproject.toml", "rb") as f:
-    project = tomllib.load(f)["project"]
-with open("/tmp/requirements.txt", "w") as f:
-    f.write("\n".join(project["dependencies"] + project["optional-dependencies"]["gpu"]) + "\n")
-EOF
-RUN pip install -r /tmp/requirements.txt \
- && rm /tmp/requirements.txt
-
-# The project itself (.dockerignore keeps out .venv, checkpoints, tests, caches, .env).
-COPY . .
-RUN pip install --no-build-isolation -e ".[gpu]" \
+# The project as users install it: the wheel (not editable), its dependencies already there from the lock.
+RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
+    pip install --no-deps /dist/*.whl \
  && smartdiff --help > /dev/null
+
+WORKDIR /home/smartdiff
 
 # Weights are mounted read-only at /models; nothing is downloaded at run time.
 # SMARTDIFF_PROFILE is what `smartdiff worker-health` checks: keep it equal to the CMD's --profile.

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from common import emit
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import get_backend
-from kernels.reference import (
+from smartdiff.kernels import get_backend
+from smartdiff.kernels.reference import (
     _token_mask,
     attention_reference,
     block_mask,
@@ -50,11 +50,11 @@ from kernels.reference import (
     relative_error,
     sparse_reference,
 )
-from kernels.registry import AttentionBackend, AttentionFn, package_version
-from kernels.sparge import SparsityStats
+from smartdiff.kernels.registry import AttentionBackend, AttentionFn, package_version
+from smartdiff.kernels.sparge import SparsityStats
 
 if TYPE_CHECKING:  # our kernels import triton: only when they run, so a missing triton is reported
-    from kernels.triton_sage import KernelConfig
+    from smartdiff.kernels.triton_sage import KernelConfig
 
 DEVICE = torch.device("cuda")
 ERROR_BOUND = {"exact": 0.01, "8bit": 0.1, "sparse": 0.1}  # relative error above which a check fails
@@ -352,7 +352,7 @@ def sparse_timings(
     """Block map alone; then per kept fraction our kernel alone at a fixed map, and both backends
     end to end (map + kernel). Upstream's own map is not known here, so its error is not measured
     on these Gaussian inputs (see the checks on clustered inputs)."""
-    from kernels.triton_sparge import block_map, block_sparse_sage_attention
+    from smartdiff.kernels.triton_sparge import block_map, block_sparse_sage_attention
 
     q, k, v = qkv
     pv_fp8 = ours_pv() == "fp8"
@@ -414,8 +414,8 @@ def label(config: KernelConfig) -> str:
 def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list[str]]:
     """Our kernels at other tile and launch configs, each with its error. A config that does not fit
     (e.g. out of shared memory) is a finding, not a failure of the run: its problems are returned apart."""
-    from kernels.triton_sage import KernelConfig, sage_attention
-    from kernels.triton_sparge import block_sparse_sage_attention, sparse_config
+    from smartdiff.kernels.triton_sage import KernelConfig, sage_attention
+    from smartdiff.kernels.triton_sparge import block_sparse_sage_attention, sparse_config
 
     q, k, v = qkv
     pv_fp8 = ours_pv() == "fp8"

@@ -11,7 +11,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import (
+from smartdiff.kernels.reference import (
     attention_reference,
     block_mask,
     clustered_qkv,

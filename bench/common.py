@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.dit import diffusers_dit_key_to_official
-from pipeline.tiny import write_random_checkpoint
+from smartdiff.pipeline.config import ModelConfig
+from smartdiff.pipeline.dit import diffusers_dit_key_to_official
+from smartdiff.pipeline.tiny import write_random_checkpoint
 
 GB = 1024**3
 

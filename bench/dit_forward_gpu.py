@@ -18,15 +18,15 @@ from pathlib import Path
 import torch
 from common import diffusers_dit, emit, report_header, time_forward
 
-from kernels import get_backend
-from kernels.sparge import SparsityStats
-from pipeline.config import load_model_config
-from pipeline.dit import FP32_PARAMETERS, WanDiT
-from pipeline.fused import EAGER
-from pipeline.loading import assign_weights
-from pipeline.params import parse_size
-from pipeline.tiny import random_state
-from pipeline.wan import dit_tokens
+from smartdiff.kernels import get_backend
+from smartdiff.kernels.sparge import SparsityStats
+from smartdiff.pipeline.config import load_model_config
+from smartdiff.pipeline.dit import FP32_PARAMETERS, WanDiT
+from smartdiff.pipeline.fused import EAGER
+from smartdiff.pipeline.loading import assign_weights
+from smartdiff.pipeline.params import parse_size
+from smartdiff.pipeline.tiny import random_state
+from smartdiff.pipeline.wan import dit_tokens
 
 
 def build_dit(model_name: str) -> WanDiT:

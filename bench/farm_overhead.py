@@ -12,16 +12,17 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from smartdiff.cli import python_module_command
 
 GENERATION_STAGES = ("text_encode", "denoise", "vae_decode")
 
 
 def start_workers(count: int, log_dir: Path) -> list[subprocess.Popen]:
-    command = [sys.executable, "-m", "smartdiff", "worker", "--profile", "tiny", "--gpus", "none"]
+    command = python_module_command("smartdiff", "worker", "--profile", "tiny", "--gpus", "none")
     threads = str(max(1, (os.cpu_count() or 1) // count))
     env = {**os.environ, "OMP_NUM_THREADS": threads}
     return [
@@ -47,7 +48,7 @@ def first_step_latency(client, params: dict) -> float:
 
 
 def measure(workers: int, jobs: int, params: dict, log_dir: Path) -> dict:
-    from producer import Client
+    from smartdiff.producer import Client
 
     processes = start_workers(workers, log_dir)
     client = Client()
@@ -96,7 +97,7 @@ def encode_seconds(width: int, height: int, frames: int) -> float:
     """MP4 encode time of a full-size video (moving gradients: closer to real video than noise)."""
     import numpy as np
 
-    from pipeline.video import write_mp4
+    from smartdiff.pipeline.video import write_mp4
 
     t = np.arange(frames)[:, None, None]
     y, x = np.mgrid[0:height, 0:width]
@@ -134,9 +135,9 @@ def main() -> None:
     )
     os.environ.pop("SMARTDIFF_REDIS_URL", None)
     try:
-        from farm.settings import FarmSettings
-        from farm.storage import VideoStore
-        from pipeline.tiny import write_tiny_checkpoint
+        from smartdiff.farm.settings import FarmSettings
+        from smartdiff.farm.storage import VideoStore
+        from smartdiff.pipeline.tiny import write_tiny_checkpoint
 
         VideoStore(FarmSettings.from_env()).ensure_bucket()
         write_tiny_checkpoint(workdir / "tiny")

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from common import GB, emit, ensure_checkpoint, report_header
 
-from pipeline.config import load_model_config
-from pipeline.flexcache import _TeaCache, _TeaState
-from pipeline.params import validate_params
-from pipeline.wan import WanPipeline
+from smartdiff.pipeline.config import load_model_config
+from smartdiff.pipeline.flexcache import _TeaCache, _TeaState
+from smartdiff.pipeline.params import validate_params
+from smartdiff.pipeline.wan import WanPipeline
 
 
 def decision_cost_ms(pipe: WanPipeline, params, repeats: int = 200) -> float:

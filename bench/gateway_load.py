@@ -27,10 +27,8 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from smartdiff.demo import free_port, start_redis, start_s3  # noqa: E402
+from smartdiff.cli import python_module_command
+from smartdiff.demo import free_port, start_redis, start_s3
 
 PROFILE = "tiny"
 
@@ -129,9 +127,9 @@ def main() -> int:
         os.environ.update(env)
         import redis
 
-        from farm.settings import FarmSettings
-        from farm.storage import VideoStore
-        from producer.apikeys import ApiKeyStore
+        from smartdiff.farm.settings import FarmSettings
+        from smartdiff.farm.storage import VideoStore
+        from smartdiff.producer.apikeys import ApiKeyStore
 
         VideoStore(FarmSettings.from_env()).ensure_bucket()
         keys = ApiKeyStore(redis.Redis.from_url(redis_url, decode_responses=True))
@@ -139,10 +137,9 @@ def main() -> int:
 
         port = free_port()
         gateway = subprocess.Popen(
-            [sys.executable, "-m", "smartdiff", "gateway", "--port", str(port)]
+            python_module_command("smartdiff", "gateway", "--port", str(port))
             + ["--log-level", "warning", "--no-access-log"],
             env=env,
-            cwd=REPO,
         )
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

@@ -16,7 +16,7 @@ from pathlib import Path
 import triton
 from common import emit
 
-from kernels.triton_build import compile_for_hopper, default_configs
+from smartdiff.kernels.triton_build import compile_for_hopper, default_configs
 
 HEAD_DIM = 128
 

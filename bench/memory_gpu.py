@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from common import GB, emit, ensure_checkpoint, report_header
 
-from pipeline.config import load_model_config
-from pipeline.params import validate_params
-from pipeline.wan import WanPipeline
+from smartdiff.pipeline.config import load_model_config
+from smartdiff.pipeline.params import validate_params
+from smartdiff.pipeline.wan import WanPipeline
 
 
 def measure_level(checkpoint: Path, model_name: str, level: int, request: dict) -> dict:

@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 from common import GB, diffusers_dit, emit, ensure_checkpoint, report_header, time_forward
 
-from pipeline.config import load_model_config, load_profile
-from pipeline.params import validate_params
-from pipeline.video import write_mp4
-from pipeline.wan import WanPipeline
+from smartdiff.pipeline.config import load_model_config, load_profile
+from smartdiff.pipeline.params import validate_params
+from smartdiff.pipeline.video import write_mp4
+from smartdiff.pipeline.wan import WanPipeline
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from farm.settings import FarmSettings
+from smartdiff.farm.settings import FarmSettings
 
 TASK_NAME = "smartdiff.generate"
 # Users give priority 0..9, higher first. Redis' transport serves 0 first, so we send 9 - priority.

@@ -31,7 +31,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from farm.settings import FarmSettings
+from smartdiff.farm.settings import FarmSettings
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import redis
 
-from farm.records import PREFIX
+from smartdiff.farm.records import PREFIX
 
 
 def _profile_key(profile: str) -> str:

@@ -1,5 +1,5 @@
 """Attention kernels behind one registry. No model code lives here."""
 
-from kernels.registry import AttentionBackend, available_backends, get_backend
+from smartdiff.kernels.registry import AttentionBackend, available_backends, get_backend
 
 __all__ = ["AttentionBackend", "available_backends", "get_backend"]

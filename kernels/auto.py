@@ -14,8 +14,8 @@ from dataclasses import replace
 
 import torch
 
-from kernels import registry
-from kernels.registry import AttentionBackend, BackendUnavailable
+from smartdiff.kernels import registry
+from smartdiff.kernels.registry import AttentionBackend, BackendUnavailable
 
 _ADMITS = {"exact": ("exact",), "8bit": ("exact", "8bit"), "sparse": ("exact", "8bit", "sparse")}
 # Wan2.1-1.3B at 832x480x81: 12 heads x 32,760 tokens, head dim 128 (PERFORMANCE.md).

@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-from kernels.registry import (
+from smartdiff.kernels.registry import (
     AttentionBackend,
     AttentionFn,
     BackendUnavailable,

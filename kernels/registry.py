@@ -44,11 +44,11 @@ class AttentionBackend:
 # name -> module that defines ``build(device, **options) -> AttentionBackend`` (imported only when asked
 # for). ``auto`` tries the others, so it must stay out of its own candidate list (it skips itself).
 _BACKEND_MODULES: dict[str, str] = {
-    "sdpa": "kernels.sdpa",
-    "flash_attn": "kernels.flash",
-    "sage": "kernels.sage",
-    "sparge": "kernels.sparge",
-    "auto": "kernels.auto",
+    "sdpa": "smartdiff.kernels.sdpa",
+    "flash_attn": "smartdiff.kernels.flash",
+    "sage": "smartdiff.kernels.sage",
+    "sparge": "smartdiff.kernels.sparge",
+    "auto": "smartdiff.kernels.auto",
 }
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.registry import (
+from smartdiff.kernels.registry import (
     AttentionBackend,
     AttentionFn,
     BackendUnavailable,
@@ -81,7 +81,7 @@ def _upstream_backend(sageattn: AttentionFn) -> AttentionBackend:
 
 
 def _triton_backend(pv: str) -> AttentionBackend:
-    from kernels.triton_sage import sage_attention
+    from smartdiff.kernels.triton_sage import sage_attention
 
     pv_fp8 = pv == "fp8"
 

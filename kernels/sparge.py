@@ -43,8 +43,8 @@ from dataclasses import replace
 
 import torch
 
-from kernels import sage, sdpa
-from kernels.registry import (
+from smartdiff.kernels import sage, sdpa
+from smartdiff.kernels.registry import (
     AttentionBackend,
     AttentionFn,
     BackendUnavailable,
@@ -166,7 +166,7 @@ def _upstream_backend(
 def _triton_backend(
     kind: str, value: float, sim_threshold: float, pv: str, stats: SparsityStats | None
 ) -> AttentionBackend:
-    from kernels.triton_sparge import sparge_attention
+    from smartdiff.kernels.triton_sparge import sparge_attention
 
     selection = {kind: value}
     pv_fp8 = pv == "fp8"

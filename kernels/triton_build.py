@@ -13,8 +13,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
-from kernels.triton_sparge import MAP_BLOCK_Q, SPARSE_CONFIGS, _block_sparse_sage_kernel, _select_kernel
+from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
+from smartdiff.kernels.triton_sparge import (
+    MAP_BLOCK_Q,
+    SPARSE_CONFIGS,
+    _block_sparse_sage_kernel,
+    _select_kernel,
+)
 
 HOPPER = GPUTarget("cuda", 90, 32)
 

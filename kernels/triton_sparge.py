@@ -30,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import check_selection, topk_count
-from kernels.triton_sage import (
+from smartdiff.kernels.reference import check_selection, topk_count
+from smartdiff.kernels.triton_sage import (
     LOG2_E,
     KernelConfig,
     attend_key_block,

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from pipeline.config import DiTConfig, ModelConfig, list_model_names, load_model_config
-from pipeline.dit import FP32_PARAMETERS, WanDiT, diffusers_dit_key_to_official
-from pipeline.loading import (
+from smartdiff.pipeline.config import DiTConfig, ModelConfig, list_model_names, load_model_config
+from smartdiff.pipeline.dit import FP32_PARAMETERS, WanDiT, diffusers_dit_key_to_official
+from smartdiff.pipeline.loading import (
     CheckpointError,
     assign_weights,
     find_model_weights,
@@ -141,7 +141,7 @@ def load_dit(
 
 
 def load_vae(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device):
-    from pipeline.vae import WanVAE, diffusers_vae_key_to_official
+    from smartdiff.pipeline.vae import WanVAE, diffusers_vae_key_to_official
 
     if checkpoint.layout == "diffusers":
         path = find_model_weights(checkpoint.root / "vae")
@@ -157,7 +157,7 @@ def load_vae(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device):
 
 
 def load_text_encoder(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device):
-    from pipeline.text_encoder import (
+    from smartdiff.pipeline.text_encoder import (
         TextEncoder,
         build_text_encoder,
         load_diffusers_t5_state,

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import load_profile
-from pipeline.params import ParamError, add_request_arguments, request_from_args, validate_params
+from smartdiff.pipeline.config import load_profile
+from smartdiff.pipeline.params import ParamError, add_request_arguments, request_from_args, validate_params
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,10 +34,10 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that argument errors answer before torch loads.
     from tqdm import tqdm
 
-    from pipeline.checkpoint import open_checkpoint
-    from pipeline.loading import CheckpointError
-    from pipeline.video import write_mp4
-    from pipeline.wan import WanPipeline
+    from smartdiff.pipeline.checkpoint import open_checkpoint
+    from smartdiff.pipeline.loading import CheckpointError
+    from smartdiff.pipeline.video import write_mp4
+    from smartdiff.pipeline.wan import WanPipeline
 
     try:
         if args.profile:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
             allowed = profile.flexcache
             level = profile.low_mem_level if args.low_mem_level is None else args.low_mem_level
             if profile.model == "tiny" and not root.exists():
-                from pipeline.tiny import write_tiny_checkpoint
+                from smartdiff.pipeline.tiny import write_tiny_checkpoint
 
                 print(f"writing the tiny checkpoint to {root}", file=sys.stderr)
                 write_tiny_checkpoint(root)

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.tiny import write_tiny_checkpoint
+    from smartdiff.pipeline.tiny import write_tiny_checkpoint
 
     root = write_tiny_checkpoint(args.out, args.seed, args.model)
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

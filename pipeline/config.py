@@ -6,18 +6,41 @@ Torch-free: the producer reads these to validate requests.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import field
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = Path(os.environ.get("SMARTDIFF_CONFIG_DIR", REPO_ROOT / "configs"))
+
+def package_dir(package: str) -> Path:
+    """The folder of an installed package of ours. Wheels install as plain files, so it is a path."""
+    folder = resources.files(package)
+    if not isinstance(folder, Path):
+        raise RuntimeError(f"{package} is not installed as plain files ({folder}); install the wheel")
+    return folder
 
 
-@dataclass(frozen=True)
+# Deployments may point at their own models and profiles; the default is the installed package data.
+CONFIG_DIR = Path(os.environ.get("SMARTDIFF_CONFIG_DIR") or package_dir("smartdiff.configs"))
+
+
+def shipped_weights_dir() -> Path:
+    """The folder of the checkpoints the project ships (package data); SMARTDIFF_WEIGHTS_DIR overrides."""
+    return Path(os.environ.get("SMARTDIFF_WEIGHTS_DIR") or package_dir("smartdiff.weights"))
+
+
+# Every value must have its field's type (YAML lists become tuples first), and an unknown key is an
+# error naming it: a typo or an ambiguous YAML value fails the load, not the first forward.
+CHECKED = ConfigDict(extra="forbid", strict=True)
+
+
+@dataclass(frozen=True, config=CHECKED)
 class DiTConfig:
     dim: int
     ffn_dim: int
@@ -36,7 +59,7 @@ class DiTConfig:
         return self.dim // self.num_heads
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class VAEConfig:
     base_dim: int = 96
     z_dim: int = 16
@@ -46,7 +69,7 @@ class VAEConfig:
     stride: tuple[int, int, int] = (4, 8, 8)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class T5Config:
     vocab_size: int = 256384
     d_model: int = 4096
@@ -58,7 +81,7 @@ class T5Config:
     relative_attention_max_distance: int = 128
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class SamplingConfig:
     steps: int = 50
     guidance: float = 5.0
@@ -75,7 +98,7 @@ class SamplingConfig:
     guidance_low_noise: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class TeaCacheConfig:
     """TeaCache for one model: the published polynomial that rescales the relative L1 change of
     the timestep-modulated input into an estimate of the output change, and its operating point."""
@@ -89,7 +112,7 @@ class TeaCacheConfig:
     source: str = ""  # where the coefficients come from
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class ModelConfig:
     """One Wan text-to-video model: what it is and how it samples by default."""
 
@@ -108,29 +131,60 @@ class ModelConfig:
         return len(self.experts) > 1
 
 
-def _build(cls: type, raw: dict[str, Any] | None) -> Any:
-    raw = dict(raw or {})
-    known = {f.name for f in fields(cls)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
-    for key, value in raw.items():
-        if isinstance(value, list):
-            raw[key] = tuple(value)
-    return cls(**raw)
+def _build(cls: type, raw: dict[str, Any] | None, section: str) -> Any:
+    """``cls`` from the YAML mapping ``section``: lists become the tuples the fields declare, then every
+    value must have its field's type; a wrong one is a ValueError naming ``section.field``."""
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"{section}: expected a mapping, got {raw!r}")
+    try:
+        return cls(**{key: tuple(v) if isinstance(v, list) else v for key, v in (raw or {}).items()})
+    except ValidationError as e:
+        raise ValueError("; ".join(_describe(error, section) for error in e.errors())) from None
+
+
+def _describe(error: Any, section: str) -> str:
+    where = ".".join([section, *map(str, error["loc"])])
+    if error["type"] == "value_error":  # our own checks: the message says what and what was given
+        return error["msg"].removeprefix("Value error, ")
+    if error["type"] == "unexpected_keyword_argument":
+        return f"{where}: unknown setting"
+    if error["type"] == "missing_argument":
+        return f"{where}: missing"
+    described = f"{where}: {error['msg'].lower()}, got {error['input']!r}"
+    if error["type"] == "float_type" and isinstance(error["input"], str):
+        described += (
+            " (YAML reads a number with an exponent and no dot, such as 1e-06, as text: write 1.0e-06)"
+        )
+    return described
+
+
+_MODEL_PARTS = {
+    "dit": DiTConfig,
+    "vae": VAEConfig,
+    "t5": T5Config,
+    "sampling": SamplingConfig,
+    "teacache": TeaCacheConfig,
+}
 
 
 def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
-    return ModelConfig(
-        name=raw["name"],
-        display_name=raw.get("display_name", raw["name"]),
-        dit=_build(DiTConfig, raw["dit"]),
-        vae=_build(VAEConfig, raw.get("vae")),
-        t5=_build(T5Config, raw.get("t5")),
-        sampling=_build(SamplingConfig, raw.get("sampling")),
-        teacache=_build(TeaCacheConfig, raw.get("teacache")),
-        experts=tuple(raw.get("experts", ["dit"])),
-    )
+    raw = {"display_name": raw.get("name"), **raw}
+    for key, cls in _MODEL_PARTS.items():
+        if key in raw or key == "dit":
+            raw[key] = _build(cls, raw.get(key), key)
+    return _build(ModelConfig, raw, "model")
+
+
+def _read_config(path: Path, parse: Callable[[dict[str, Any]], Any]) -> Any:
+    """Parse one YAML file; a wrong key, type or value is an error that names the file and the field."""
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, found {type(raw).__name__}")
+    try:
+        return parse(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 @cache
@@ -140,8 +194,7 @@ def load_model_config(name: str) -> ModelConfig:
     if not path.is_file():
         known = ", ".join(list_model_names()) or "none"
         raise ValueError(f"unknown model {name!r} (known: {known})")
-    with open(path) as f:
-        config = parse_model_config(yaml.safe_load(f))
+    config = _read_config(path, parse_model_config)
     if config.name != name:
         raise ValueError(f"{path}: name {config.name!r} does not match the file name")
     return config
@@ -151,7 +204,7 @@ def list_model_names() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class ParallelConfig:
     """How one job is spread over ``cfg * ulysses * ring`` processes (pipeline/parallel.py).
 
@@ -166,7 +219,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         for name in ("cfg", "ulysses", "ring"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ValueError(f"parallel.{name} must be a positive integer, got {value!r}")
         if self.cfg not in (1, 2):
             raise ValueError(f"parallel.cfg must be 1 or 2 (one process per guidance branch), got {self.cfg}")
@@ -198,14 +251,14 @@ class ParallelConfig:
             )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=CHECKED)
 class ProfileConfig:
     """What a worker pins: one model, its weights and how to run it (``configs/profiles/<name>.yaml``)."""
 
     name: str
     model: str
     # Folder of the checkpoint; relative paths are under $SMARTDIFF_CHECKPOINT_ROOT (default ./checkpoints),
-    # "{project}/..." is inside this project (the weights it ships).
+    # "{weights}/..." is a checkpoint this project ships (``shipped_weights_dir``).
     checkpoint: str
     attention: str = "sdpa"
     # Options of the attention backend (kernels/<backend>.py), e.g. {implementation: triton, topk: 0.5}.
@@ -224,8 +277,8 @@ class ProfileConfig:
 
     @property
     def checkpoint_dir(self) -> Path:
-        # "{project}" is this project's folder: the weights it ships (weights/).
-        path = Path(os.path.expandvars(self.checkpoint.replace("{project}", str(REPO_ROOT)))).expanduser()
+        path = Path(os.path.expandvars(self.checkpoint.replace("{weights}", str(shipped_weights_dir()))))
+        path = path.expanduser()
         if path.is_absolute():
             return path
         return Path(os.environ.get("SMARTDIFF_CHECKPOINT_ROOT", "checkpoints")) / path
@@ -238,19 +291,18 @@ class ProfileConfig:
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 
+def parse_profile(raw: dict[str, Any]) -> ProfileConfig:
+    parallel = _build(ParallelConfig, raw.get("parallel"), "parallel")
+    return _build(ProfileConfig, {**raw, "parallel": parallel}, "profile")
+
+
 @cache
 def load_profile(name: str) -> ProfileConfig:
     path = CONFIG_DIR / "profiles" / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(list_profile_names()) or "none"
         raise ValueError(f"unknown profile {name!r} (known: {known})")
-    with open(path) as f:
-        raw = yaml.safe_load(f)
-    try:
-        raw["parallel"] = _build(ParallelConfig, raw.get("parallel"))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from e
-    profile = _build(ProfileConfig, raw)
+    profile = _read_config(path, parse_profile)
     if profile.name != name:
         raise ValueError(f"{path}: name {profile.name!r} does not match the file name")
     unknown = set(profile.flexcache) - {"teacache", "pab"}

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import AttentionBackend, get_backend
-from pipeline.config import DiTConfig
-from pipeline.fused import EAGER, TokenOps, linear_gelu
-from pipeline.fused import compiled as compiled_token_ops
-from pipeline.loading import CheckpointError
+from smartdiff.kernels import AttentionBackend, get_backend
+from smartdiff.pipeline.config import DiTConfig
+from smartdiff.pipeline.fused import EAGER, TokenOps, linear_gelu
+from smartdiff.pipeline.fused import compiled as compiled_token_ops
+from smartdiff.pipeline.loading import CheckpointError
 
 # Parameters kept in fp32 whatever the model dtype: all of them feed the modulation math.
 FP32_PARAMETERS = re.compile(r"(^|\.)modulation$|^time_embedding\.|^time_projection\.")

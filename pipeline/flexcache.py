@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import ModelConfig, TeaCacheConfig
-from pipeline.dit import DiTInputs, WanDiT
-from pipeline.params import GenerationParams
+from smartdiff.pipeline.config import ModelConfig, TeaCacheConfig
+from smartdiff.pipeline.dit import DiTInputs, WanDiT
+from smartdiff.pipeline.params import GenerationParams
 
 COND, UNCOND = 0, 1
 

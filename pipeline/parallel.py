@@ -88,12 +88,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kernels import AttentionBackend
-from pipeline.config import ModelConfig, ParallelConfig
-from pipeline.dit import AttentionReuse, DiTInputs, WanDiT
-from pipeline.flexcache import COND, UNCOND, FlexCache
-from pipeline.params import GenerationParams
-from pipeline.wan import GenerationResult, ProgressFn, WanPipeline, apply_guidance
+from smartdiff.kernels import AttentionBackend
+from smartdiff.pipeline.config import ModelConfig, ParallelConfig
+from smartdiff.pipeline.dit import AttentionReuse, DiTInputs, WanDiT
+from smartdiff.pipeline.flexcache import COND, UNCOND, FlexCache
+from smartdiff.pipeline.params import GenerationParams
+from smartdiff.pipeline.wan import GenerationResult, ProgressFn, WanPipeline, apply_guidance
 
 __all__ = [
     "ParallelConfig",

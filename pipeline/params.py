@@ -11,7 +11,7 @@ import secrets
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from pipeline.config import ModelConfig
+from smartdiff.pipeline.config import ModelConfig
 
 SOLVERS = ("unipc", "dpm++", "euler")
 FLEXCACHE = ("none", "teacache", "pab")

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, UMT5Config, UMT5EncoderModel
 
-from pipeline.config import T5Config
-from pipeline.loading import CheckpointError, read_safetensors, read_weights, require_file
-from pipeline.memory import BlockStreamer
+from smartdiff.pipeline.config import T5Config
+from smartdiff.pipeline.loading import CheckpointError, read_safetensors, read_weights, require_file
+from smartdiff.pipeline.memory import BlockStreamer
 
 try:  # Wan cleans prompts with ftfy; without it we still do the html/whitespace part.
     import ftfy

@@ -15,16 +15,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.checkpoint import T5_FILE, TOKENIZER_DIR, VAE_FILE
-from pipeline.config import ModelConfig, load_model_config
-from pipeline.dit import WanDiT
-from pipeline.text_encoder import (
+from smartdiff.pipeline.checkpoint import T5_FILE, TOKENIZER_DIR, VAE_FILE
+from smartdiff.pipeline.config import ModelConfig, load_model_config
+from smartdiff.pipeline.dit import WanDiT
+from smartdiff.pipeline.text_encoder import (
     TINY_VOCABULARY,
     build_text_encoder,
     hf_t5_key_to_official,
     write_tiny_tokenizer,
 )
-from pipeline.vae import WanVAE
+from smartdiff.pipeline.vae import WanVAE
 
 
 def random_tensor(

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.config import VAEConfig
-from pipeline.loading import CheckpointError
+from smartdiff.pipeline.config import VAEConfig
+from smartdiff.pipeline.loading import CheckpointError
 
 # Per-channel statistics of the Wan2.1 latents (official values, also diffusers' defaults): the
 # diffusion model works on (mu - mean) / std.

@@ -11,16 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels import AttentionBackend, get_backend
-from kernels.sparge import SparsityStats
-from pipeline.checkpoint import Checkpoint, load_dit, load_text_encoder, load_vae, open_checkpoint
-from pipeline.config import ModelConfig, ProfileConfig
-from pipeline.dit import WanDiT
-from pipeline.flexcache import COND, UNCOND, FlexCache
-from pipeline.memory import BlockStreamer, MemoryPlan, estimate_job_bytes
-from pipeline.params import GenerationParams, parse_size, validate_params
-from pipeline.schedulers import make_scheduler
-from pipeline.video import to_uint8_frames
+from smartdiff.kernels import AttentionBackend, get_backend
+from smartdiff.kernels.sparge import SparsityStats
+from smartdiff.pipeline.checkpoint import Checkpoint, load_dit, load_text_encoder, load_vae, open_checkpoint
+from smartdiff.pipeline.config import ModelConfig, ProfileConfig
+from smartdiff.pipeline.dit import WanDiT
+from smartdiff.pipeline.flexcache import COND, UNCOND, FlexCache
+from smartdiff.pipeline.memory import BlockStreamer, MemoryPlan, estimate_job_bytes
+from smartdiff.pipeline.params import GenerationParams, parse_size, validate_params
+from smartdiff.pipeline.schedulers import make_scheduler
+from smartdiff.pipeline.video import to_uint8_frames
 
 # progress(stage, step, total): stages "text_encode", "denoise", "vae_decode". A callback may raise
 # to stop the job; the pipeline checks it between denoising steps.

@@ -1,5 +1,5 @@
 """What other services use: the Python client and the CLI. Imports no torch."""
 
-from producer.client import Client, FarmError, Job
+from smartdiff.producer.client import Client, FarmError, Job
 
 __all__ = ["Client", "FarmError", "Job"]

@@ -25,7 +25,7 @@ from typing import Any
 
 import redis
 
-from farm.records import PREFIX, job_key
+from smartdiff.farm.records import PREFIX, job_key
 
 KEY_PREFIX = "sdk_"
 _KEY_RE = re.compile(r"^sdk_[A-Za-z0-9_-]{43}$")
@@ -222,7 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from farm.settings import FarmSettings
+    from smartdiff.farm.settings import FarmSettings
 
     client = redis.Redis.from_url(FarmSettings.from_env().redis_url, decode_responses=True)
     store = ApiKeyStore(client)

@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from pipeline.params import add_request_arguments, request_from_args
+from smartdiff.pipeline.params import add_request_arguments, request_from_args
 
 
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def _failed(error, as_json: bool) -> int:
 
 
 def _wait(job, timeout: float | None, as_json: bool) -> int:
-    from producer.client import FarmError
+    from smartdiff.producer.client import FarmError
 
     try:
         _print(job.wait(timeout=timeout), as_json)
@@ -64,7 +64,7 @@ def _wait(job, timeout: float | None, as_json: bool) -> int:
 
 
 def run_submit(args: argparse.Namespace) -> int:
-    from producer.client import Client, FarmError
+    from smartdiff.producer.client import Client, FarmError
 
     params = request_from_args(args)
     prompt = params.pop("prompt")
@@ -86,7 +86,7 @@ def run_submit(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from producer.client import Client, FarmError
+    from smartdiff.producer.client import Client, FarmError
 
     try:
         _print(Client().job(args.job_id).status(), args.json)
@@ -96,13 +96,13 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_wait(args: argparse.Namespace) -> int:
-    from producer.client import Client
+    from smartdiff.producer.client import Client
 
     return _wait(Client().job(args.job_id), args.timeout, args.json)
 
 
 def run_cancel(args: argparse.Namespace) -> int:
-    from producer.client import Client, FarmError
+    from smartdiff.producer.client import Client, FarmError
 
     try:
         state = Client().job(args.job_id).cancel()

@@ -1,6 +1,6 @@
 """The Python client other services use: submit, status, wait, cancel.
 
-    from producer import Client
+    from smartdiff.producer import Client
     job = Client().submit(profile="wan2.1-1.3b-lossless", prompt="a corgi on a beach", seed=42)
     record = job.wait(timeout=600)      # raises FarmError if it failed or was cancelled
     print(record["result"]["url"])      # a presigned link, made at poll time
@@ -16,14 +16,20 @@ from typing import Any
 
 import redis
 
-from farm.celery_app import DEFAULT_PRIORITY, MAX_PRIORITY, TASK_NAME, make_celery, transport_priority
-from farm.records import CANCELLED, FAILED, SUCCEEDED, JobStore
-from farm.settings import FarmSettings
-from farm.storage import VideoStore
-from farm.workers import WorkerRegistry
-from pipeline.config import load_profile
-from pipeline.params import ParamError, validate_params
-from producer.webhooks import check_callback_url
+from smartdiff.farm.celery_app import (
+    DEFAULT_PRIORITY,
+    MAX_PRIORITY,
+    TASK_NAME,
+    make_celery,
+    transport_priority,
+)
+from smartdiff.farm.records import CANCELLED, FAILED, SUCCEEDED, JobStore
+from smartdiff.farm.settings import FarmSettings
+from smartdiff.farm.storage import VideoStore
+from smartdiff.farm.workers import WorkerRegistry
+from smartdiff.pipeline.config import load_profile
+from smartdiff.pipeline.params import ParamError, validate_params
+from smartdiff.producer.webhooks import check_callback_url
 
 
 class FarmError(Exception):

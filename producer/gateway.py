@@ -43,15 +43,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from farm.celery_app import DEFAULT_PRIORITY, MAX_PRIORITY
-from farm.records import FAILED, PREFIX, SUCCEEDED, JobRecord
-from farm.settings import FarmSettings
-from farm.storage import StorageError, make_client
-from pipeline.config import list_profile_names, load_profile
-from pipeline.params import FLEXCACHE, SOLVERS
-from producer.apikeys import ApiKey, ApiKeyStore
-from producer.client import Client, FarmError
-from producer.webhooks import WebhookDelivery, check_callback_url, delivery_state
+from smartdiff.farm.celery_app import DEFAULT_PRIORITY, MAX_PRIORITY
+from smartdiff.farm.records import FAILED, PREFIX, SUCCEEDED, JobRecord
+from smartdiff.farm.settings import FarmSettings
+from smartdiff.farm.storage import StorageError, make_client
+from smartdiff.pipeline.config import list_profile_names, load_profile
+from smartdiff.pipeline.params import FLEXCACHE, SOLVERS
+from smartdiff.producer.apikeys import ApiKey, ApiKeyStore
+from smartdiff.producer.client import Client, FarmError
+from smartdiff.producer.webhooks import WebhookDelivery, check_callback_url, delivery_state
 
 log = logging.getLogger(__name__)
 

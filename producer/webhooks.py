@@ -32,8 +32,8 @@ from urllib.parse import urlsplit
 
 import redis
 
-from farm.records import EVENTS_STREAM, PREFIX, JobRecord, JobStore
-from farm.settings import FarmSettings
+from smartdiff.farm.records import EVENTS_STREAM, PREFIX, JobRecord, JobStore
+from smartdiff.farm.settings import FarmSettings
 
 log = logging.getLogger(__name__)
 

@@ -10,18 +10,37 @@ import sys
 # command -> (module, help). A module has ``add_arguments(parser)`` and ``run(args) -> int``, or a
 # ``SUBCOMMANDS`` dict of name -> (add_arguments, run) when it serves several commands.
 COMMANDS = {
-    "generate": ("pipeline.cli_generate", "generate one video on this machine, no farm"),
-    "tiny-model": ("pipeline.cli_tiny", "write a small random-weight Wan checkpoint (official layout)"),
-    "worker": ("worker.cli", "run Celery worker(s) for a profile, model preloaded, one process per GPU"),
-    "worker-health": ("worker.health", "exit 0 if this host's worker for a profile is alive"),
-    "submit": ("producer.cli", "submit a job to the farm"),
-    "status": ("producer.cli", "print a job's record"),
-    "wait": ("producer.cli", "wait for a job to finish and print its record"),
-    "cancel": ("producer.cli", "cancel a job"),
+    "generate": ("smartdiff.pipeline.cli_generate", "generate one video on this machine, no farm"),
+    "tiny-model": (
+        "smartdiff.pipeline.cli_tiny",
+        "write a small random-weight Wan checkpoint (official layout)",
+    ),
+    "worker": (
+        "smartdiff.worker.cli",
+        "run Celery worker(s) for a profile, model preloaded, one process per GPU",
+    ),
+    "worker-health": ("smartdiff.worker.health", "exit 0 if this host's worker for a profile is alive"),
+    "submit": ("smartdiff.producer.cli", "submit a job to the farm"),
+    "status": ("smartdiff.producer.cli", "print a job's record"),
+    "wait": ("smartdiff.producer.cli", "wait for a job to finish and print its record"),
+    "cancel": ("smartdiff.producer.cli", "cancel a job"),
     "demo": ("smartdiff.demo", "the whole farm on this machine: Redis, S3, a worker, one job"),
-    "gateway": ("producer.gateway", "serve the farm over HTTP (jobs, profiles, health, metrics, webhooks)"),
-    "apikey": ("producer.apikeys", "create, list or revoke API keys of the HTTP gateway"),
+    "gateway": (
+        "smartdiff.producer.gateway",
+        "serve the farm over HTTP (jobs, profiles, health, metrics, webhooks)",
+    ),
+    "apikey": ("smartdiff.producer.apikeys", "create, list or revoke API keys of the HTTP gateway"),
 }
+
+
+def python_module_command(module: str = "smartdiff", *args: str) -> list[str]:
+    """``python -m module args`` with this interpreter, for a child process.
+
+    ``-P`` keeps the working directory off ``sys.path``: started inside a checkout, the repository's
+    top-level folders (``kernels/``, ``pipeline/``, ...) would otherwise shadow installed
+    distributions of the same names (transformers imports one called ``kernels``).
+    """
+    return [sys.executable, "-P", "-m", module, *args]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from smartdiff.cli import python_module_command
+
 # The world model the project ships (weights/wan-world), trained on the procedural world (world/).
 DEMO_PROFILE = "wan-world"
 
@@ -107,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
             env.setdefault("AWS_SECRET_ACCESS_KEY", "demo-secret-key")
         env.setdefault("SMARTDIFF_WORK_DIR", str(workdir / "work"))
 
-        from farm.settings import FarmSettings
-        from farm.storage import VideoStore
-        from pipeline.config import load_profile
-        from producer import Client, FarmError
+        from smartdiff.farm.settings import FarmSettings
+        from smartdiff.farm.storage import VideoStore
+        from smartdiff.pipeline.config import load_profile
+        from smartdiff.producer import Client, FarmError
 
         settings = FarmSettings.from_env()
         VideoStore(settings).ensure_bucket()
@@ -120,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
         log_path = workdir / "worker.log"
         worker = subprocess.Popen(
-            [sys.executable, "-m", "smartdiff", "worker", "--profile", DEMO_PROFILE, "--gpus", "none"],
+            python_module_command("smartdiff", "worker", "--profile", DEMO_PROFILE, "--gpus", "none"),
             stdout=open(log_path, "w"),
             stderr=subprocess.STDOUT,
         )

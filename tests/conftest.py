@@ -22,7 +22,7 @@ def read_reference(name: str) -> dict[str, tuple[int, ...]]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The tiny model in the official layout, written once per test session."""
-    from pipeline.tiny import write_tiny_checkpoint
+    from smartdiff.pipeline.tiny import write_tiny_checkpoint
 
     root = tmp_path_factory.mktemp("tiny") / "tiny"
     write_tiny_checkpoint(root)

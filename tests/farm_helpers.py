@@ -7,13 +7,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import redis
 
-from farm.settings import FarmSettings
+from smartdiff.cli import python_module_command
+from smartdiff.farm.settings import FarmSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,7 +98,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "smartdiff", "worker", "--profile", self.profile, "--gpus", "none"],
+            python_module_command("smartdiff", "worker", "--profile", self.profile, "--gpus", "none"),
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -488,12 +488,22 @@ def test_base_images_are_pinned():
     assert len(cuda_versions) == 1, f"build and runtime CUDA images differ: {cuda_versions}"
 
 
-def test_torch_is_a_pinned_cuda_build():
-    args = arg_defaults()
-    assert re.fullmatch(r"\d+\.\d+\.\d+", args["TORCH_VERSION"])
-    assert re.search(r"/whl/cu\d+$", args["TORCH_INDEX_URL"])
+def test_the_image_installs_the_gpu_lock_with_hashes():
     runs = [a for k, a in dockerfile_instructions() if k == "RUN"]
-    assert any('"torch==${TORCH_VERSION}"' in r and "${TORCH_INDEX_URL}" in r for r in runs)
+    assert any("--require-hashes -r /tmp/gpu.txt" in r for r in runs)
+    copies = [a for k, a in dockerfile_instructions() if k == "COPY"]
+    assert "locks/gpu.txt /tmp/gpu.txt" in copies
+    pins = dict(re.findall(r"^([a-z0-9-]+)==(\S+)", (ROOT / "locks" / "gpu.txt").read_text(), re.M))
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pins["torch"]), (
+        f"the image needs a CUDA build of torch: {pins['torch']}"
+    )
+    # PyPI's torch for CUDA 13.0 brings cuda-toolkit 13.0.x: the same release as the CUDA images.
+    cuda_images = {
+        re.match(r"nvidia/cuda:(\d+\.\d+)", s["from"]).group(1) for s in stages() if "cuda" in s["from"]
+    }
+    assert cuda_images == {".".join(pins["cuda-toolkit"].split(".")[:2])}
+    for tool in ("setuptools", "ninja", "einops", "packaging", "psutil", "wheel"):
+        assert tool in pins, f"the kernels build with {tool}: it must come from the lock"
 
 
 def test_kernels_are_built_from_source_for_hopper():
@@ -519,11 +529,14 @@ def test_kernel_builds_are_cached_apart_from_project_code():
     for stage in kernel_stages:
         copies = [a for k, a in stage["instructions"] if k in ("COPY", "ADD") and "--from" not in a]
         assert not copies, f"stage {stage['name']} copies project files: {copies}"
+    # The project reaches the final image only as its wheel, installed without -e or its sources.
     final = all_stages[-1]["instructions"]
-    editable = re.compile(r"pip install .*-e \"\.\[gpu\]\"")
-    copy_all = [n for n, (k, a) in enumerate(final) if k == "COPY" and a.split()[0] == "."]
-    installs = [n for n, (k, a) in enumerate(final) if k == "RUN" and editable.search(a)]
-    assert copy_all and installs and installs[0] > copy_all[0]
+    assert not [a for k, a in final if k in ("COPY", "ADD") and "--from" not in a], (
+        "the worker copies sources"
+    )
+    installs = [a for k, a in final if k == "RUN" and "pip install" in a]
+    assert installs and all(" -e " not in a for a in installs)
+    assert any("from=wheel" in a and "pip install --no-deps /dist/*.whl" in a for a in installs)
 
 
 def test_final_stage_is_non_root_and_runs_smartdiff():
@@ -545,5 +558,5 @@ def test_dockerignore_keeps_weights_environments_and_secrets_out():
     entries = {line.strip() for line in DOCKERIGNORE.read_text().splitlines() if line.strip()}
     for needed in (".venv", "checkpoints", "out", ".git", ".env", "**/__pycache__", ".pytest_cache"):
         assert needed in entries, f".dockerignore lacks {needed}"
-    for kept in ("pyproject.toml", "README.md", "configs", "pipeline", "smartdiff"):
+    for kept in ("pyproject.toml", "README.md", "configs", "pipeline", "smartdiff", "weights", "locks"):
         assert kept not in entries, f".dockerignore drops {kept}, which the image needs"

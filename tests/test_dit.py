@@ -5,9 +5,9 @@ import torch
 from conftest import read_reference
 from diffusers import WanTransformer3DModel
 
-from pipeline.config import DiTConfig, load_model_config
-from pipeline.dit import WanDiT, diffusers_dit_key_to_official, rope_split, timestep_embedding
-from pipeline.loading import CheckpointError, assign_weights
+from smartdiff.pipeline.config import DiTConfig, load_model_config
+from smartdiff.pipeline.dit import WanDiT, diffusers_dit_key_to_official, rope_split, timestep_embedding
+from smartdiff.pipeline.loading import CheckpointError, assign_weights
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_padded_context_matches_official_padding():
 
 
 def test_modulation_parameters_stay_fp32_in_bf16():
-    from pipeline.dit import FP32_PARAMETERS
+    from smartdiff.pipeline.dit import FP32_PARAMETERS
 
     ref, _ = tiny_pair()
     config = DiTConfig(dim=64, ffn_dim=128, num_layers=2, num_heads=2, text_dim=32, text_len=16)
@@ -123,8 +123,8 @@ def test_wrong_shape_and_unknown_key_are_named():
 
 
 def test_cross_attention_runs_on_the_backend_the_self_attention_backend_names():
-    from kernels import get_backend
-    from kernels.registry import AttentionBackend
+    from smartdiff.kernels import get_backend
+    from smartdiff.kernels.registry import AttentionBackend
 
     exact = get_backend("sdpa", "cpu")
     key_tokens = {"self": [], "cross": []}

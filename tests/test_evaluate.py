@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.checkpoint import open_checkpoint
-from pipeline.config import load_profile
-from world.evaluate import evaluate, markdown, psnr, run_variant, ssim, variants_of
-from world.scenes import MOTIONS, Scene, prompt_set, render
+from smartdiff.pipeline.checkpoint import open_checkpoint
+from smartdiff.pipeline.config import load_profile
+from smartdiff.world.evaluate import evaluate, markdown, psnr, run_variant, ssim, variants_of
+from smartdiff.world.scenes import MOTIONS, Scene, prompt_set, render
 
 
 def _clip(seed: int = 0) -> np.ndarray:

@@ -16,11 +16,12 @@ from farm_helpers import RedisServer, WorkerProcess, farm_env, join_as_client, w
 from kombu import Connection, Producer
 from s3_server import FlakyProxy
 
-from farm.celery_app import TASK_NAME
-from farm.records import REJECTED_LIST, job_key
-from farm.storage import VideoStore
-from pipeline.video import read_mp4
-from producer import Client, FarmError
+from smartdiff.cli import python_module_command
+from smartdiff.farm.celery_app import TASK_NAME
+from smartdiff.farm.records import REJECTED_LIST, job_key
+from smartdiff.farm.storage import VideoStore
+from smartdiff.pipeline.video import read_mp4
+from smartdiff.producer import Client, FarmError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -406,10 +407,10 @@ def test_bad_raw_messages_pushed_into_redis(farm):
 
 
 def test_oom_fails_the_job_with_advice_and_the_worker_serves_on(farm):
-    from farm.celery_app import make_celery
-    from pipeline.config import load_profile
-    from pipeline.params import validate_params
-    from worker.service import WorkerService
+    from smartdiff.farm.celery_app import make_celery
+    from smartdiff.pipeline.config import load_profile
+    from smartdiff.pipeline.params import validate_params
+    from smartdiff.worker.service import WorkerService
 
     class OutOfMemoryPipeline:
         def generate(self, params, progress):
@@ -503,13 +504,12 @@ def test_metrics_and_structured_logs(farm):
 
 def test_command_line_submit_status_wait_cancel(farm):
     import subprocess
-    import sys
 
     farm.worker()
 
     def smartdiff(*args):
         done = subprocess.run(
-            [sys.executable, "-m", "smartdiff", *args],
+            python_module_command("smartdiff", *args),
             env=farm.env,
             capture_output=True,
             text=True,
@@ -544,8 +544,10 @@ def test_producer_imports_no_torch():
     import sys
 
     code = (
-        "import sys, producer, producer.cli, producer.gateway, producer.apikeys, producer.webhooks, "
-        "farm.records, farm.storage, farm.celery_app; "
+        "import sys, smartdiff, smartdiff.producer, smartdiff.producer.cli, smartdiff.producer.gateway, "
+        "smartdiff.producer.apikeys, smartdiff.producer.webhooks, "
+        "smartdiff.farm.records, smartdiff.farm.storage, smartdiff.farm.celery_app; "
+        "from smartdiff import Client; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)

@@ -8,11 +8,11 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3
 from diffusers import WanPipeline as DiffusersWanPipeline
 from transformers import UMT5Config, UMT5EncoderModel
 
-from pipeline.config import load_model_config
-from pipeline.params import validate_params
-from pipeline.schedulers import SIGMA_MAX
-from pipeline.text_encoder import TINY_VOCABULARY, load_tokenizer, write_tiny_tokenizer
-from pipeline.wan import WanPipeline
+from smartdiff.pipeline.config import load_model_config
+from smartdiff.pipeline.params import validate_params
+from smartdiff.pipeline.schedulers import SIGMA_MAX
+from smartdiff.pipeline.text_encoder import TINY_VOCABULARY, load_tokenizer, write_tiny_tokenizer
+from smartdiff.pipeline.wan import WanPipeline
 
 TINY = load_model_config("tiny")
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from pipeline.config import load_model_config
-from pipeline.dit import WanBlock
-from pipeline.flexcache import COND, UNCOND
-from pipeline.params import ParamError, validate_params
-from pipeline.tiny import write_tiny_checkpoint
-from pipeline.wan import WanPipeline
+from smartdiff.pipeline.config import load_model_config
+from smartdiff.pipeline.dit import WanBlock
+from smartdiff.pipeline.flexcache import COND, UNCOND
+from smartdiff.pipeline.params import ParamError, validate_params
+from smartdiff.pipeline.tiny import write_tiny_checkpoint
+from smartdiff.pipeline.wan import WanPipeline
 
 TINY = load_model_config("tiny")
 
@@ -62,7 +62,7 @@ def test_first_and_last_steps_are_always_computed(pipe):
 def test_cond_and_uncond_keep_separate_state(pipe):
     import torch
 
-    from pipeline.flexcache import FlexCache
+    from smartdiff.pipeline.flexcache import FlexCache
 
     params = validate_params(
         {"prompt": "a cat", "seed": 1, "steps": 8, "flexcache": "teacache", "teacache_threshold": 1.0}, TINY
@@ -93,7 +93,7 @@ def test_pab_follows_its_schedule_step_by_step(pipe):
         "pab_cross_end": 950,
     }
     result = run(pipe, flexcache="pab", **settings)
-    from pipeline.schedulers import make_scheduler
+    from smartdiff.pipeline.schedulers import make_scheduler
 
     timesteps = make_scheduler("unipc", 20, 5.0).timesteps.tolist()
     blocks = len(pipe.experts[0].blocks)

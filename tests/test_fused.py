@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline import fused
+from smartdiff.pipeline import fused
 
 B, L, H, D = 2, 12, 3, 8
 

@@ -19,13 +19,13 @@ import redis
 import uvicorn
 from farm_helpers import RedisServer, WorkerProcess, farm_env, free_port, wait_for
 
-from farm.settings import FarmSettings
-from farm.storage import VideoStore
-from pipeline.params import GenerationParams
-from producer.apikeys import ApiKeyStore
-from producer.gateway import GATEWAY_FIELDS, JobRequest, create_app, openapi_document
-from producer.webhooks import verify_signature
 from smartdiff.cli import main as smartdiff_main
+from smartdiff.farm.settings import FarmSettings
+from smartdiff.farm.storage import VideoStore
+from smartdiff.pipeline.params import GenerationParams
+from smartdiff.producer.apikeys import ApiKeyStore
+from smartdiff.producer.gateway import GATEWAY_FIELDS, JobRequest, create_app, openapi_document
+from smartdiff.producer.webhooks import verify_signature
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import available_backends, get_backend
-from kernels.reference import (
+from smartdiff.kernels import available_backends, get_backend
+from smartdiff.kernels.reference import (
     attention_reference,
     block_mask,
     clustered_qkv,
@@ -25,7 +25,7 @@ from kernels.reference import (
     sparge_reference,
     sparse_reference,
 )
-from kernels.registry import AttentionBackend, BackendUnavailable
+from smartdiff.kernels.registry import AttentionBackend, BackendUnavailable
 
 B, L, H, D = 1, 1024, 2, 64
 
@@ -248,7 +248,7 @@ def test_auto_on_cpu_picks_sdpa_and_says_so(allow):
 
 
 def test_auto_lists_why_each_backend_failed(monkeypatch):
-    from kernels import registry
+    from smartdiff.kernels import registry
 
     monkeypatch.setattr(
         registry, "_BACKEND_MODULES", {k: v for k, v in registry._BACKEND_MODULES.items() if k != "sdpa"}
@@ -260,7 +260,7 @@ def test_auto_lists_why_each_backend_failed(monkeypatch):
 
 
 def test_auto_keeps_the_cross_attention_its_choice_names(monkeypatch):
-    from kernels import registry
+    from smartdiff.kernels import registry
 
     exact = get_backend("sdpa", "cpu")
     sparse = AttentionBackend("sparge", "sparse-self", "sparse", exact.fn, cross=exact)

@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import DiTConfig, VAEConfig, load_model_config
-from pipeline.dit import WanDiT
-from pipeline.loading import assign_weights
-from pipeline.memory import BlockStreamer, MemoryPlan
-from pipeline.params import validate_params
-from pipeline.tiny import random_state, write_tiny_checkpoint
-from pipeline.vae import WanVAE
-from pipeline.wan import WanPipeline
+from smartdiff.pipeline.config import DiTConfig, VAEConfig, load_model_config
+from smartdiff.pipeline.dit import WanDiT
+from smartdiff.pipeline.loading import assign_weights
+from smartdiff.pipeline.memory import BlockStreamer, MemoryPlan
+from smartdiff.pipeline.params import validate_params
+from smartdiff.pipeline.tiny import random_state, write_tiny_checkpoint
+from smartdiff.pipeline.vae import WanVAE
+from smartdiff.pipeline.wan import WanPipeline
 
 TINY = load_model_config("tiny")
 
@@ -135,7 +135,7 @@ def test_levels_are_checked():
 
 
 def test_the_estimate_covers_the_measured_peaks():
-    from pipeline.memory import estimate_job_bytes
+    from smartdiff.pipeline.memory import estimate_job_bytes
 
     gb = 2**30
     # Activation peaks measured on the H200 (docs/PERFORMANCE.md): stage peak minus resident weights.

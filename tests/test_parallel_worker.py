@@ -21,9 +21,9 @@ import pytest
 import redis
 from farm_helpers import RedisServer, WorkerProcess, farm_env, join_as_client, wait_for
 
-from farm.storage import VideoStore
-from pipeline.video import read_mp4
-from producer import Client, FarmError
+from smartdiff.farm.storage import VideoStore
+from smartdiff.pipeline.video import read_mp4
+from smartdiff.producer import Client, FarmError
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -120,9 +120,9 @@ def single_process_record(farm: GroupFarm, params: dict) -> dict:
     """The same job on a one-process worker (profile tiny), run in this process."""
     import torch
 
-    from farm.celery_app import make_celery
-    from pipeline.config import load_profile
-    from worker.service import WorkerService
+    from smartdiff.farm.celery_app import make_celery
+    from smartdiff.pipeline.config import load_profile
+    from smartdiff.worker.service import WorkerService
 
     service = WorkerService(farm.settings, load_profile("tiny"), make_celery(farm.settings))
     service.load()

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from pipeline.config import load_model_config
-from pipeline.params import DEFAULT_NEGATIVE_PROMPT, MAX_PROMPT_CHARS, ParamError, validate_params
+from smartdiff.pipeline.config import load_model_config
+from smartdiff.pipeline.params import DEFAULT_NEGATIVE_PROMPT, MAX_PROMPT_CHARS, ParamError, validate_params
 
 WAN13 = load_model_config("wan2.1-t2v-1.3b")
 WAN14 = load_model_config("wan2.1-t2v-14b")
@@ -93,10 +93,10 @@ def test_not_a_dict():
 
 def test_validation_imports_no_torch():
     code = (
-        "import sys; import pipeline.params, pipeline.config; "
-        "from pipeline.params import validate_params; "
-        "from pipeline.config import load_model_config; "
+        "import sys; import smartdiff.pipeline.params, smartdiff.pipeline.config; "
+        "from smartdiff.pipeline.params import validate_params; "
+        "from smartdiff.pipeline.config import load_model_config; "
         "validate_params({'prompt': 'x'}, load_model_config('tiny')); "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)

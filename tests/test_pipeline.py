@@ -2,19 +2,19 @@
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.checkpoint import open_checkpoint
-from pipeline.config import load_model_config
-from pipeline.loading import CheckpointError
-from pipeline.params import validate_params
-from pipeline.tiny import write_tiny_checkpoint
-from pipeline.video import read_mp4
-from pipeline.wan import WanPipeline
+from smartdiff.cli import python_module_command
+from smartdiff.pipeline.checkpoint import open_checkpoint
+from smartdiff.pipeline.config import load_model_config
+from smartdiff.pipeline.loading import CheckpointError
+from smartdiff.pipeline.params import validate_params
+from smartdiff.pipeline.tiny import write_tiny_checkpoint
+from smartdiff.pipeline.video import read_mp4
+from smartdiff.pipeline.wan import WanPipeline
 
 TINY = load_model_config("tiny")
 
@@ -27,9 +27,7 @@ def pipe(tiny_checkpoint):
 def test_generate_command_writes_a_valid_mp4(tiny_checkpoint, tmp_path):
     out = tmp_path / "video.mp4"
     command = [
-        sys.executable,
-        "-m",
-        "smartdiff",
+        *python_module_command("smartdiff"),
         "generate",
         "--model-dir",
         str(tiny_checkpoint),
@@ -67,9 +65,7 @@ def test_generate_command_writes_a_valid_mp4(tiny_checkpoint, tmp_path):
 
 def test_bad_parameters_fail_before_loading(tiny_checkpoint, tmp_path):
     command = [
-        sys.executable,
-        "-m",
-        "smartdiff",
+        *python_module_command("smartdiff"),
         "generate",
         "--model-dir",
         str(tiny_checkpoint),
@@ -166,12 +162,12 @@ def test_checkpoint_identity_and_errors(tiny_checkpoint, tmp_path):
 
 
 def test_sharded_dit_loads_like_a_single_file(tmp_path):
-    from pipeline.tiny import write_dit
+    from smartdiff.pipeline.tiny import write_dit
 
     single = write_tiny_checkpoint(tmp_path / "single")
     write_dit(tmp_path / "sharded", TINY, seed=1, device=torch.device("cpu"), dtype=torch.float32, shards=3)
     assert len(list((tmp_path / "sharded").glob("*-of-00003.safetensors"))) == 3
-    from pipeline.checkpoint import load_dit
+    from smartdiff.pipeline.checkpoint import load_dit
 
     a = load_dit(single, "official", TINY.dit, torch.float32, torch.device("cpu")).state_dict()
     b = load_dit(tmp_path / "sharded", "official", TINY.dit, torch.float32, torch.device("cpu")).state_dict()
@@ -179,7 +175,7 @@ def test_sharded_dit_loads_like_a_single_file(tmp_path):
 
 
 def test_auto_attention_is_timed_at_the_models_own_shape(tiny_checkpoint):
-    from pipeline.wan import self_attention_shape
+    from smartdiff.pipeline.wan import self_attention_shape
 
     # PERFORMANCE.md's shapes: 1.3B at 832x480x81 and 14B at 1280x720x81.
     assert self_attention_shape(load_model_config("wan2.1-t2v-1.3b")) == (1, 32760, 12, 128)

@@ -11,7 +11,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from pipeline.schedulers import SIGMA_MAX, SOLVERS, make_scheduler, shifted_sigmas
+from smartdiff.pipeline.schedulers import SIGMA_MAX, SOLVERS, make_scheduler, shifted_sigmas
 
 # diffusers' DPM++ builds an unused VP table with np.array(tensor), which numpy 2 warns about.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -17,8 +17,8 @@ import pytest
 from botocore.stub import Stubber
 from s3_server import FlakyProxy, start_moto_server, stop_moto_server
 
-from farm.settings import FarmSettings
-from farm.storage import MiB, StorageError, StoredObject, VideoStore, make_client
+from smartdiff.farm.settings import FarmSettings
+from smartdiff.farm.storage import MiB, StorageError, StoredObject, VideoStore, make_client
 
 KEY_ID = "testing-key-id"
 SECRET = "testing-secret-value"
@@ -396,7 +396,7 @@ def test_presign_without_credentials(monkeypatch: pytest.MonkeyPatch, bucket: st
 def test_no_credentials_in_errors_results_or_logs(
     moto_endpoint: str, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="farm")
+    caplog.set_level(logging.DEBUG, logger="smartdiff.farm")
     texts: list[str] = []
     path, sha = write_video(tmp_path, 2_000)
     store = make_store(moto_endpoint, bucket)

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from pipeline.config import load_profile
-from pipeline.wan import WanPipeline
-from world.teacache_fit import change_pairs, fit
+from smartdiff.pipeline.config import load_profile
+from smartdiff.pipeline.wan import WanPipeline
+from smartdiff.world.teacache_fit import change_pairs, fit
 
 
 def test_fit_recovers_a_polynomial_and_scores_it() -> None:

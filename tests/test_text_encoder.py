@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from conftest import read_reference
 from safetensors.torch import save_file
 
-from pipeline.config import T5Config, load_model_config
-from pipeline.loading import CheckpointError, assign_weights
-from pipeline.text_encoder import (
+from smartdiff.pipeline.config import T5Config, load_model_config
+from smartdiff.pipeline.loading import CheckpointError, assign_weights
+from smartdiff.pipeline.text_encoder import (
     TINY_VOCABULARY,
     TextEncoder,
     build_text_encoder,

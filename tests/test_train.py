@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import load_dit, open_checkpoint
-from pipeline.config import load_model_config
-from pipeline.dit import WanDiT
-from world.train import MODEL, Recipe, lr_at, new_text_encoder, text_context, train
+from smartdiff.pipeline.checkpoint import load_dit, open_checkpoint
+from smartdiff.pipeline.config import load_model_config
+from smartdiff.pipeline.dit import WanDiT
+from smartdiff.world.train import MODEL, Recipe, lr_at, new_text_encoder, text_context, train
 
 TOY = Recipe(
     clips=16,

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import get_backend
-from kernels.reference import (
+from smartdiff.kernels import get_backend
+from smartdiff.kernels.reference import (
     _sage_core,
     _token_mask,
     attention_reference,
@@ -42,8 +42,8 @@ from kernels.reference import (
     sage_reference,
     sparse_reference,
 )
-from kernels.registry import BackendUnavailable
-from kernels.sparge import SparsityStats
+from smartdiff.kernels.registry import BackendUnavailable
+from smartdiff.kernels.sparge import SparsityStats
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -70,7 +70,7 @@ def _in_fresh_python(check: Callable[..., None], env: dict[str, str], kwargs: di
         f"t._child_main({check.__name__!r}, json.loads(sys.argv[1]))"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(kwargs)],
+        [sys.executable, "-P", "-c", code, json.dumps(kwargs)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -138,7 +138,7 @@ def _check_fp8_casts_round_like_torch() -> None:
 
 
 def _check_quantiser_matches_reference(dtype: str) -> None:
-    from kernels import triton_sage
+    from smartdiff.kernels import triton_sage
 
     q, k, _ = (t.to(DTYPES[dtype]) for t in _gaussian(tokens=300, dim=64, seed=1))
     values, scales = triton_sage.quantize_int8_per_block(q, 128)
@@ -160,7 +160,7 @@ def _check_quantiser_matches_reference(dtype: str) -> None:
 
 
 def _check_v_is_scaled_per_channel_and_transposed() -> None:
-    from kernels.triton_sage import prepare_v
+    from smartdiff.kernels.triton_sage import prepare_v
 
     _, _, v = _gaussian(tokens=100, dim=64, seed=2)
     v = v * torch.linspace(0.1, 10.0, 64)  # channels of very different ranges
@@ -178,7 +178,7 @@ def _check_v_is_scaled_per_channel_and_transposed() -> None:
 
 
 def _check_sage_fp16_pv_matches_reference(tokens: int, dim: int, kv_tokens: int | None = None) -> None:
-    from kernels.triton_sage import CONFIGS, sage_attention
+    from smartdiff.kernels.triton_sage import CONFIGS, sage_attention
 
     q, k, v = _gaussian(tokens, dim, seed=3, kv_tokens=kv_tokens)
     out = sage_attention(q, k, v, pv_fp8=False)
@@ -193,7 +193,7 @@ def _check_sage_fp16_pv_matches_reference(tokens: int, dim: int, kv_tokens: int 
 
 
 def _check_sage_fp8_pv_matches_reference(tokens: int, dim: int) -> None:
-    from kernels.triton_sage import CONFIGS, sage_attention
+    from smartdiff.kernels.triton_sage import CONFIGS, sage_attention
 
     q, k, v = _gaussian(tokens, dim, seed=4)
     out = sage_attention(q, k, v, pv_fp8=True)
@@ -207,7 +207,7 @@ def _check_sage_fp8_pv_matches_reference(tokens: int, dim: int) -> None:
 
 
 def _check_sage_on_clustered_inputs() -> None:
-    from kernels.triton_sage import sage_attention
+    from smartdiff.kernels.triton_sage import sage_attention
 
     q, k, v = clustered_qkv(1, 2, 450, 64, clusters=6, seed=5)
     exact = attention_reference(q, k, v)
@@ -217,7 +217,7 @@ def _check_sage_on_clustered_inputs() -> None:
 
 
 def _check_sage_keeps_the_input_dtype(dtype: str) -> None:
-    from kernels.triton_sage import sage_attention
+    from smartdiff.kernels.triton_sage import sage_attention
 
     q, k, v = _gaussian(200, 64, seed=6)
     half = [t.to(DTYPES[dtype]) for t in (q, k, v)]
@@ -227,8 +227,8 @@ def _check_sage_keeps_the_input_dtype(dtype: str) -> None:
 
 
 def _check_tma_loads_give_the_pointer_kernels_output() -> None:
-    from kernels.triton_sage import KernelConfig, sage_attention
-    from kernels.triton_sparge import block_sparse_sage_attention
+    from smartdiff.kernels.triton_sage import KernelConfig, sage_attention
+    from smartdiff.kernels.triton_sparge import block_sparse_sage_attention
 
     # 200 queries and 300 keys: partial last tiles of both, and a tail key block.
     q, k, v = _gaussian(200, 64, seed=14, kv_tokens=300)
@@ -244,7 +244,11 @@ def _check_kernels_compile_for_hopper() -> None:
     """The attention kernels and the block map's selection through Triton's whole pipeline to an
     sm_90 cubin (ptxas included), at the default configs and with TMA loads: what the interpreter
     cannot show, without a GPU."""
-    from kernels.triton_build import compile_for_hopper, compile_selection_for_hopper, default_configs
+    from smartdiff.kernels.triton_build import (
+        compile_for_hopper,
+        compile_selection_for_hopper,
+        default_configs,
+    )
 
     for d in (64, 128):
         for tma in (False, True):
@@ -256,7 +260,7 @@ def _check_kernels_compile_for_hopper() -> None:
 
 
 def _check_sage_rejects_what_it_cannot_run() -> None:
-    from kernels.triton_sage import sage_attention
+    from smartdiff.kernels.triton_sage import sage_attention
 
     q, k, v = _gaussian(64, 64)
     for bad in (
@@ -273,8 +277,8 @@ def _check_sage_rejects_what_it_cannot_run() -> None:
 
 
 def _check_sparse_with_every_block_equals_dense() -> None:
-    from kernels.triton_sage import sage_attention
-    from kernels.triton_sparge import block_sparse_sage_attention
+    from smartdiff.kernels.triton_sage import sage_attention
+    from smartdiff.kernels.triton_sparge import block_sparse_sage_attention
 
     q, k, v = _gaussian(300, 64, seed=7)
     everything = torch.ones(1, 2, 3, 5, dtype=torch.bool)
@@ -296,8 +300,8 @@ def _hand_made_mask() -> torch.Tensor:
 
 
 def _check_sparse_at_a_hand_made_mask() -> None:
-    from kernels.triton_sage import KernelConfig
-    from kernels.triton_sparge import block_sparse_sage_attention
+    from smartdiff.kernels.triton_sage import KernelConfig
+    from smartdiff.kernels.triton_sparge import block_sparse_sage_attention
 
     q, k, v = _gaussian(300, 64, seed=8)
     mask = _hand_made_mask()
@@ -319,7 +323,7 @@ def _check_sparse_at_a_hand_made_mask() -> None:
 
 
 def _check_dropped_blocks_are_never_read() -> None:
-    from kernels.triton_sparge import block_sparse_sage_attention
+    from smartdiff.kernels.triton_sparge import block_sparse_sage_attention
 
     q, k, v = _gaussian(300, 64, seed=9)
     mask = _hand_made_mask()
@@ -334,7 +338,7 @@ def _check_dropped_blocks_are_never_read() -> None:
 
 
 def _check_sparge_uses_the_reference_block_map() -> None:
-    from kernels.triton_sparge import (
+    from smartdiff.kernels.triton_sparge import (
         block_map,
         block_sparse_sage_attention,
         kept_block_lists,
@@ -366,8 +370,8 @@ def _check_sparge_uses_the_reference_block_map() -> None:
 
 
 def _check_pooling_matches_the_reference() -> None:
-    from kernels.reference import _heads_first, _pool_and_similarity
-    from kernels.triton_sparge import pool_blocks
+    from smartdiff.kernels.reference import _heads_first, _pool_and_similarity
+    from smartdiff.kernels.triton_sparge import pool_blocks
 
     q, k, _ = clustered_qkv(2, 3, 300, 64, clusters=4, seed=11)  # 300: a partial last block
     k_mean = k.mean(dim=1)
@@ -381,7 +385,7 @@ def _check_pooling_matches_the_reference() -> None:
 
 
 def _check_kept_block_lists() -> None:
-    from kernels.triton_sparge import kept_block_lists
+    from smartdiff.kernels.triton_sparge import kept_block_lists
 
     mask = torch.rand(2, 3, 4, 9, generator=torch.Generator().manual_seed(11)) < 0.4
     kept, counts = kept_block_lists(mask)
@@ -396,15 +400,15 @@ def _check_kept_block_lists() -> None:
 
 def _pretend_cuda(capability: tuple[int, int]) -> None:
     """Let the backends build on this CPU: the interpreter runs their kernels on CPU tensors."""
-    from kernels import sage, sparge
+    from smartdiff.kernels import sage, sparge
 
     sage.needs_cuda = sparge.needs_cuda = lambda device: []
     sage._gpu_capability = lambda device: capability
 
 
 def _check_backends_run_our_kernels() -> None:
-    from kernels.triton_sage import sage_attention
-    from kernels.triton_sparge import sparge_attention
+    from smartdiff.kernels.triton_sage import sage_attention
+    from smartdiff.kernels.triton_sparge import sparge_attention
 
     _pretend_cuda((9, 0))
     q, k, v = clustered_qkv(1, 2, 300, 64, clusters=3, seed=12)
@@ -491,8 +495,8 @@ def test_tma_loads_give_the_pointer_kernels_output():
 
 @pytest.mark.parametrize(("capability", "tma"), [((8, 9), False), ((9, 0), True), ((10, 0), True)])
 def test_default_configs_read_through_tma_from_sm90_on(monkeypatch, capability, tma):
-    from kernels.triton_sage import CONFIGS, for_device
-    from kernels.triton_sparge import sparse_config
+    from smartdiff.kernels.triton_sage import CONFIGS, for_device
+    from smartdiff.kernels.triton_sparge import sparse_config
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda")
@@ -611,8 +615,8 @@ def test_sparsity_stats_sum_calls_until_reset():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
 @pytest.mark.parametrize("pv_fp8", [True, False])
 def test_compiled_kernels_on_gpu(pv_fp8):
-    from kernels.triton_sage import CONFIGS, sage_attention
-    from kernels.triton_sparge import block_map, block_sparse_sage_attention, sparse_config
+    from smartdiff.kernels.triton_sage import CONFIGS, sage_attention
+    from smartdiff.kernels.triton_sparge import block_map, block_sparse_sage_attention, sparse_config
 
     if pv_fp8 and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 P.V needs sm_89+")

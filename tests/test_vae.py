@@ -9,9 +9,9 @@ import torch
 from conftest import read_reference
 from diffusers import AutoencoderKLWan
 
-from pipeline.config import VAEConfig
-from pipeline.loading import CheckpointError
-from pipeline.vae import LATENTS_MEAN, LATENTS_STD, WanVAE, diffusers_vae_key_to_official
+from smartdiff.pipeline.config import VAEConfig
+from smartdiff.pipeline.loading import CheckpointError
+from smartdiff.pipeline.vae import LATENTS_MEAN, LATENTS_STD, WanVAE, diffusers_vae_key_to_official
 
 # Fidelity bound against diffusers, fp32 on CPU: max |ours - theirs| <= TOLERANCE * max(1, max |theirs|).
 TOLERANCE = 1e-4

@@ -8,8 +8,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from world.probe import STILL_MAX_TRAVEL, UNKNOWN, adherence, degrade, probe
-from world.scenes import (
+from smartdiff.world.probe import STILL_MAX_TRAVEL, UNKNOWN, adherence, degrade, probe
+from smartdiff.world.scenes import (
     BACKGROUND_RGB,
     BACKGROUNDS,
     COLOUR_RGB,

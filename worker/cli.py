@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from smartdiff.cli import python_module_command
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", required=True, help="profile to serve (configs/profiles/NAME.yaml)")
@@ -34,12 +36,12 @@ def parse_gpus(value: str) -> list[int] | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_profile
+    from smartdiff.pipeline.config import load_profile
 
     gpus = parse_gpus(args.gpus)
     world = load_profile(args.profile).parallel.world_size
     if world > 1:  # one job over several processes: a worker group (worker/group.py)
-        from worker.group import launch
+        from smartdiff.worker.group import launch
 
         return launch(args.profile, world, gpus, args.loglevel)
     if isinstance(gpus, list) and len(gpus) > 1:
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
 def supervise(profile: str, gpus: list[int], loglevel: str) -> int:
     """One child process per GPU; restarted if it dies, stopped with the signal we receive."""
-    command = [sys.executable, "-m", "smartdiff", "worker", "--profile", profile, "--loglevel", loglevel]
+    command = python_module_command("smartdiff", "worker", "--profile", profile, "--loglevel", loglevel)
     children = {gpu: subprocess.Popen([*command, "--gpus", str(gpu)]) for gpu in gpus}
     stopping = {"signal": 0}
 
@@ -80,7 +82,7 @@ def claim_gpu(registry, wanted: list[int] | str, worker_id: str):
     """The GPU this process runs on, leased in Redis by UUID so no two workers share one."""
     import torch
 
-    from worker.service import Gpu
+    from smartdiff.worker.service import Gpu
 
     count = torch.cuda.device_count()
     if count == 0:
@@ -101,11 +103,11 @@ def claim_gpu(registry, wanted: list[int] | str, worker_id: str):
 def serve(profile_name: str, gpus: list[int] | str, loglevel: str) -> int:
     import redis
 
-    from farm.settings import FarmSettings
-    from farm.workers import WorkerRegistry
-    from pipeline.config import load_profile
-    from worker.logs import setup_logging
-    from worker.service import WorkerService, worker_identity
+    from smartdiff.farm.settings import FarmSettings
+    from smartdiff.farm.workers import WorkerRegistry
+    from smartdiff.pipeline.config import load_profile
+    from smartdiff.worker.logs import setup_logging
+    from smartdiff.worker.service import WorkerService, worker_identity
 
     settings = FarmSettings.from_env()
     profile = load_profile(profile_name)
@@ -124,11 +126,11 @@ def serve(profile_name: str, gpus: list[int] | str, loglevel: str) -> int:
 
 def worker_app(settings):
     """The Celery app of a worker: our transport and our consumer (both record refused messages)."""
-    from farm.celery_app import make_celery
+    from smartdiff.farm.celery_app import make_celery
 
     app = make_celery(settings)
-    app.conf.broker_transport = "worker.transport:Transport"
-    app.conf.worker_consumer = "worker.consumer:Consumer"
+    app.conf.broker_transport = "smartdiff.worker.transport:Transport"
+    app.conf.worker_consumer = "smartdiff.worker.consumer:Consumer"
     return app
 
 
@@ -136,9 +138,9 @@ def run_service(service, loglevel: str) -> int:
     """Load the model, start heartbeats and the reaper, then consume the profile's queue until stopped."""
     from celery.signals import worker_shutting_down
 
-    from worker import metrics
-    from worker.consumer import Consumer
-    from worker.tasks import register
+    from smartdiff.worker import metrics
+    from smartdiff.worker.consumer import Consumer
+    from smartdiff.worker.tasks import register
 
     settings, app = service.settings, service.app
     service.video_store.check_bucket()  # a missing bucket or bad credentials fail here, not per job

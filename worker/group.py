@@ -2,9 +2,9 @@
 
 ``smartdiff worker`` starts a group when the profile's ``parallel`` world size is above 1:
 
-- the launcher (``launch``) starts ``python -m worker.group`` once per rank with a fresh rendezvous
-  port; each process initialises torch.distributed (NCCL on GPUs, gloo with ``--gpus none``), loads
-  the model and builds the parallel layout;
+- the launcher (``launch``) starts ``python -P -m smartdiff.worker.group`` once per rank with a
+  fresh rendezvous port; each process initialises torch.distributed (NCCL on GPUs, gloo with
+  ``--gpus none``), loads the model and builds the parallel layout;
 - rank 0 is an ordinary farm worker (``WorkerService`` under Celery: claim, lease, progress, cancel,
   decode, upload) whose pipeline call is ``Leader.generate``: after its text encode it broadcasts
   the job (validated parameters, initial noise, text states) and every rank denoises through
@@ -34,17 +34,19 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from smartdiff.cli import python_module_command
+
 if TYPE_CHECKING:  # the launcher process stays free of torch
     import torch
     import torch.distributed as dist
 
-    from farm.settings import FarmSettings
-    from pipeline.config import ProfileConfig
-    from pipeline.parallel import ParallelLayout
-    from pipeline.params import GenerationParams
-    from pipeline.wan import GenerationResult, ProgressFn, WanPipeline
+    from smartdiff.farm.settings import FarmSettings
+    from smartdiff.pipeline.config import ProfileConfig
+    from smartdiff.pipeline.parallel import ParallelLayout
+    from smartdiff.pipeline.params import GenerationParams
+    from smartdiff.pipeline.wan import GenerationResult, ProgressFn, WanPipeline
 
-log = logging.getLogger("worker.group")
+log = logging.getLogger(__name__)
 
 # Bounds each collective of a job (denoise, stop flags): a partner that died or hangs fails it.
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)
@@ -83,7 +85,7 @@ def launch(profile: str, world: int, gpus: list[int] | str, loglevel: str) -> in
     signal.signal(signal.SIGINT, forward)
     while True:
         port = _free_port()
-        command = [sys.executable, "-m", "worker.group", "--profile", profile, "--world", str(world)]
+        command = python_module_command("smartdiff.worker.group", "--profile", profile, "--world", str(world))
         command += ["--port", str(port), "--gpus", devices, "--loglevel", loglevel]
         ranks[:] = [
             subprocess.Popen([*command, "--rank", str(rank)], preexec_fn=_die_with_parent)
@@ -153,7 +155,7 @@ class Group:
     """This rank's model and process groups."""
 
     def __init__(self, rank: int, pipeline: WanPipeline, layout: ParallelLayout, control: dist.ProcessGroup):
-        from pipeline.parallel import ParallelDenoiser
+        from smartdiff.pipeline.parallel import ParallelDenoiser
 
         self.rank = rank
         self.pipeline = pipeline
@@ -245,8 +247,8 @@ def join_group(profile: ProfileConfig, rank: int, world: int, port: int, device:
     import torch
     import torch.distributed as dist
 
-    from pipeline.parallel import build_layout
-    from pipeline.wan import WanPipeline
+    from smartdiff.pipeline.parallel import build_layout
+    from smartdiff.pipeline.wan import WanPipeline
 
     if device != "cpu":
         torch.cuda.set_device(device)
@@ -270,9 +272,9 @@ def lead(
     """Rank 0: a farm worker whose jobs run on the group; releases the other ranks when it stops."""
     import redis
 
-    from farm.workers import WorkerRegistry
-    from worker.cli import claim_gpu, run_service, worker_app
-    from worker.service import WorkerService, worker_identity
+    from smartdiff.farm.workers import WorkerRegistry
+    from smartdiff.worker.cli import claim_gpu, run_service, worker_app
+    from smartdiff.worker.service import WorkerService, worker_identity
 
     gpu = None
     if gpus != "none":  # rank 0 leases its own GPU, as a single worker does
@@ -296,13 +298,15 @@ def lead(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from farm.settings import FarmSettings
-    from pipeline.config import load_profile
-    from worker.cli import parse_gpus
-    from worker.logs import setup_logging
-    from worker.service import worker_identity
+    from smartdiff.farm.settings import FarmSettings
+    from smartdiff.pipeline.config import load_profile
+    from smartdiff.worker.cli import parse_gpus
+    from smartdiff.worker.logs import setup_logging
+    from smartdiff.worker.service import worker_identity
 
-    parser = argparse.ArgumentParser(prog="python -m worker.group", description="one rank of a worker group")
+    parser = argparse.ArgumentParser(
+        prog="python -P -m smartdiff.worker.group", description="one rank of a worker group"
+    )
     parser.add_argument("--profile", required=True)
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)

@@ -20,8 +20,8 @@ def run(args: argparse.Namespace) -> int:
     """Exit 0 if a worker of this host serving the profile has a fresh heartbeat in Redis."""
     import redis
 
-    from farm.settings import FarmSettings
-    from farm.workers import WorkerRegistry
+    from smartdiff.farm.settings import FarmSettings
+    from smartdiff.farm.workers import WorkerRegistry
 
     if not args.profile:
         print("error: give --profile or set SMARTDIFF_PROFILE", file=sys.stderr)

@@ -26,17 +26,17 @@ from typing import Any
 import redis
 from celery import Celery
 
-from farm.celery_app import REQUEUE_PRIORITY, TASK_NAME, transport_priority
-from farm.records import CANCELLED, FAILED, SUCCEEDED, JobStore, OwnershipLost, record_rejection
-from farm.settings import FarmSettings
-from farm.storage import StorageError, VideoStore
-from farm.workers import WorkerRegistry
-from pipeline.config import ProfileConfig
-from pipeline.params import ParamError, validate_params
-from worker import metrics
-from worker.logs import current_job
+from smartdiff.farm.celery_app import REQUEUE_PRIORITY, TASK_NAME, transport_priority
+from smartdiff.farm.records import CANCELLED, FAILED, SUCCEEDED, JobStore, OwnershipLost, record_rejection
+from smartdiff.farm.settings import FarmSettings
+from smartdiff.farm.storage import StorageError, VideoStore
+from smartdiff.farm.workers import WorkerRegistry
+from smartdiff.pipeline.config import ProfileConfig
+from smartdiff.pipeline.params import ParamError, validate_params
+from smartdiff.worker import metrics
+from smartdiff.worker.logs import current_job
 
-log = logging.getLogger("worker")
+log = logging.getLogger(__name__)
 
 
 class JobCancelled(Exception):
@@ -146,7 +146,7 @@ class WorkerService:
     def load(self) -> None:
         """Load the model before the first job is taken, so no visibility clock runs during load."""
         if self.pipeline is None:
-            from pipeline.wan import WanPipeline
+            from smartdiff.pipeline.wan import WanPipeline
 
             start = time.perf_counter()
             self.pipeline = WanPipeline.from_profile(self.profile, self.device)
@@ -331,7 +331,7 @@ class WorkerService:
             self.peak_bytes = max([self.peak_bytes, *result.peak_memory.values()])
             progress("encode", 0, 1)
             start = time.perf_counter()
-            from pipeline.video import write_mp4
+            from smartdiff.pipeline.video import write_mp4
 
             write_mp4(result.frames, video_path, fps=result.fps)
             digest = sha256_of(video_path)

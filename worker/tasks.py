@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from farm.celery_app import TASK_NAME
-from worker.service import WorkerService
+from smartdiff.farm.celery_app import TASK_NAME
+from smartdiff.worker.service import WorkerService
 
 
 def register(app: Celery, service: WorkerService) -> None:

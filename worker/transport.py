@@ -13,9 +13,9 @@ from queue import Empty
 import redis
 from kombu.transport import redis as kombu_redis
 
-from farm.records import record_rejection
+from smartdiff.farm.records import record_rejection
 
-log = logging.getLogger("worker.transport")
+log = logging.getLogger(__name__)
 
 
 class UnreadableEntry(ValueError):

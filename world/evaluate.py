@@ -1,6 +1,6 @@
 """The quality yardstick: every acceleration profile of a model against its lossless output.
 
-    python -m world.evaluate --model wan-world --json-out eval.json --markdown-out eval.md
+    python -P -m smartdiff.world.evaluate --model wan-world --json-out eval.json --markdown-out eval.md
 
 For each profile of the model (``configs/profiles/*.yaml`` whose ``model`` it is) and each feature
 cache the profile offers (none, then each of its ``flexcache`` strategies), every prompt of the fixed
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import ProfileConfig, list_profile_names, load_profile
-from world.probe import adherence, probe
-from world.scenes import Scene, caption, prompt_set
+from smartdiff.pipeline.config import ProfileConfig, list_profile_names, load_profile
+from smartdiff.world.probe import adherence, probe
+from smartdiff.world.scenes import Scene, caption, prompt_set
 
 ATTRIBUTES = ("colour", "shape", "motion", "background")
 
@@ -81,9 +81,9 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_variant(variant: Variant, scenes: list[Scene], device: str | None) -> dict:
     """Load the variant's pipeline and generate every prompt; frames, timings and probe readings."""
-    from kernels.registry import BackendUnavailable
-    from pipeline.params import validate_params
-    from pipeline.wan import WanPipeline
+    from smartdiff.kernels.registry import BackendUnavailable
+    from smartdiff.pipeline.params import validate_params
+    from smartdiff.pipeline.wan import WanPipeline
 
     try:
         pipeline = WanPipeline.from_profile(variant.profile, device)

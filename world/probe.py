@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from world.scenes import BACKGROUND_RGB, COLOUR_RGB, SHAPES, Scene
+from smartdiff.world.scenes import BACKGROUND_RGB, COLOUR_RGB, SHAPES, Scene
 
 UNKNOWN = "unknown"
 

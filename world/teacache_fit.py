@@ -1,6 +1,6 @@
 """Fit TeaCache's rescaling polynomial for the world model, from its own denoising runs.
 
-    python -m world.teacache_fit --prompts 16
+    python -P -m smartdiff.world.teacache_fit --prompts 16
 
 TeaCache skips the block stack while the accumulated, rescaled relative L1 change of the
 timestep-modulated input (since the last computed step) stays under a threshold, and then reuses the
@@ -21,11 +21,11 @@ import json
 import numpy as np
 import torch
 
-from pipeline.config import load_profile
-from pipeline.flexcache import COND, UNCOND, FlexCache, relative_l1, teacache_input
-from pipeline.params import validate_params
-from pipeline.wan import WanPipeline, apply_guidance
-from world.scenes import caption, prompt_set
+from smartdiff.pipeline.config import load_profile
+from smartdiff.pipeline.flexcache import COND, UNCOND, FlexCache, relative_l1, teacache_input
+from smartdiff.pipeline.params import validate_params
+from smartdiff.pipeline.wan import WanPipeline, apply_guidance
+from smartdiff.world.scenes import caption, prompt_set
 
 
 class ChangeRecorder:

@@ -1,6 +1,6 @@
 """Train the world model: a small Wan (our own VAE, UMT5 and DiT classes) on the procedural world.
 
-    python -m world.train --out weights/wan-world
+    python -P -m smartdiff.world.train --out weights/wan-world
 
 The whole recipe is ``Recipe``: data seed and size, then two stages.
 
@@ -35,12 +35,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.checkpoint import T5_FILE, TOKENIZER_DIR, VAE_FILE
-from pipeline.config import ModelConfig, load_model_config
-from pipeline.dit import FP32_PARAMETERS, WanDiT
-from pipeline.loading import assign_weights, read_weights
-from pipeline.params import DEFAULT_NEGATIVE_PROMPT
-from pipeline.text_encoder import (
+from smartdiff.pipeline.checkpoint import T5_FILE, TOKENIZER_DIR, VAE_FILE
+from smartdiff.pipeline.config import ModelConfig, load_model_config
+from smartdiff.pipeline.dit import FP32_PARAMETERS, WanDiT
+from smartdiff.pipeline.loading import assign_weights, read_weights
+from smartdiff.pipeline.params import DEFAULT_NEGATIVE_PROMPT
+from smartdiff.pipeline.text_encoder import (
     TextEncoder,
     build_text_encoder,
     hf_t5_key_to_official,
@@ -48,12 +48,12 @@ from pipeline.text_encoder import (
     load_tokenizer,
     write_tiny_tokenizer,
 )
-from pipeline.tiny import dit_config_json, random_state
-from pipeline.vae import WanVAE
-from pipeline.video import to_uint8_frames
-from world.evaluate import psnr
-from world.probe import adherence, probe
-from world.scenes import clip, vocabulary
+from smartdiff.pipeline.tiny import dit_config_json, random_state
+from smartdiff.pipeline.vae import WanVAE
+from smartdiff.pipeline.video import to_uint8_frames
+from smartdiff.world.evaluate import psnr
+from smartdiff.world.probe import adherence, probe
+from smartdiff.world.scenes import clip, vocabulary
 
 MODEL = "wan-world"
 

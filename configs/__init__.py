@@ -1,0 +1,1 @@
+"""Model and profile descriptions (models/*.yaml, profiles/*.yaml), read as package data."""
