@@ -11,10 +11,13 @@ Every module is built on the meta device and its weights assigned once, in the t
 from __future__ import annotations
 
 import json
+import logging
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -30,6 +33,8 @@ from smartdiff.pipeline.loading import (
     rename_keys,
     require_file,
 )
+
+log = logging.getLogger(__name__)
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
@@ -56,7 +61,13 @@ class Checkpoint:
 
 
 def open_checkpoint(root: Path | str, model_name: str | None = None) -> Checkpoint:
-    """Inspect a checkpoint folder: its layout and which model it is (checked against ``model_name``)."""
+    """Inspect a checkpoint folder: its layout and the model it holds (checked against ``model_name``).
+
+    The DiT is what the checkpoint's own ``config.json`` says, checked against the shapes in its
+    weights (or read from those shapes when there is no ``config.json``). A known model whose DiT
+    agrees with every stated setting supplies the sampling defaults and allowed sizes; a DiT of
+    another shape loads with generic Wan2.1 defaults, and a warning says so.
+    """
     root = Path(root)
     if not root.exists():
         hint = ""
@@ -73,23 +84,87 @@ def open_checkpoint(root: Path | str, model_name: str | None = None) -> Checkpoi
         if (root / "model_index.json").is_file() or (root / "transformer").is_dir()
         else "official"
     )
-    found = _identify(root, layout)
-    if model_name is not None and found != model_name:
-        raise CheckpointError(f"{root} holds {found}, not {model_name}")
-    return Checkpoint(root, layout, load_model_config(found))
+    if layout == "diffusers":
+        experts = [root / d for d in DIFFUSERS_EXPERT_DIRS if (root / d).is_dir()]
+    else:
+        experts = [root / "high_noise_model", root / "low_noise_model"]
+        experts = experts if experts[0].is_dir() else [root]
+    described = [describe_dit(folder, layout) for folder in experts]
+    if any(d != described[0] for d in described[1:]):
+        raise CheckpointError(f"{root}: the experts' DiTs differ: {described}")
+    known = _known_model(described[0], len(experts))
+    if model_name is not None and (known is None or known.name != model_name):
+        held = known.name if known else f"a DiT of no known model ({_shape(described[0])})"
+        raise CheckpointError(f"{root} holds {held}, not {model_name}")
+    return Checkpoint(root, layout, known or _generic_model(root, described[0], len(experts)))
 
 
-def _dit_shape(folder: Path, layout: str) -> tuple[int, int, int, int]:
-    """(dim, ffn_dim, num_layers, num_heads) of the DiT in ``folder``, from config.json or the weights."""
-    config_path = folder / "config.json"
-    if config_path.is_file():
-        raw = json.loads(config_path.read_text())
-        if "num_attention_heads" in raw:  # Diffusers
-            heads = raw["num_attention_heads"]
-            return heads * raw["attention_head_dim"], raw["ffn_dim"], raw["num_layers"], heads
-        if "dim" in raw:  # official
-            return raw["dim"], raw["ffn_dim"], raw["num_layers"], raw["num_heads"]
-    # No config: read shapes from the safetensors headers (no tensor data is loaded).
+# What a checkpoint's config.json may say beyond the DiT's settings: bookkeeping we skip, and
+# settings whose only supported value is the text-to-video one.
+_BOOKKEEPING = {"rope_max_seq_len"}  # diffusers' RoPE table length: ours is computed for any grid
+_TEXT_TO_VIDEO = {
+    "model_type": "t2v",
+    "window_size": [-1, -1],
+    "image_dim": None,
+    "added_kv_proj_dim": None,
+    "pos_embed_seq_len": None,
+}
+# Diffusers settings that say nothing of their own: the width is heads x head width, and diffusers
+# normalises q and k whatever its qk_norm says (the weights show whether the norms are there).
+_DIFFUSERS_IMPLIED = {"attention_head_dim", "qk_norm"}
+# Diffusers' transformer/config.json names -> ours (the official config.json uses ours).
+_DIFFUSERS_NAMES = {
+    "in_channels": "in_dim",
+    "out_channels": "out_dim",
+    "num_attention_heads": "num_heads",
+    "text_dim": "text_dim",
+    "freq_dim": "freq_dim",
+    "ffn_dim": "ffn_dim",
+    "num_layers": "num_layers",
+    "patch_size": "patch_size",
+    "eps": "eps",
+    "cross_attn_norm": "cross_attn_norm",
+}
+_DIT_SETTINGS = {f.name for f in fields(DiTConfig)}
+
+
+def read_dit_config(path: Path) -> dict[str, Any]:
+    """The DiT settings a ``config.json`` states (official or Diffusers), under DiTConfig's names.
+
+    A setting this project cannot honour (another model type, image conditioning, an unknown key)
+    is an error that names it.
+    """
+    raw = json.loads(path.read_text())
+    diffusers = "num_attention_heads" in raw
+    stated: dict[str, Any] = {}
+    unknown = []
+    for key, value in raw.items():
+        if key.startswith("_") or key in _BOOKKEEPING or (diffusers and key in _DIFFUSERS_IMPLIED):
+            continue
+        if key in _TEXT_TO_VIDEO:
+            if value != _TEXT_TO_VIDEO[key]:
+                raise CheckpointError(
+                    f"{path}: {key} {value!r} is not supported: this project runs Wan text-to-video "
+                    f"DiTs ({key} {_TEXT_TO_VIDEO[key]!r})"
+                )
+        elif diffusers and key in _DIFFUSERS_NAMES:
+            stated[_DIFFUSERS_NAMES[key]] = value
+        elif not diffusers and key in _DIT_SETTINGS:
+            stated[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{path}: unknown settings {sorted(unknown)}; this loader cannot honour them")
+    if diffusers:
+        stated["dim"] = raw["num_attention_heads"] * raw["attention_head_dim"]
+    if "patch_size" in stated:
+        stated["patch_size"] = tuple(stated["patch_size"])
+    return stated
+
+
+def dit_facts(folder: Path, layout: str) -> tuple[Path, dict[str, tuple[Any, str]]]:
+    """The DiT settings its weights determine, each with its evidence (a tensor and its shape), read
+    from the safetensors headers alone (no tensor data is loaded). Returns the weights file too."""
     weights = find_model_weights(folder)
     files = (
         sorted({folder / f for f in json.loads(weights.read_text())["weight_map"].values()})
@@ -103,28 +178,95 @@ def _dit_shape(folder: Path, layout: str) -> tuple[int, int, int, int]:
                 shapes[key] = f.get_slice(key).get_shape()
     if layout == "diffusers":
         shapes = {diffusers_dit_key_to_official(k): v for k, v in shapes.items()}
-    dim = shapes["patch_embedding.weight"][0]
+
+    def shape(key: str) -> list[int]:
+        if key not in shapes:
+            raise CheckpointError(f"{weights}: no tensor {key!r}: not a Wan DiT")
+        return shapes[key]
+
+    def evidence(key: str) -> str:
+        return f"{key} {shape(key)}"
+
+    def presence(key: str) -> tuple[bool, str]:
+        return key in shapes, f"{key} {'present' if key in shapes else 'absent'}"
+
+    patch = shape("patch_embedding.weight")
     layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("blocks."))
-    return dim, shapes["blocks.0.ffn.0.weight"][0], layers, dim // 128  # Wan heads are 128 wide
+    facts = {
+        "dim": (patch[0], evidence("patch_embedding.weight")),
+        "in_dim": (patch[1], evidence("patch_embedding.weight")),
+        "patch_size": (tuple(patch[2:]), evidence("patch_embedding.weight")),
+        "ffn_dim": (shape("blocks.0.ffn.0.weight")[0], evidence("blocks.0.ffn.0.weight")),
+        "num_layers": (layers, f"blocks 0 to {layers - 1}"),
+        "text_dim": (shape("text_embedding.0.weight")[1], evidence("text_embedding.0.weight")),
+        "freq_dim": (shape("time_embedding.0.weight")[1], evidence("time_embedding.0.weight")),
+        "out_dim": (shape("head.head.weight")[0] // math.prod(patch[2:]), evidence("head.head.weight")),
+        "qk_norm": presence("blocks.0.self_attn.norm_q.weight"),
+        "cross_attn_norm": presence("blocks.0.norm3.weight"),
+    }
+    return weights, facts
 
 
-def _identify(root: Path, layout: str) -> str:
-    """Name of the model config whose DiT matches the checkpoint's."""
-    if layout == "diffusers":
-        experts = [root / d for d in DIFFUSERS_EXPERT_DIRS if (root / d).is_dir()]
-    else:
-        experts = [root / "high_noise_model", root / "low_noise_model"]
-        experts = experts if experts[0].is_dir() else [root]
-    shape = _dit_shape(experts[0], layout)
+def describe_dit(folder: Path, layout: str) -> dict[str, Any]:
+    """The DiT settings of one DiT folder: its config.json, checked against what its weights show,
+    completed by the weights where the file is silent (or absent)."""
+    weights, facts = dit_facts(folder, layout)
+    config_path = folder / "config.json"
+    stated = read_dit_config(config_path) if config_path.is_file() else {}
+    for key, (value, shown) in facts.items():
+        if key in stated and stated[key] != value:
+            raise CheckpointError(
+                f"{config_path} says {key} {stated[key]!r}, but the weights say {value!r} "
+                f"({shown} in {weights.name})"
+            )
+    return {**{key: value for key, (value, _) in facts.items()}, **stated}
+
+
+def _known_model(dit: dict[str, Any], experts: int) -> ModelConfig | None:
+    """The known model (configs/models) whose DiT agrees with every setting of ``dit``."""
     for name in list_model_names():
         model = load_model_config(name)
-        d = model.dit
-        if (d.dim, d.ffn_dim, d.num_layers, d.num_heads) == shape and len(model.experts) == len(experts):
-            return name
-    raise CheckpointError(
-        f"{root}: a DiT of dim {shape[0]}, ffn {shape[1]}, {shape[2]} layers, {shape[3]} heads "
-        f"with {len(experts)} expert(s) matches no known model ({', '.join(list_model_names())})"
+        if len(model.experts) == experts and all(getattr(model.dit, k) == v for k, v in dit.items()):
+            return model
+    return None
+
+
+def _shape(dit: dict[str, Any]) -> str:
+    return f"dim {dit['dim']}, ffn {dit['ffn_dim']}, {dit['num_layers']} layers"
+
+
+def _generic_model(root: Path, dit: dict[str, Any], experts: int) -> ModelConfig:
+    """A DiT of a shape no known model has: Wan2.1's sampling defaults (50 steps, guidance 5, shift 5,
+    832x480 or 480x832, 81 frames), the Wan VAE and UMT5-XXL encoder, no TeaCache fit."""
+    shape = f"a DiT of {_shape(dit)}"
+    if experts > 1:
+        raise CheckpointError(
+            f"{root}: {shape} in {experts} experts matches no known model ({', '.join(list_model_names())}); "
+            "a mixture of experts needs its expert boundary and guidance per expert: add a model config"
+        )
+    if "num_heads" not in dit:
+        if dit["dim"] % 128:
+            raise CheckpointError(f"{root}: {shape} and no config.json: the number of heads is unknown")
+        dit = {**dit, "num_heads": dit["dim"] // 128}  # the head width of every released Wan
+    model = ModelConfig(
+        name="custom",
+        display_name=f"the Wan DiT in {root.name} (dim {dit['dim']}, {dit['num_layers']} layers)",
+        dit=DiTConfig(**dit),
     )
+    s = model.sampling
+    log.warning(
+        "%s: %s, %d heads matches no known model (%s); loading it with generic defaults: %d steps, "
+        "guidance %s, shift %s, sizes %s, the Wan VAE and UMT5-XXL text encoder, no TeaCache fit",
+        root,
+        shape,
+        model.dit.num_heads,
+        ", ".join(list_model_names()),
+        s.steps,
+        s.guidance,
+        s.shift,
+        " ".join(s.sizes),
+    )
+    return model
 
 
 def load_dit(

@@ -53,6 +53,8 @@ class DiTConfig:
     freq_dim: int = 256
     patch_size: tuple[int, int, int] = (1, 2, 2)
     eps: float = 1e-6
+    qk_norm: bool = True  # RMSNorm on q and k over the full width
+    cross_attn_norm: bool = True  # affine LayerNorm before the cross-attention
 
     @property
     def head_dim(self) -> int:
@@ -122,7 +124,8 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     t5: T5Config = field(default_factory=T5Config)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    teacache: TeaCacheConfig = field(default_factory=TeaCacheConfig)
+    # The fitted TeaCache polynomial; None for a model without one (TeaCache is then refused).
+    teacache: TeaCacheConfig | None = None
     # Names of the DiT experts, in the order of use; one entry means a single DiT.
     experts: tuple[str, ...] = ("dit",)
 

@@ -91,17 +91,18 @@ class LayerNorm(nn.LayerNorm):
 
 
 class Attention(nn.Module):
-    """Self- or cross-attention with q/k RMSNorm over the full width."""
+    """Self- or cross-attention; with ``qk_norm`` (every released Wan), q and k pass an RMSNorm over
+    the full width before the head split."""
 
-    def __init__(self, dim: int, num_heads: int, eps: float):
+    def __init__(self, dim: int, num_heads: int, eps: float, qk_norm: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
         self.k = nn.Linear(dim, dim)
         self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
-        self.norm_q = RMSNorm(dim, eps)
-        self.norm_k = RMSNorm(dim, eps)
+        self.norm_q = RMSNorm(dim, eps) if qk_norm else None
+        self.norm_k = RMSNorm(dim, eps) if qk_norm else None
 
     def forward(
         self,
@@ -112,31 +113,30 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         chunks: int = 1,
     ) -> torch.Tensor:
-        if rope is None:
-            q = ops.rms_norm(self.q(x), self.norm_q.weight, self.norm_q.eps).unflatten(
-                2, (self.num_heads, -1)
-            )
-            k = ops.rms_norm(self.k(context), self.norm_k.weight, self.norm_k.eps).unflatten(
-                2, (self.num_heads, -1)
-            )
-        else:
-            q = self._norm_rope(ops, self.q(x), self.norm_q, rope, chunks)
-            k = self._norm_rope(ops, self.k(context), self.norm_k, rope, chunks)
+        q = self._heads(ops, self.q(x), self.norm_q, rope, chunks)
+        k = self._heads(ops, self.k(context), self.norm_k, rope, chunks)
         v = self.v(context).unflatten(2, (self.num_heads, -1))
         return self.o(attention(q, k, v).flatten(2))
 
-    def _norm_rope(
+    def _heads(
         self,
         ops: TokenOps,
         x: torch.Tensor,
-        norm: RMSNorm,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        norm: RMSNorm | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
         chunks: int,
     ) -> torch.Tensor:
-        """RMSNorm, head split and RoPE; ``chunks`` > 1 runs token ranges in turn (small fp32 temporaries)."""
+        """q or k [B, L, dim] -> [B, L, heads, head_dim]: RMSNorm (if any), head split, RoPE (if given).
+        With RoPE, ``chunks`` > 1 runs token ranges in turn (small fp32 temporaries)."""
+        if rope is None:
+            x = x if norm is None else ops.rms_norm(x, norm.weight, norm.eps)
+            return x.unflatten(2, (self.num_heads, -1))
         parts = zip(x.chunk(chunks, 1), rope[0].chunk(chunks, 0), rope[1].chunk(chunks, 0))
         rotated = [
-            ops.rms_norm_rope(p, norm.weight, norm.eps, self.num_heads, cos, sin) for p, cos, sin in parts
+            ops.rope(p.unflatten(2, (self.num_heads, -1)), cos, sin)
+            if norm is None
+            else ops.rms_norm_rope(p, norm.weight, norm.eps, self.num_heads, cos, sin)
+            for p, cos, sin in parts
         ]
         return rotated[0] if chunks == 1 else torch.cat(rotated, dim=1)
 
@@ -166,9 +166,10 @@ class WanBlock(nn.Module):
         super().__init__()
         dim, eps = config.dim, config.eps
         self.norm1 = LayerNorm(dim, eps, elementwise_affine=False)
-        self.self_attn = Attention(dim, config.num_heads, eps)
-        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True)
-        self.cross_attn = Attention(dim, config.num_heads, eps)
+        self.self_attn = Attention(dim, config.num_heads, eps, config.qk_norm)
+        # The cross-attention's input norm (every released Wan has it: ``cross_attn_norm``).
+        self.norm3 = LayerNorm(dim, eps, elementwise_affine=True) if config.cross_attn_norm else None
+        self.cross_attn = Attention(dim, config.num_heads, eps, config.qk_norm)
         self.norm2 = LayerNorm(dim, eps, elementwise_affine=False)
         self.ffn = FeedForward(dim, config.ffn_dim, dim)
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
@@ -205,7 +206,7 @@ class WanBlock(nn.Module):
             y = reuse.self_attention(lambda: self.self_attn(h, h, attention, ops, rope, chunks))
         x = ops.gated_residual(x, y, gate_sa)
 
-        h = ops.affine_norm(x, self.norm3.weight, self.norm3.bias, eps)
+        h = x if self.norm3 is None else ops.affine_norm(x, self.norm3.weight, self.norm3.bias, eps)
         if reuse is None:
             y = self.cross_attn(h, context, cross_attention, ops)
         else:

@@ -144,6 +144,9 @@ def _flexcache(raw: dict[str, Any], model: ModelConfig, allowed: tuple[str, ...]
         if raw.get(name) is not None and not name.startswith(strategy):
             raise ParamError(name, f"only applies with flexcache={name.split('_')[0]}")
     if strategy == "teacache":
+        if model.teacache is None:
+            fit = f"{model.display_name} has no fitted TeaCache polynomial: use pab or none"
+            raise ParamError("flexcache", fit)
         threshold = _number(raw, "teacache_threshold", model.teacache.threshold, float)
         _in_range("teacache_threshold", threshold, 0.0, 1.0)
         out["teacache_threshold"] = threshold

@@ -1,5 +1,9 @@
 """Flow-matching samplers for Wan: UniPC (the default), DPM++ 2M and Euler.
 
+Schedules, as the official code has them: UniPC and Euler run the shifted ``linspace(0.999, 0)``
+(``FlowUniPCMultistepScheduler``'s; the official code has no Euler), DPM++ the shifted
+``linspace(1, 0)`` (``get_sampling_sigmas``). Timesteps are the sigmas times 1000, truncated.
+
 Wan's DiT predicts the flow velocity ``v = noise - x0`` of the straight path
 ``x_t = (1 - sigma) * x0 + sigma * noise``, so every solver starts from ``x0 = x_t - sigma * v``.
 The multistep solvers work in log-SNR time ``lambda = log((1 - sigma) / sigma)``.
@@ -58,15 +62,22 @@ def shifted_sigmas(steps: int, shift: float, sigma_max: float = SIGMA_MAX) -> to
 
 
 def _log_snr(sigma: float) -> float:
-    # Callers never pass the final sigma 0 (lambda = +inf); that step has a closed form instead.
+    """``log((1 - sigma) / sigma)``. Sigma 1 (pure noise: DPM++'s first sigma) is -inf, and the updates
+    take their exact limits there: ``expm1(-inf) = -1`` and a history weight ``1 / r0 = 0``. Callers
+    never pass the final sigma 0 (+inf); that step has a closed form instead."""
+    if sigma >= 1.0:
+        return -math.inf
     return math.log((1.0 - sigma) / sigma)
 
 
 class _FlowSolver(ABC):
     """Schedule, step counter and dtype handling shared by the solvers."""
 
+    # The unshifted schedule starts here: UniPC's (and Euler's) official 0.999 unless a solver says.
+    sigma_max = SIGMA_MAX
+
     def __init__(self, steps: int, shift: float) -> None:
-        sigmas = shifted_sigmas(steps, shift)
+        sigmas = shifted_sigmas(steps, shift, self.sigma_max)
         self.steps = steps
         self.shift = float(shift)
         # Truncated from the float64 sigmas, as the official code does; Wan2.2 compares these integers
@@ -106,12 +117,13 @@ class EulerScheduler(_FlowSolver):
 class DPMSolverPlusPlusScheduler(_FlowSolver):
     """Multistep DPM-Solver++(2M), midpoint variant, first order on the first and the last step.
 
-    Schedule: the same shifted ``linspace(0.999, 0)`` as UniPC, which is what diffusers'
-    DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift=shift) builds and how Wan users
-    configure DPM++ there. The official Wan code instead feeds ``get_sampling_sigmas`` (shifted
-    ``linspace(1, 0)``), whose first sigma is exactly 1 and first timestep 1000; we keep one schedule,
-    and one set of DiT timesteps, for all three solvers.
+    Schedule: the official Wan ``dpm++`` path's, ``get_sampling_sigmas(steps, shift)``: the shifted
+    ``linspace(1, 0)``, whose first sigma is exactly 1 (timestep 1000). From pure noise the first
+    update is ``x0`` mixed with the noise, and the second step's history weight is 0 (its log-SNR
+    gap to sigma 1 is infinite), as in the official solver.
     """
+
+    sigma_max = 1.0
 
     def __init__(self, steps: int, shift: float) -> None:
         super().__init__(steps, shift)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -57,20 +58,8 @@ def random_state(
 
 
 def dit_config_json(model: ModelConfig) -> dict:
-    d = model.dit
-    return {
-        "_class_name": "WanModel",
-        "model_type": "t2v",
-        "dim": d.dim,
-        "ffn_dim": d.ffn_dim,
-        "num_layers": d.num_layers,
-        "num_heads": d.num_heads,
-        "in_dim": d.in_dim,
-        "out_dim": d.out_dim,
-        "freq_dim": d.freq_dim,
-        "text_len": d.text_len,
-        "eps": d.eps,
-    }
+    """The official ``config.json`` of the DiT, with every setting stated (the official key names)."""
+    return {"_class_name": "WanModel", "model_type": "t2v", **asdict(model.dit)}
 
 
 def write_dit(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,22 @@ def read_reference(name: str) -> dict[str, tuple[int, ...]]:
         key, shape = line.split("\t")
         shapes[key] = tuple(int(s) for s in shape.strip("[]").split(",") if s.strip())
     return shapes
+
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch) -> Iterator[Path]:
+    """A config folder in place of the installed one, holding the tiny model; tests write the rest."""
+    from smartdiff.pipeline import config
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "profiles").mkdir()
+    shutil.copy(config.CONFIG_DIR / "models" / "tiny.yaml", tmp_path / "models")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    config.load_profile.cache_clear()
+    config.load_model_config.cache_clear()
+    yield tmp_path
+    config.load_profile.cache_clear()
+    config.load_model_config.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,17 @@ import torch
 from conftest import read_reference
 from diffusers import WanTransformer3DModel
 
+from smartdiff.kernels import get_backend
+from smartdiff.pipeline import fused
 from smartdiff.pipeline.config import DiTConfig, load_model_config
-from smartdiff.pipeline.dit import WanDiT, diffusers_dit_key_to_official, rope_split, timestep_embedding
+from smartdiff.pipeline.dit import (
+    Attention,
+    WanDiT,
+    diffusers_dit_key_to_official,
+    rope_split,
+    rope_tables,
+    timestep_embedding,
+)
 from smartdiff.pipeline.loading import CheckpointError, assign_weights
 
 
@@ -36,7 +45,7 @@ def test_rope_split_and_timestep_sinusoid():
     )
 
 
-def tiny_pair(seed=0, layers=2):
+def tiny_pair(seed=0, layers=2, cross_attn_norm=True):
     torch.manual_seed(seed)
     ref = WanTransformer3DModel(
         patch_size=(1, 2, 2),
@@ -48,11 +57,20 @@ def tiny_pair(seed=0, layers=2):
         freq_dim=256,
         ffn_dim=128,
         num_layers=layers,
+        cross_attn_norm=cross_attn_norm,
     ).eval()
     with torch.no_grad():
         for p in ref.parameters():  # diffusers zero-inits some tensors; make every weight matter
             p.copy_(torch.randn_like(p) * 0.1)
-    config = DiTConfig(dim=64, ffn_dim=128, num_layers=layers, num_heads=2, text_dim=32, text_len=16)
+    config = DiTConfig(
+        dim=64,
+        ffn_dim=128,
+        num_layers=layers,
+        num_heads=2,
+        text_dim=32,
+        text_len=16,
+        cross_attn_norm=cross_attn_norm,
+    )
     with torch.device("meta"):
         ours = WanDiT(config)
     state = {diffusers_dit_key_to_official(k): v.clone() for k, v in ref.state_dict().items()}
@@ -60,8 +78,11 @@ def tiny_pair(seed=0, layers=2):
     return ref, ours
 
 
-def test_forward_matches_diffusers():
-    ref, ours = tiny_pair()
+@pytest.mark.parametrize("cross_attn_norm", [True, False])
+def test_forward_matches_diffusers(cross_attn_norm):
+    """Every released Wan has the cross-attention's norm; a variant may drop it (config.json says so)."""
+    ref, ours = tiny_pair(cross_attn_norm=cross_attn_norm)
+    assert (ours.blocks[0].norm3 is None) is not cross_attn_norm
     x = torch.randn(2, 16, 3, 8, 12)
     t = torch.tensor([999, 417])
     context = torch.randn(2, 16, 32)
@@ -71,6 +92,22 @@ def test_forward_matches_diffusers():
     assert got.shape == x.shape
     # The official sinusoid is float64, diffusers' float32: differences of a few 1e-5 at t ~ 1000.
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_without_qk_norm_q_and_k_are_only_projected_and_rotated():
+    """The official model's ``qk_norm=False`` (diffusers always normalises, so it is no reference here)."""
+    torch.manual_seed(0)
+    attention = Attention(64, 2, 1e-6, qk_norm=False)
+    assert set(attention.state_dict()) == {f"{n}.{p}" for n in "qkvo" for p in ("weight", "bias")}
+    x = torch.randn(1, 2 * 3 * 4, 64)
+    cos, sin = rope_tables(32, (2, 3, 4), torch.device("cpu"))
+    backend = get_backend("sdpa")
+    with torch.no_grad():
+        q = fused.rope(attention.q(x).unflatten(2, (2, -1)), cos, sin)
+        k = fused.rope(attention.k(x).unflatten(2, (2, -1)), cos, sin)
+        expected = attention.o(backend(q, k, attention.v(x).unflatten(2, (2, -1))).flatten(2))
+        assert torch.allclose(attention(x, x, backend, rope=(cos, sin)), expected, atol=1e-6)
+        assert torch.allclose(attention(x, x, backend, rope=(cos, sin), chunks=3), expected, atol=1e-6)
 
 
 def test_padded_context_matches_official_padding():

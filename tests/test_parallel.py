@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -129,20 +128,6 @@ def test_build_layout_without_a_process_group_is_one_process():
     assert (layout.rank, layout.sequence_rank, layout.cfg_rank, layout.sequence_group) == (0, 0, 0, None)
     with pytest.raises(ValueError, match="ring 2 needs 2 processes, the process group has 1"):
         build_layout(ParallelConfig(ring=2), tiny)
-
-
-@pytest.fixture
-def config_dir(tmp_path, monkeypatch):
-    """A config folder with the tiny model; profiles are written by the test."""
-    (tmp_path / "models").mkdir()
-    (tmp_path / "profiles").mkdir()
-    shutil.copy(config_module.CONFIG_DIR / "models" / "tiny.yaml", tmp_path / "models")
-    monkeypatch.setattr(config_module, "CONFIG_DIR", tmp_path)
-    load_profile.cache_clear()
-    load_model_config.cache_clear()
-    yield tmp_path
-    load_profile.cache_clear()
-    load_model_config.cache_clear()
 
 
 def write_profile(folder: Path, name: str, parallel: str) -> None:

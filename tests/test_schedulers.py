@@ -34,6 +34,13 @@ def official_timesteps(steps: int, shift: float) -> np.ndarray:
     return (sigmas * 1000).astype(np.int64)
 
 
+def official_sampling_sigmas(steps: int, shift: float) -> np.ndarray:
+    """The official Wan ``get_sampling_sigmas(steps, shift)``, which its ``dpm++`` path feeds to
+    ``FlowDPMSolverMultistepScheduler`` (built with shift 1, so it shifts nothing again)."""
+    sigma = np.linspace(1, 0, steps + 1)[:steps]
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def velocity_field(seed: int):
     """A fixed, nonlinear stand-in for the DiT: v = tanh(x) * a / 2 + c with random a, c."""
     g = torch.Generator().manual_seed(seed)
@@ -70,7 +77,7 @@ def max_rel_diff_along(ours, reference, reference_timesteps) -> float:
 # --- schedule ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", ["unipc", "euler"])
 @pytest.mark.parametrize(("steps", "shift", "first", "last"), [(50, 5.0, 999, 92), (40, 12.0, 999, 235)])
 def test_timesteps_match_official_formula(solver, steps, shift, first, last):
     scheduler = make_scheduler(solver, steps, shift)
@@ -82,6 +89,16 @@ def test_timesteps_match_official_formula(solver, steps, shift, first, last):
     plain = np.linspace(0.999, 0, steps + 1)[:-1]
     plain = shift * plain / (1 + (shift - 1) * plain)
     assert (plain * 1000).astype(np.int64).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(("steps", "shift"), [(4, 5.0), (50, 5.0), (40, 12.0), (3, 1.0), (1, 5.0)])
+def test_dpmpp_runs_the_official_sampling_sigmas(steps, shift):
+    scheduler = make_scheduler("dpm++", steps, shift)
+    official = official_sampling_sigmas(steps, shift)
+    # The official scheduler stores float32 sigmas with a final 0 and truncates sigma * 1000 from float64.
+    assert torch.equal(scheduler.sigmas, torch.from_numpy(np.append(official, 0.0).astype(np.float32)))
+    assert scheduler.timesteps.tolist() == (official * 1000).astype(np.int64).tolist()
+    assert scheduler.timesteps[0].item() == 1000 and scheduler.sigmas[0].item() == 1.0
 
 
 def test_shift_one_follows_official_float32_sigma_max():
@@ -103,8 +120,9 @@ def test_sigmas_shape_and_values(solver):
     assert sigmas.dtype == torch.float32 and sigmas.shape == (51,)
     assert sigmas[-1].item() == 0.0
     assert bool((sigmas[1:] < sigmas[:-1]).all())
-    assert torch.equal(sigmas, shifted_sigmas(50, 5.0).to(torch.float32))
-    expected_first = 5 * SIGMA_MAX / (1 + 4 * SIGMA_MAX)
+    sigma_max = 1.0 if solver == "dpm++" else SIGMA_MAX
+    assert torch.equal(sigmas, shifted_sigmas(50, 5.0, sigma_max).to(torch.float32))
+    expected_first = 5 * sigma_max / (1 + 4 * sigma_max)
     assert sigmas[0].item() == pytest.approx(expected_first, rel=1e-7)
 
 
@@ -145,11 +163,16 @@ def test_dpmpp_matches_diffusers(steps, shift):
         lower_order_final=True,
         final_sigmas_type="zero",
     )
+    # diffusers' DPM++ steps as Wan's FlowDPMSolverMultistepScheduler does; hand it the official
+    # dpm++ schedule (get_sampling_sigmas, from sigma 1), as the official code hands its own.
     reference.set_timesteps(steps)
+    official = official_sampling_sigmas(steps, shift)
+    reference.sigmas = torch.from_numpy(np.append(official, 0.0).astype(np.float32))
+    reference.timesteps = torch.from_numpy((official * 1000).astype(np.int64))
     reference.set_begin_index(0)
     ours = make_scheduler("dpm++", steps, shift)
     assert torch.equal(reference.timesteps, ours.timesteps)
-    torch.testing.assert_close(reference.sigmas, ours.sigmas, rtol=0, atol=1e-7)
+    assert torch.equal(reference.sigmas, ours.sigmas)
     assert max_rel_diff_along(ours, reference, reference.timesteps) < REL_TOL
 
 
