@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -24,24 +25,13 @@ FOLDERS = ("configs", "farm", "kernels", "pipeline", "producer", "weights", "wor
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
+    # Built from a copy: setuptools leaves build/ and *.egg-info beside the sources it builds.
+    sources = tmp_path_factory.mktemp("sources") / "project"
+    skipped = (".git", ".venv*", "build", "*.egg-info", "*_cache", "__pycache__", "out", "checkpoints")
+    shutil.copytree(REPO, sources, ignore=shutil.ignore_patterns(*skipped))
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run(
-        [
-            sys.executable,
-            "-P",
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(out),
-        ]
-        + [str(REPO)],
-        check=True,
-        capture_output=True,
-    )
+    build = [sys.executable, "-P", "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*build, "-w", str(out), str(sources)], check=True, capture_output=True)
     (path,) = out.glob("smart_diffusion-*.whl")
     return zipfile.ZipFile(path)
 
