@@ -1,7 +1,8 @@
-"""What the GPU benchmarks share: the report header and the random-weight checkpoint they run on."""
+"""What the GPU benchmarks share: the report header, the weights they run on, timing helpers."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import gc
 import json
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import torch
 
+from smartdiff.pipeline.checkpoint import CheckpointWeights, ModelWeights, open_checkpoint
 from smartdiff.pipeline.config import ModelConfig
 from smartdiff.pipeline.dit import diffusers_dit_key_to_official
-from smartdiff.pipeline.tiny import write_random_checkpoint
+from smartdiff.pipeline.tiny import RandomWeights, write_random_checkpoint
 
 GB = 1024**3
 
@@ -26,15 +28,32 @@ def report_header(model: ModelConfig) -> dict:
     }
 
 
-def ensure_checkpoint(path: Path, model: ModelConfig, report: dict) -> None:
-    """Write a random-weight official-layout checkpoint of ``model`` at ``path`` unless one is there."""
-    if path.exists():
-        return
-    start = time.perf_counter()
-    write_random_checkpoint(path, model, device="cuda", dtype=torch.bfloat16)
-    report["write_checkpoint_s"] = round(time.perf_counter() - start, 1)
-    gc.collect()
-    torch.cuda.empty_cache()
+def model_weights(checkpoint: Path | None, model: ModelConfig, report: dict) -> ModelWeights:
+    """The weights a benchmark runs on: random ones drawn on the GPU with no file (``checkpoint``
+    None), or a checkpoint folder, written with random weights first if it is missing. The report
+    says which."""
+    if checkpoint is None:
+        weights = RandomWeights(model, draw_device="cuda")
+    else:
+        if not checkpoint.exists():
+            start = time.perf_counter()
+            write_random_checkpoint(checkpoint, model, device="cuda", dtype=torch.bfloat16)
+            report["write_checkpoint_s"] = round(time.perf_counter() - start, 1)
+            gc.collect()
+            torch.cuda.empty_cache()
+        weights = CheckpointWeights(open_checkpoint(checkpoint, model.name))
+    report["weights"] = weights.origin
+    return weights
+
+
+def add_attention_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--attention-options",
+        type=json.loads,
+        default={},
+        help="JSON merged into the profile's attention options, e.g. '{\"sim_threshold\": -1}' for sparge "
+        "on random weights (no two blocks alike: the similarity rule would keep every block)",
+    )
 
 
 def emit(report: dict, json_out: Path | None) -> None:

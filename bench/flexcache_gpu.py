@@ -5,7 +5,7 @@ Random weights: the reuse pattern of TeaCache depends on how the model's time em
 which random weights do not reproduce; only the speed side (what a given reuse count costs and
 saves) carries over to real checkpoints.
 
-    python bench/flexcache_gpu.py --model wan2.1-t2v-1.3b --checkpoint /tmp/wan13
+    python bench/flexcache_gpu.py --model wan2.1-t2v-1.3b
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import GB, emit, ensure_checkpoint, report_header
+from common import GB, emit, model_weights, report_header
 
 from smartdiff.pipeline.config import load_model_config
 from smartdiff.pipeline.flexcache import _TeaCache, _TeaState
@@ -42,7 +42,7 @@ def decision_cost_ms(pipe: WanPipeline, params, repeats: int = 200) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="wan2.1-t2v-1.3b")
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder, written if missing")
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--json-out", type=Path)
@@ -50,8 +50,7 @@ def main() -> None:
 
     model = load_model_config(args.model)
     report = report_header(model)
-    ensure_checkpoint(args.checkpoint, model, report)
-    pipe = WanPipeline.from_checkpoint(args.checkpoint, model.name, "cuda")
+    pipe = WanPipeline.from_weights(model_weights(args.checkpoint, model, report), "cuda")
     base = {"prompt": "a red ball bouncing on a beach", "frames": args.frames, "steps": args.steps, "seed": 0}
     runs = {
         "none": {},

@@ -1,8 +1,9 @@
 """Whole-pipeline speed and memory on one GPU, beside diffusers' Wan DiT on the same weights.
 
-Writes a random-weight checkpoint of the model in the official layout (if the folder is missing),
-loads it through the project's loader, times one DiT forward of ours and of diffusers'
-WanTransformer3DModel with the same weights at the same shape, then generates one whole video.
+Builds the model with random weights drawn in memory on the GPU (or loads ``--checkpoint``, written
+with random weights first if the folder is missing) through the loader's module construction, times
+one DiT forward of ours and of diffusers' WanTransformer3DModel with the same weights at the same
+shape, then generates one whole video.
 Prints one JSON object. Random weights: the speed of dense work does not depend on weight values.
 
 ``--profile`` runs the way a profile does (attention backend, compile, memory level; the pipeline is
@@ -10,20 +11,19 @@ warmed up first, as a worker does before its first job) and ``--flexcache`` asks
 for a feature cache. TeaCache's skips depend on the weights: with random ones its speed-up is not
 the one trained weights give, and the report counts the block stacks it computed.
 
-    python bench/pipeline_gpu.py --model wan2.1-t2v-1.3b --checkpoint /tmp/wan13 --json-out result.json
-    python bench/pipeline_gpu.py --checkpoint /tmp/wan13 --profile wan2.1-1.3b-sparge --flexcache teacache
+    python bench/pipeline_gpu.py --model wan2.1-t2v-1.3b --json-out result.json
+    python bench/pipeline_gpu.py --profile wan2.1-1.3b-sparge --flexcache teacache
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from common import GB, diffusers_dit, emit, ensure_checkpoint, report_header, time_forward
+from common import GB, add_attention_options, diffusers_dit, emit, model_weights, report_header, time_forward
 
 from smartdiff.pipeline.config import load_model_config, load_profile
 from smartdiff.pipeline.params import validate_params
@@ -36,14 +36,8 @@ def main() -> None:
     parser.add_argument("--model", default="wan2.1-t2v-1.3b")
     parser.add_argument("--profile", help="run as this profile does (its model replaces --model)")
     parser.add_argument("--flexcache", default="none", help="the video request's feature cache")
-    parser.add_argument(
-        "--attention-options",
-        type=json.loads,
-        default={},
-        help="JSON merged into the profile's attention options, e.g. '{\"sim_threshold\": -1}' for sparge "
-        "on random weights (no two blocks alike: the similarity rule would keep every block)",
-    )
-    parser.add_argument("--checkpoint", type=Path, required=True)
+    add_attention_options(parser)
+    parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder, written if missing")
     parser.add_argument("--size", default=None)
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--steps", type=int, default=50)
@@ -59,17 +53,16 @@ def main() -> None:
     profile = load_profile(args.profile) if args.profile else None
     model = load_model_config(profile.model if profile else args.model)
     report = report_header(model)
-    ensure_checkpoint(args.checkpoint, model, report)
+    weights = model_weights(args.checkpoint, model, report)
 
     start = time.perf_counter()
     if profile:
         report["profile"] = profile.name
         options = {**profile.attention_options, **args.attention_options}
-        profile = replace(profile, checkpoint=str(args.checkpoint.resolve()), attention_options=options)
         report["attention_options"] = options
-        pipe = WanPipeline.from_profile(profile, "cuda")
+        pipe = WanPipeline.from_profile(replace(profile, attention_options=options), "cuda", weights)
     else:
-        pipe = WanPipeline.from_checkpoint(args.checkpoint, model.name, "cuda")
+        pipe = WanPipeline.from_weights(weights, "cuda")
     torch.cuda.synchronize()
     report["load_s"] = round(time.perf_counter() - start, 1)
     if profile:

@@ -17,12 +17,12 @@ import re
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
 
-from smartdiff.pipeline.config import DiTConfig, ModelConfig, list_model_names, load_model_config
+from smartdiff.pipeline.config import DiTConfig, ModelConfig, VAEConfig, list_model_names, load_model_config
 from smartdiff.pipeline.dit import FP32_PARAMETERS, WanDiT, diffusers_dit_key_to_official
 from smartdiff.pipeline.loading import (
     CheckpointError,
@@ -33,6 +33,15 @@ from smartdiff.pipeline.loading import (
     rename_keys,
     require_file,
 )
+from smartdiff.pipeline.text_encoder import (
+    PreTrainedTokenizerBase,
+    TextEncoder,
+    build_text_encoder,
+    load_diffusers_t5_state,
+    load_official_t5_state,
+    load_tokenizer,
+)
+from smartdiff.pipeline.vae import WanVAE, diffusers_vae_key_to_official
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +278,84 @@ def _generic_model(root: Path, dit: dict[str, Any], experts: int) -> ModelConfig
     return model
 
 
+class ModelWeights(Protocol):
+    """Where a pipeline's weights come from, one module at a time (``WanPipeline.from_weights``)."""
+
+    model: ModelConfig
+    origin: str  # said in reports: a checkpoint folder, or random weights drawn in memory
+
+    def dit(self, index: int, dtype: torch.dtype, device: torch.device) -> WanDiT: ...
+
+    def text_encoder(self, dtype: torch.dtype, device: torch.device) -> TextEncoder: ...
+
+    def vae(self, dtype: torch.dtype, device: torch.device) -> WanVAE: ...
+
+
+class CheckpointWeights:
+    """The weights of a checkpoint folder (official or Diffusers layout)."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model
+        self.origin = f"checkpoint {checkpoint.root} ({checkpoint.layout} layout)"
+
+    def dit(self, index: int, dtype: torch.dtype, device: torch.device) -> WanDiT:
+        folder = self.checkpoint.expert_dirs[index]
+        return load_dit(folder, self.checkpoint.layout, self.model.dit, dtype, device)
+
+    def text_encoder(self, dtype: torch.dtype, device: torch.device) -> TextEncoder:
+        return load_text_encoder(self.checkpoint, dtype, device)
+
+    def vae(self, dtype: torch.dtype, device: torch.device) -> WanVAE:
+        return load_vae(self.checkpoint, dtype, device)
+
+
+StateDict = dict[str, torch.Tensor]
+
+# The modules, built on the meta device and given their weights once, in the target dtype: the same
+# construction whether the weights come from files or are drawn in memory.
+
+
+def dit_from_state(
+    config: DiTConfig,
+    state: dict[str, torch.Tensor],
+    source: Path | str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> WanDiT:
+    with torch.device("meta"):
+        dit = WanDiT(config)
+    assign_weights(dit, state, source, dtype, device, keep_fp32=FP32_PARAMETERS)
+    return dit.eval().requires_grad_(False)
+
+
+def vae_from_state(
+    config: VAEConfig,
+    state: dict[str, torch.Tensor],
+    source: Path | str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> WanVAE:
+    with torch.device("meta"):
+        vae = WanVAE(config)
+    assign_weights(vae, state, source, dtype, device)
+    return vae.eval().requires_grad_(False)
+
+
+def text_encoder_from_state(
+    model: ModelConfig,
+    state: StateDict,
+    source: Path | str,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> TextEncoder:
+    """``state`` in Hugging Face UMT5 names."""
+    encoder = build_text_encoder(model.t5)
+    assign_weights(encoder, state, source, dtype, device)
+    return TextEncoder(encoder.eval().requires_grad_(False), tokenizer, model.dit.text_len)
+
+
 def load_dit(
     folder: Path, layout: str, config: DiTConfig, dtype: torch.dtype, device: torch.device
 ) -> WanDiT:
@@ -276,15 +363,10 @@ def load_dit(
     state = read_safetensors(path)
     if layout == "diffusers":
         state = rename_keys(state, diffusers_dit_key_to_official)
-    with torch.device("meta"):
-        dit = WanDiT(config)
-    assign_weights(dit, state, path, dtype, device, keep_fp32=FP32_PARAMETERS)
-    return dit.eval().requires_grad_(False)
+    return dit_from_state(config, state, path, dtype, device)
 
 
-def load_vae(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device):
-    from smartdiff.pipeline.vae import WanVAE, diffusers_vae_key_to_official
-
+def load_vae(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> WanVAE:
     if checkpoint.layout == "diffusers":
         path = find_model_weights(checkpoint.root / "vae")
         rename = partial(diffusers_vae_key_to_official, config=checkpoint.model.vae)
@@ -292,21 +374,10 @@ def load_vae(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device):
     else:
         path = require_file(checkpoint.root / VAE_FILE, "VAE weights")
         state = read_weights(path)
-    with torch.device("meta"):
-        vae = WanVAE(checkpoint.model.vae)
-    assign_weights(vae, state, path, dtype, device)
-    return vae.eval().requires_grad_(False)
+    return vae_from_state(checkpoint.model.vae, state, path, dtype, device)
 
 
-def load_text_encoder(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device):
-    from smartdiff.pipeline.text_encoder import (
-        TextEncoder,
-        build_text_encoder,
-        load_diffusers_t5_state,
-        load_official_t5_state,
-        load_tokenizer,
-    )
-
+def load_text_encoder(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> TextEncoder:
     if checkpoint.layout == "diffusers":
         source = checkpoint.root / "text_encoder"
         state = load_diffusers_t5_state(source)
@@ -315,6 +386,4 @@ def load_text_encoder(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.
         source = require_file(checkpoint.root / T5_FILE, "T5 encoder weights")
         state = load_official_t5_state(source)
         tokenizer = load_tokenizer(checkpoint.root / TOKENIZER_DIR)
-    model = build_text_encoder(checkpoint.model.t5)
-    assign_weights(model, state, source, dtype, device)
-    return TextEncoder(model.eval().requires_grad_(False), tokenizer, checkpoint.model.dit.text_len)
+    return text_encoder_from_state(checkpoint.model, state, source, tokenizer, dtype, device)

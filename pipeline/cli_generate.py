@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    pipe = WanPipeline.from_checkpoint(root, model.name, args.device, dtype, attention, level)
+    pipe = WanPipeline.from_checkpoint(
+        root, model.name, args.device, dtype=dtype, attention=attention, low_mem_level=level
+    )
     bar = tqdm(total=params.steps, unit="step", file=sys.stderr)
 
     def progress(stage: str, step: int, total: int) -> None:

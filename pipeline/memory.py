@@ -101,20 +101,21 @@ class BlockStreamer:
         self.log = StreamLog() if keep_log else None
         # Per block: [(parameter or buffer owner, name, CPU tensor)], the CPU copy kept for good.
         self.host: list[list[tuple[nn.Module, str, torch.Tensor]]] = []
-        for block in blocks:
+        for i, block in enumerate(blocks):
             entries = []
             for module in block.modules():
                 for name, tensor in list(module.named_parameters(recurse=False)) + list(
                     module.named_buffers(recurse=False)
                 ):
                     cpu = tensor.detach().to("cpu")
-                    if self.cuda:
+                    if self.cuda and not cpu.is_pinned():
                         cpu = cpu.pin_memory()  # pinned: the copy can run asynchronously
                     entries.append((module, name, cpu))
             self.host.append(entries)
-        self.loaded: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
-        for i in range(len(blocks)):
+            # Block by block, so the unpinned originals go as their pinned copies come: the host
+            # holds the model plus one block, not the model twice.
             self._point_at_host(i)
+        self.loaded: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         self.handles = []
         for i, block in enumerate(blocks):
             self.handles.append(block.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i)))

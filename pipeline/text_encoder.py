@@ -218,11 +218,17 @@ realistic cinematic cartoon painting style high quality detailed
 TINY_VOCABULARY += [",", ".", "!", "?", "-", "'", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]
 
 
-def write_tiny_tokenizer(folder: Path, words: list[str]) -> None:
-    """Write a word-level tokenizer over ``words`` (lower-cased) that ``load_tokenizer`` loads.
+_TINY_SPECIALS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+_TINY_CONFIG = {
+    "tokenizer_class": "PreTrainedTokenizerFast",
+    "model_max_length": 512,
+    "padding_side": "right",
+}
 
-    Like T5: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, ``</s>`` appended; unknown words -> ``<unk>``.
-    """
+
+def _word_level_tokenizer(words: list[str]):
+    """A word-level ``tokenizers.Tokenizer`` over ``words`` (lower-cased), T5's conventions:
+    ``<pad>``=0, ``</s>``=1, ``<unk>``=2, ``</s>`` appended; unknown words -> ``<unk>``."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
@@ -237,16 +243,28 @@ def write_tiny_tokenizer(folder: Path, words: list[str]) -> None:
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return tokenizer
 
+
+def tiny_tokenizer(words: list[str]) -> PreTrainedTokenizerBase:
+    """The tokenizer ``write_tiny_tokenizer`` writes, built in memory."""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=_word_level_tokenizer(words), **_TINY_CONFIG, **_TINY_SPECIALS
+    )
+
+
+def write_tiny_tokenizer(folder: Path, words: list[str]) -> None:
+    """Write the word-level tokenizer over ``words`` (``tiny_tokenizer``) that ``load_tokenizer`` loads."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    specials = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+    _word_level_tokenizer(words).save(str(folder / "tokenizer.json"))
     # Written by hand rather than save_pretrained: "PreTrainedTokenizerFast" loads in transformers
     # 4.x and 5.x alike (5.x would write its own "TokenizersBackend").
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512, "padding_side": "right"}
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **specials}, indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **_TINY_CONFIG, **_TINY_SPECIALS}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(_TINY_SPECIALS, indent=2) + "\n")
 
 
 # --- encoding ----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Writing random-weight Wan checkpoints in the official file layout.
+"""Random-weight Wan models: written as checkpoints in the official file layout, or drawn in memory.
 
 ``smartdiff tiny-model`` uses it for a few-MB model that tests and the demo run on a CPU; the GPU
-benchmark uses it for full-size checkpoints (the speed of dense work does not depend on weight
-values). Weights are drawn from a seeded generator, so a seed always gives the same checkpoint.
+benchmarks use ``RandomWeights`` for full-size models, drawn in memory with no file at all (the speed
+of dense work does not depend on weight values). Weights are drawn from a seeded generator, so a seed
+always gives the same checkpoint.
 """
 
 from __future__ import annotations
@@ -16,13 +17,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from smartdiff.pipeline.checkpoint import T5_FILE, TOKENIZER_DIR, VAE_FILE
+from smartdiff.pipeline.checkpoint import (
+    T5_FILE,
+    TOKENIZER_DIR,
+    VAE_FILE,
+    dit_from_state,
+    text_encoder_from_state,
+    vae_from_state,
+)
 from smartdiff.pipeline.config import ModelConfig, load_model_config
 from smartdiff.pipeline.dit import WanDiT
 from smartdiff.pipeline.text_encoder import (
     TINY_VOCABULARY,
+    TextEncoder,
     build_text_encoder,
     hf_t5_key_to_official,
+    tiny_tokenizer,
     write_tiny_tokenizer,
 )
 from smartdiff.pipeline.vae import WanVAE
@@ -49,10 +59,10 @@ def random_tensor(
 def random_state(
     module: nn.Module, seed: int, device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Random tensors for every entry of a meta-built module's state dict, on the CPU."""
+    """Random tensors for every entry of a meta-built module's state dict, drawn on ``device``."""
     generator = torch.Generator(device).manual_seed(seed)
     return {
-        key: random_tensor(key, meta.shape, generator, device).to(dtype).cpu()
+        key: random_tensor(key, meta.shape, generator, device).to(dtype)
         for key, meta in module.state_dict().items()
     }
 
@@ -62,14 +72,61 @@ def dit_config_json(model: ModelConfig) -> dict:
     return {"_class_name": "WanModel", "model_type": "t2v", **asdict(model.dit)}
 
 
-def write_dit(
-    folder: Path, model: ModelConfig, seed: int, device: torch.device, dtype: torch.dtype, shards: int = 1
-) -> None:
-    """One DiT: config.json and diffusion_pytorch_model.safetensors (or ``shards`` files + index)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def random_dit_state(model: ModelConfig, index: int, seed: int, device: torch.device, dtype: torch.dtype):
+    """The random weights of DiT expert ``index`` (official names)."""
     with torch.device("meta"):
         dit = WanDiT(model.dit)
-    state = random_state(dit, seed, device, dtype)
+    return random_state(dit, seed + 1 + index, device, dtype)
+
+
+def random_vae_state(model: ModelConfig, seed: int, device: torch.device, dtype: torch.dtype):
+    with torch.device("meta"):
+        vae = WanVAE(model.vae)
+    return random_state(vae, seed + 10, device, dtype)
+
+
+def random_t5_state(model: ModelConfig, seed: int, device: torch.device, dtype: torch.dtype):
+    """The random weights of the UMT5 encoder (Hugging Face names)."""
+    return random_state(build_text_encoder(model.t5), seed + 20, device, dtype)
+
+
+class RandomWeights:
+    """Random weights of ``model``'s real shapes, drawn on ``draw_device`` into the modules the loader
+    builds (``checkpoint.*_from_state``): no file is written or read, so a benchmark can run a model
+    larger than any disk it has. A seed gives the weights ``write_random_checkpoint`` writes."""
+
+    def __init__(self, model: ModelConfig, seed: int = 0, draw_device: torch.device | str = "cpu"):
+        self.model = model
+        self.seed = seed
+        self.draw_device = torch.device(draw_device)
+        self.origin = f"random (seed {seed}), drawn in memory on {self.draw_device}: no checkpoint file"
+
+    def dit(self, index: int, dtype: torch.dtype, device: torch.device) -> WanDiT:
+        state = random_dit_state(self.model, index, self.seed, self.draw_device, dtype)
+        return dit_from_state(self.model.dit, state, self.origin, dtype, device)
+
+    def text_encoder(self, dtype: torch.dtype, device: torch.device) -> TextEncoder:
+        state = random_t5_state(self.model, self.seed, self.draw_device, dtype)
+        tokenizer = tiny_tokenizer(TINY_VOCABULARY)
+        return text_encoder_from_state(self.model, state, self.origin, tokenizer, dtype, device)
+
+    def vae(self, dtype: torch.dtype, device: torch.device) -> WanVAE:
+        state = random_vae_state(self.model, self.seed, self.draw_device, dtype)
+        return vae_from_state(self.model.vae, state, self.origin, dtype, device)
+
+
+def write_dit(
+    folder: Path,
+    model: ModelConfig,
+    index: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    shards: int = 1,
+) -> None:
+    """DiT expert ``index``: config.json, diffusion_pytorch_model.safetensors (or ``shards`` + index)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.cpu() for k, v in random_dit_state(model, index, seed, device, dtype).items()}
     (folder / "config.json").write_text(json.dumps(dit_config_json(model), indent=2))
     if shards == 1:
         save_file(state, folder / "diffusion_pytorch_model.safetensors")
@@ -81,11 +138,11 @@ def write_dit(
         part = keys[i * len(keys) // shards : (i + 1) * len(keys) // shards]
         save_file({k: state[k] for k in part}, folder / name)
         weight_map.update(dict.fromkeys(part, name))
-    index = {
+    index_file = {
         "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
         "weight_map": weight_map,
     }
-    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
 
 
 def write_random_checkpoint(
@@ -100,20 +157,13 @@ def write_random_checkpoint(
     root = Path(root)
     device = torch.device(device)
     root.mkdir(parents=True, exist_ok=True)
-    if model.is_moe:
-        for i, expert in enumerate(model.experts):
-            write_dit(root / expert, model, seed + 1 + i, device, dtype, dit_shards)
-    else:
-        write_dit(root, model, seed + 1, device, dtype, dit_shards)
-
-    with torch.device("meta"):
-        vae = WanVAE(model.vae)
-    torch.save(random_state(vae, seed + 10, device, dtype), root / VAE_FILE)
-
-    t5 = build_text_encoder(model.t5)
-    t5_state = random_state(t5, seed + 20, device, dtype)
-    torch.save({hf_t5_key_to_official(k): v for k, v in t5_state.items()}, root / T5_FILE)
-
+    folders = [root / expert for expert in model.experts] if model.is_moe else [root]
+    for index, folder in enumerate(folders):
+        write_dit(folder, model, index, seed, device, dtype, dit_shards)
+    vae_state = random_vae_state(model, seed, device, dtype)
+    torch.save({k: v.cpu() for k, v in vae_state.items()}, root / VAE_FILE)
+    t5_state = random_t5_state(model, seed, device, dtype)
+    torch.save({hf_t5_key_to_official(k): v.cpu() for k, v in t5_state.items()}, root / T5_FILE)
     write_tiny_tokenizer(root / TOKENIZER_DIR, TINY_VOCABULARY)
     return root
 

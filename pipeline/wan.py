@@ -7,13 +7,14 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from smartdiff.kernels import AttentionBackend, get_backend
 from smartdiff.kernels.sparge import SparsityStats
-from smartdiff.pipeline.checkpoint import Checkpoint, load_dit, load_text_encoder, load_vae, open_checkpoint
+from smartdiff.pipeline.checkpoint import CheckpointWeights, ModelWeights, open_checkpoint
 from smartdiff.pipeline.config import ModelConfig, ProfileConfig
 from smartdiff.pipeline.dit import WanDiT
 from smartdiff.pipeline.flexcache import COND, UNCOND, FlexCache
@@ -128,45 +129,64 @@ class WanPipeline:
         root: Path | str,
         model_name: str | None = None,
         device: torch.device | str | None = None,
+        **options: Any,
+    ) -> WanPipeline:
+        """Load a checkpoint folder; ``options`` are ``from_weights``'s (dtype, attention, ...)."""
+        return cls.from_weights(CheckpointWeights(open_checkpoint(root, model_name)), device, **options)
+
+    @classmethod
+    def from_weights(
+        cls,
+        weights: ModelWeights,
+        device: torch.device | str | None = None,
         dtype: str = "auto",
         attention: str = "sdpa",
         low_mem_level: int = 0,
         attention_options: dict | None = None,
         compile: bool = False,
     ) -> WanPipeline:
-        """Load a checkpoint. ``attention_options`` go to the backend; ``compile`` fuses the DiT's
-        token-wise work with torch.compile (``pipeline.fused``)."""
+        """Build the pipeline from ``weights`` (a checkpoint's, or random ones drawn in memory), each
+        module where the memory level puts it. ``attention_options`` go to the backend; ``compile``
+        fuses the DiT's token-wise work with torch.compile (``pipeline.fused``)."""
         device = torch.device(device) if device is not None else default_device()
         plan = MemoryPlan(low_mem_level)
-        checkpoint: Checkpoint = open_checkpoint(root, model_name)
+        model = weights.model
         options = dict(attention_options or {})
         if attention == "auto" and "shape" not in options:  # time the candidates at this model's shape
-            options["shape"] = self_attention_shape(checkpoint.model)
+            options["shape"] = self_attention_shape(model)
         sparsity = None
         if attention == "sparge" and options.get("implementation") == "triton":
             sparsity = options["stats"] = SparsityStats()  # our kernel reports the blocks it computed
         backend = get_backend(attention, device, **options)  # an unavailable backend fails before loading
         torch_dtype = resolve_dtype(dtype, device)
-        model = checkpoint.model
         cpu = torch.device("cpu")
         dit_device = cpu if plan.stream_dit else device
-        experts = [
-            load_dit(d, checkpoint.layout, model.dit, torch_dtype, dit_device) for d in checkpoint.expert_dirs
-        ]
-        text_encoder = load_text_encoder(checkpoint, torch_dtype, cpu if plan.stream_text_encoder else device)
+        experts = [weights.dit(index, torch_dtype, dit_device) for index in range(len(model.experts))]
+        text_encoder = weights.text_encoder(torch_dtype, cpu if plan.stream_text_encoder else device)
         if plan.stream_text_encoder:
             text_encoder.stream_to(device)
-        vae = load_vae(checkpoint, torch_dtype, device)
+        vae = weights.vae(torch_dtype, device)
         if compile:
             for dit in experts:
                 dit.compile_token_ops()
         return cls(model, experts, vae, text_encoder, device, backend, plan, sparsity)
 
     @classmethod
-    def from_profile(cls, profile: ProfileConfig, device: torch.device | str | None = None) -> WanPipeline:
-        return cls.from_checkpoint(
-            profile.checkpoint_dir,
-            profile.model,
+    def from_profile(
+        cls,
+        profile: ProfileConfig,
+        device: torch.device | str | None = None,
+        weights: ModelWeights | None = None,
+    ) -> WanPipeline:
+        """Run as ``profile`` says, on its checkpoint unless ``weights`` are given (a benchmark's)."""
+        if weights is None:
+            weights = CheckpointWeights(open_checkpoint(profile.checkpoint_dir, profile.model))
+        elif weights.model.name != profile.model:
+            raise ValueError(
+                f"profile {profile.name} runs {profile.model}, the weights are {weights.model.name}"
+            )
+        return cls.from_weights(
+            weights,
             device,
             profile.dtype,
             profile.attention,

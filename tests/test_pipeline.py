@@ -12,7 +12,7 @@ from smartdiff.pipeline.checkpoint import open_checkpoint
 from smartdiff.pipeline.config import load_model_config
 from smartdiff.pipeline.loading import CheckpointError
 from smartdiff.pipeline.params import validate_params
-from smartdiff.pipeline.tiny import write_tiny_checkpoint
+from smartdiff.pipeline.tiny import RandomWeights, write_random_checkpoint, write_tiny_checkpoint
 from smartdiff.pipeline.video import read_mp4
 from smartdiff.pipeline.wan import WanPipeline
 
@@ -165,7 +165,8 @@ def test_sharded_dit_loads_like_a_single_file(tmp_path):
     from smartdiff.pipeline.tiny import write_dit
 
     single = write_tiny_checkpoint(tmp_path / "single")
-    write_dit(tmp_path / "sharded", TINY, seed=1, device=torch.device("cpu"), dtype=torch.float32, shards=3)
+    cpu = torch.device("cpu")
+    write_dit(tmp_path / "sharded", TINY, 0, seed=0, device=cpu, dtype=torch.float32, shards=3)
     assert len(list((tmp_path / "sharded").glob("*-of-00003.safetensors"))) == 3
     from smartdiff.pipeline.checkpoint import load_dit
 
@@ -190,3 +191,28 @@ def test_profile_options_reach_the_backend_and_compile_switches_the_token_ops(ti
     pipe = WanPipeline.from_checkpoint(tiny_checkpoint, "tiny", "cpu", compile=True)
     assert all(dit.ops.compiled for dit in pipe.experts)
     assert not WanPipeline.from_checkpoint(tiny_checkpoint, "tiny", "cpu").experts[0].ops.compiled
+
+
+@pytest.mark.parametrize("level", [0, 3])
+def test_random_weights_drawn_in_memory_equal_the_written_checkpoint(tmp_path, level):
+    """What the GPU benchmarks build with no file: the same modules and weights, the same video."""
+    moe = load_model_config("tiny-moe")
+    root = write_random_checkpoint(tmp_path / "moe", moe, seed=3)
+    from_files = WanPipeline.from_checkpoint(root, "tiny-moe", "cpu", low_mem_level=level)
+    in_memory = WanPipeline.from_weights(RandomWeights(moe, seed=3), "cpu", low_mem_level=level)
+    assert "no checkpoint file" in RandomWeights(moe).origin
+    pairs = [*zip(from_files.experts, in_memory.experts), (from_files.vae, in_memory.vae)]
+    pairs.append((from_files.text_encoder.model, in_memory.text_encoder.model))
+    for a, b in pairs:
+        state_a, state_b = a.state_dict(), b.state_dict()
+        assert state_a.keys() == state_b.keys()
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    prompt = "a red ball moving left, fast!"
+    assert (
+        from_files.text_encoder.tokenize([prompt])[0].tolist()
+        == in_memory.text_encoder.tokenize([prompt])[0].tolist()
+    )
+    params = validate_params({"prompt": prompt, "steps": 3, "seed": 1, "size": "64x64", "frames": 5}, moe)
+    first, second = from_files.generate(params), in_memory.generate(params)
+    assert second.expert_per_step == first.expert_per_step and len(set(first.expert_per_step)) == 2
+    assert np.array_equal(first.frames, second.frames)
