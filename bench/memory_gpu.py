@@ -58,17 +58,21 @@ class StepRecorder:
         self.switches: list[dict] = []
         self.last_expert: int | None = None
         self.step_start = 0.0
+        self.switch_seconds = 0.0  # of the step under way
         self._activate = pipe.activate_expert
         pipe.activate_expert = self.activate  # the pipeline calls it at the start of every step
 
     def activate(self, index: int) -> None:
         torch.cuda.synchronize()
         self.step_start = time.perf_counter()
+        self.switch_seconds = 0.0
         self._activate(index)
         if index != self.last_expert:
             torch.cuda.synchronize()
-            seconds = round(time.perf_counter() - self.step_start, 3)
-            self.switches.append({"before_step": len(self.steps), "to_expert": index, "seconds": seconds})
+            self.switch_seconds = round(time.perf_counter() - self.step_start, 3)
+            self.switches.append(
+                {"before_step": len(self.steps), "to_expert": index, "seconds": self.switch_seconds}
+            )
             self.last_expert = index
 
     def progress(self, stage: str, step: int, total: int) -> None:
@@ -81,16 +85,18 @@ class StepRecorder:
                 "timestep": self.timesteps[step - 1],
                 "expert": self.last_expert,
                 "seconds": round(time.perf_counter() - self.step_start, 3),
+                "switch_seconds": self.switch_seconds,
                 "expert_gb": [expert_gb(self.pipe, i) for i in range(len(self.pipe.experts))],
             }
         )
 
 
 def expert_summary(steps: list[dict], switches: list[dict]) -> dict:
-    """Seconds per step of each expert (median), and the mid-run switch with the idle expert's memory."""
+    """Seconds per step of each expert (median, switches left out), and the mid-run switch with the
+    idle expert's memory."""
     summary = {}
     for expert in sorted({s["expert"] for s in steps}):
-        seconds = [s["seconds"] for s in steps if s["expert"] == expert]
+        seconds = [s["seconds"] - s["switch_seconds"] for s in steps if s["expert"] == expert]
         summary[f"expert_{expert}_seconds_per_step"] = round(statistics.median(seconds), 3)
     mid_run = [s for s in switches if 0 < s["before_step"] < len(steps)]
     if mid_run:
@@ -127,6 +133,7 @@ def measure_level(weights: ModelWeights, profile: ProfileConfig, level: int, req
         "seconds_per_step": round(result.seconds["denoise"] / params.steps, 3),
         "vae_decode_s": round(result.seconds["vae_decode"], 2),
         "text_encode_s": round(result.seconds["text_encode"], 3),
+        "attention_sparsity": result.attention_sparsity,
         "steps": recorder.steps,
         "switches": recorder.switches,
         **expert_summary(recorder.steps, recorder.switches),
