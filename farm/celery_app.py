@@ -1,20 +1,23 @@
-"""The Celery app both sides use: JSON only, late acks, prefetch 1, priorities, one queue per profile."""
+"""The Celery app both sides use: JSON only, late acks, prefetch 1, priorities, one queue per profile.
+
+Celery's own tools work against the farm through the module-level ``app`` (settings from the
+environment, as everywhere)::
+
+    celery -A smartdiff.farm.celery_app inspect ping | active | stats | registered
+    celery -A smartdiff.farm.celery_app control revoke JOB_ID     # our cancel
+    celery -A smartdiff.farm.celery_app purge -Q PROFILE          # the jobs' records say PURGED
+    celery -A smartdiff.farm.celery_app events                    # or Flower with the same broker
+
+Workers are started with ``smartdiff worker`` (the model is loaded before the first job), not with
+``celery worker``. The message contract other services follow is docs/WIRE.md (``farm.wire``).
+"""
 
 from __future__ import annotations
 
 from celery import Celery
 
 from smartdiff.farm.settings import FarmSettings
-
-TASK_NAME = "smartdiff.generate"
-# Users give priority 0..9, higher first. Redis' transport serves 0 first, so we send 9 - priority.
-DEFAULT_PRIORITY = 5
-MAX_PRIORITY = 9
-REQUEUE_PRIORITY = MAX_PRIORITY  # a job taken back from a dead or stopping worker goes first
-
-
-def transport_priority(priority: int) -> int:
-    return MAX_PRIORITY - priority
+from smartdiff.farm.wire import DEFAULT_PRIORITY, PRIORITY_STEPS
 
 
 def make_celery(settings: FarmSettings) -> Celery:
@@ -27,11 +30,10 @@ def make_celery(settings: FarmSettings) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_default_priority=transport_priority(DEFAULT_PRIORITY),
+        task_default_priority=DEFAULT_PRIORITY,
         task_create_missing_queues=True,
         broker_transport_options={
-            "priority_steps": list(range(MAX_PRIORITY + 1)),
-            "sep": ":",
+            "priority_steps": PRIORITY_STEPS,
             "queue_order_strategy": "priority",
             # Redelivery after a crash is our lease and reaper's job (seconds, not this hour);
             # this only bounds how long an unacked message hides.
@@ -41,6 +43,11 @@ def make_celery(settings: FarmSettings) -> Celery:
         broker_connection_max_retries=None,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events for `celery events` and Flower: sent, received, started, succeeded, failed.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
     )
     return app
+
+
+app = make_celery(FarmSettings.from_env())

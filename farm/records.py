@@ -22,7 +22,8 @@ FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 STAGES = ("text_encode", "denoise", "vae_decode", "encode", "upload")
 
 PREFIX = "smartdiff"
-RUNNING_SET = f"{PREFIX}:running"  # zset: job id -> lease expiry (unix seconds)
+RUNNING_SET = f"{PREFIX}:running"  # zset: job key -> lease expiry (unix seconds)
+QUEUED_SET = f"{PREFIX}:queued"  # zset: job key -> when it was (re)queued, while it is QUEUED
 # Stream of final states ({job_id, state}), appended in the same atomic step that ends a job; a
 # consumer (webhook delivery) reads it with a consumer group. Capped, oldest entries dropped.
 EVENTS_STREAM = f"{PREFIX}:events"
@@ -46,6 +47,11 @@ _NUMBER_FIELDS = (
 
 def job_key(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}"
+
+
+def _job_id(key: str) -> str:
+    # A job id may itself contain ":" (another service's "billing:1234"): strip the prefix only.
+    return key.removeprefix(job_key(""))
 
 
 @dataclass
@@ -101,19 +107,24 @@ class JobRecord:
         return cls(**values)
 
 
-# KEYS[1] job, KEYS[2] running zset, KEYS[3] events. ARGV: worker, now, lease_until, max_attempts,
-# events maxlen.
+# KEYS[1] job, KEYS[2] running zset, KEYS[3] events, KEYS[4] queued zset. ARGV: worker, now,
+# lease_until, max_attempts, events maxlen.
 _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
+redis.call('ZREM', KEYS[4], KEYS[1])
 if state == 'SUCCEEDED' or state == 'FAILED' or state == 'CANCELLED' then return 'finished' end
 local now = tonumber(ARGV[2])
 if state == 'RUNNING' and tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0') > now then
   return 'busy'
 end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  local why = 'cancelled before it started'
+  if tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') > 0 then
+    why = 'cancelled: a cancel was pending when its worker stopped during the run'
+  end
   redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'finished_at', ARGV[2], 'updated_at', ARGV[2],
-             'error_code', 'CANCELLED', 'error_message', 'cancelled before it started', 'worker', '')
+             'error_code', 'CANCELLED', 'error_message', why, 'worker', '')
   redis.call('ZREM', KEYS[2], KEYS[1])
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', 'job_id', redis.call('HGET', KEYS[1], 'id'),
              'state', 'CANCELLED')
@@ -163,9 +174,10 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'job_id', redis.call('H
 return 'ok'
 """
 
-# KEYS[1] job, KEYS[2] running. ARGV: now, worker ('' = any owner whose lease ran out), refund.
-# Puts a RUNNING job back to QUEUED. refund=1 (a clean hand-back on shutdown) does not count the
-# attempt against max_attempts.
+# KEYS[1] job, KEYS[2] running, KEYS[3] queued, KEYS[4] events. ARGV: now, worker ('' = any owner
+# whose lease ran out), refund, events maxlen. Puts a RUNNING job back to QUEUED (1), or ends it
+# CANCELLED if a cancel was pending when its worker stopped (2). refund=1 (a clean hand-back on
+# shutdown) does not count the attempt against max_attempts.
 _REQUEUE = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then
   redis.call('ZREM', KEYS[2], KEYS[1])
@@ -177,22 +189,32 @@ if ARGV[2] ~= '' then
 elseif tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0') > tonumber(ARGV[1]) then
   return 0
 end
+redis.call('ZREM', KEYS[2], KEYS[1])
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
+  local stage = redis.call('HGET', KEYS[1], 'stage')
+  redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'finished_at', ARGV[1], 'updated_at', ARGV[1],
+             'error_code', 'CANCELLED', 'worker', '', 'lease_until', 0, 'error_message',
+             'cancelled during ' .. stage .. '; its worker stopped before it could end the job')
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'job_id', redis.call('HGET', KEYS[1], 'id'),
+             'state', 'CANCELLED')
+  return 2
+end
 redis.call('HSET', KEYS[1], 'state', 'QUEUED', 'worker', '', 'stage', '', 'step', 0, 'lease_until', 0,
            'queued_at', ARGV[1], 'updated_at', ARGV[1])
 if ARGV[3] == '1' then redis.call('HINCRBY', KEYS[1], 'attempt', -1) end
-redis.call('ZREM', KEYS[2], KEYS[1])
+redis.call('ZADD', KEYS[3], ARGV[1], KEYS[1])
 return 1
 """
 
-# KEYS[1] job, KEYS[2] events. ARGV: now, events maxlen. A queued job is cancelled at once, a running
-# one at its next step.
+# KEYS[1] job, KEYS[2] events, KEYS[3] queued. ARGV: now, events maxlen, error code, message. A queued
+# job ends at once with that code and message, a running one at its next step.
 _CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state == 'QUEUED' then
   redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'finished_at', ARGV[1], 'updated_at', ARGV[1],
-             'error_code', 'CANCELLED', 'error_message', 'cancelled before it started',
-             'cancel_requested', '1')
+             'error_code', ARGV[3], 'error_message', ARGV[4], 'cancel_requested', '1')
+  redis.call('ZREM', KEYS[3], KEYS[1])
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'job_id', redis.call('HGET', KEYS[1], 'id'),
              'state', 'CANCELLED')
   return 'CANCELLED'
@@ -202,17 +224,20 @@ return state
 """
 
 
-# KEYS[1] job. ARGV: field/value pairs. Creates the record only if there is none.
+# KEYS[1] job, KEYS[2] queued. ARGV: now, then field/value pairs. Creates a QUEUED record only if
+# there is none.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('ZADD', KEYS[2], ARGV[1], KEYS[1])
 return 1
 """
 
-# KEYS[1] job, KEYS[2] events. ARGV: id, code, message, now, profile, ttl, events maxlen.
+# KEYS[1] job, KEYS[2] events, KEYS[3] queued. ARGV: id, code, message, now, profile, ttl, events maxlen.
 _REJECT = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if state and state ~= 'QUEUED' then return state end
+redis.call('ZREM', KEYS[3], KEYS[1])
 if not state then redis.call('HSET', KEYS[1], 'id', ARGV[1], 'profile', ARGV[5], 'created_at', ARGV[4]) end
 redis.call('HSET', KEYS[1], 'state', 'FAILED', 'error_code', ARGV[2], 'error_message', ARGV[3],
            'finished_at', ARGV[4], 'updated_at', ARGV[4])
@@ -271,13 +296,13 @@ class JobStore:
             **(extra or {}),
         }
         pairs = [item for pair in fields.items() for item in pair]
-        return bool(self._create(keys=[job_key(job_id)], args=pairs))
+        return bool(self._create(keys=[job_key(job_id), QUEUED_SET], args=[now, *pairs]))
 
     def fail_unclaimed(self, job_id: str, code: str, message: str, profile: str = "") -> str:
         """Fail a job before any worker ran it (its message was unusable); creates the record if
         there is none, so the caller can read why. A running or finished job is left alone."""
         return self._reject(
-            keys=[job_key(job_id), EVENTS_STREAM],
+            keys=[job_key(job_id), EVENTS_STREAM, QUEUED_SET],
             args=[job_id, code, message, time.time(), profile, self.record_ttl_seconds, EVENTS_MAXLEN],
         )
 
@@ -289,7 +314,7 @@ class JobStore:
         """'claimed', 'busy' (another live worker runs it), 'finished', 'cancelled', 'failed' or 'missing'."""
         now = time.time()
         return self._claim(
-            keys=[job_key(job_id), RUNNING_SET, EVENTS_STREAM],
+            keys=[job_key(job_id), RUNNING_SET, EVENTS_STREAM, QUEUED_SET],
             args=[worker, now, now + lease_seconds, max_attempts, EVENTS_MAXLEN],
         )
 
@@ -323,22 +348,34 @@ class JobStore:
         )
         return answer == "ok"
 
+    def _requeue_running(self, job_id: str, worker: str, refund: int) -> int:
+        keys = [job_key(job_id), RUNNING_SET, QUEUED_SET, EVENTS_STREAM]
+        return int(self._requeue(keys=keys, args=[time.time(), worker, refund, EVENTS_MAXLEN]))
+
     def hand_back(self, job_id: str, worker: str) -> bool:
         """Put this worker's running job back to QUEUED (shutdown in requeue mode); no attempt counted."""
-        return bool(self._requeue(keys=[job_key(job_id), RUNNING_SET], args=[time.time(), worker, 1]))
+        return self._requeue_running(job_id, worker, 1) == 1
 
-    def requeue_if_expired(self, job_id: str) -> bool:
-        """QUEUED again if its lease ran out (its worker died); True if this call did it."""
-        return bool(self._requeue(keys=[job_key(job_id), RUNNING_SET], args=[time.time(), "", 0]))
+    def requeue_if_expired(self, job_id: str) -> str:
+        """For a running job whose lease ran out (its worker died): "QUEUED" if this call put it back,
+        "CANCELLED" if a cancel was pending (it ends there), "" if there was nothing to do."""
+        return {1: QUEUED, 2: CANCELLED}.get(self._requeue_running(job_id, "", 0), "")
 
     def expired_jobs(self) -> list[str]:
         """Ids of running jobs whose lease ran out."""
-        keys = self.redis.zrangebyscore(RUNNING_SET, 0, time.time())
-        return [k.rsplit(":", 1)[-1] for k in keys]
+        return [_job_id(key) for key in self.redis.zrangebyscore(RUNNING_SET, 0, time.time())]
 
-    def cancel(self, job_id: str) -> str:
-        """Ask for a cancel; returns the state after the call ('missing' if there is no such job)."""
-        return self._cancel(keys=[job_key(job_id), EVENTS_STREAM], args=[time.time(), EVENTS_MAXLEN])
+    def queued_jobs(self, before: float) -> list[str]:
+        """Ids of the jobs QUEUED since before ``before`` (unix seconds)."""
+        return [_job_id(key) for key in self.redis.zrangebyscore(QUEUED_SET, 0, before)]
+
+    def cancel(
+        self, job_id: str, code: str = "CANCELLED", message: str = "cancelled before it started"
+    ) -> str:
+        """Ask for a cancel; returns the state after the call ('missing' if there is no such job).
+        A queued job ends at once with ``code`` and ``message``; a running one at its next step."""
+        keys = [job_key(job_id), EVENTS_STREAM, QUEUED_SET]
+        return self._cancel(keys=keys, args=[time.time(), EVENTS_MAXLEN, code, message])
 
 
 def record_rejection(client: redis.Redis, reason: str, message_id: str | None) -> None:

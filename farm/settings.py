@@ -62,6 +62,8 @@ class FarmSettings:
     # A worker counts as alive while its heartbeat is younger than this.
     worker_ttl_seconds: int = 15
     work_dir: str = "/tmp/smartdiff"
+    # CPU workers (--gpus none): threads per job; 0 shares the host's cores among its CPU workers.
+    cpu_threads: int = 0
     metrics_port: int = 0  # 0: no metrics server
     # HTTP gateway (producer/gateway.py): request bodies above this are refused before parsing.
     gateway_max_body_bytes: int = 64 * 1024
@@ -99,6 +101,7 @@ class FarmSettings:
             record_ttl_seconds=_env_int("SMARTDIFF_RECORD_TTL_SECONDS", cls.record_ttl_seconds),
             worker_ttl_seconds=_env_int("SMARTDIFF_WORKER_TTL_SECONDS", cls.worker_ttl_seconds),
             work_dir=_env("SMARTDIFF_WORK_DIR", cls.work_dir),
+            cpu_threads=_env_int("SMARTDIFF_CPU_THREADS", cls.cpu_threads),
             metrics_port=_env_int("SMARTDIFF_METRICS_PORT", cls.metrics_port),
             gateway_max_body_bytes=_env_int("SMARTDIFF_GATEWAY_MAX_BODY_BYTES", cls.gateway_max_body_bytes),
             webhook_allowed_hosts=_env_list("SMARTDIFF_WEBHOOK_ALLOWED_HOSTS"),

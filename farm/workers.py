@@ -74,6 +74,12 @@ class WorkerRegistry:
         found = self.redis.mget([_worker_key(i) for i in ids])
         return [json.loads(raw) for raw in found if raw]
 
+    def on_node(self, node: str) -> list[dict[str, Any]]:
+        """Every live worker of any profile on one host."""
+        keys = list(self.redis.scan_iter(match=_worker_key("*"), count=1000))
+        found = [json.loads(raw) for raw in self.redis.mget(keys) if raw] if keys else []
+        return [info for info in found if info.get("node") == node]
+
     def claim_gpu(self, uuid: str, worker_id: str) -> bool:
         return bool(self.redis.set(_gpu_key(uuid), worker_id, nx=True, ex=self.ttl))
 

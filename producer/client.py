@@ -16,18 +16,20 @@ from typing import Any
 
 import redis
 
-from smartdiff.farm.celery_app import (
+from smartdiff.farm.celery_app import make_celery
+from smartdiff.farm.records import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
+from smartdiff.farm.settings import FarmSettings
+from smartdiff.farm.storage import VideoStore
+from smartdiff.farm.wire import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
     TASK_NAME,
-    make_celery,
+    find_queued,
+    task_kwargs,
     transport_priority,
 )
-from smartdiff.farm.records import CANCELLED, FAILED, SUCCEEDED, JobStore
-from smartdiff.farm.settings import FarmSettings
-from smartdiff.farm.storage import VideoStore
 from smartdiff.farm.workers import WorkerRegistry
-from smartdiff.pipeline.config import load_profile
+from smartdiff.pipeline.config import list_profile_names, load_profile
 from smartdiff.pipeline.params import ParamError, validate_params
 from smartdiff.producer.webhooks import check_callback_url
 
@@ -75,7 +77,7 @@ class Client:
         owner: str | None = None,
         **params: Any,
     ) -> Job:
-        """Validate and enqueue one job. ``priority`` 0..9, higher first (default 5).
+        """Validate and enqueue one job. ``priority`` 0..9, 9 the most urgent (default 5).
 
         Raises ``FarmError`` (UNKNOWN_PROFILE, INVALID_INPUT, NO_WORKER) before anything is queued.
         Submitting again with the same ``job_id`` returns the existing job and queues nothing.
@@ -118,16 +120,29 @@ class Client:
                 kwargs={"profile": profile, "params": validated.to_dict()},
                 task_id=job_id,
                 queue=profile,
-                priority=transport_priority(priority),
+                priority=priority,
             )
         return Job(self, job_id)
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
 
+    def find(self, job_id: str) -> JobRecord | None:
+        """The job's record. A job another service queued with Celery alone (docs/WIRE.md) has none
+        until a worker takes it: one is made from its waiting message, so status and cancel see it
+        from the moment it is queued."""
+        record = self.store.get(job_id)
+        if record is None and (found := find_queued(self.store.redis, list_profile_names(), job_id)):
+            queue, envelope = found
+            params = (task_kwargs(envelope) or {}).get("params")
+            priority = transport_priority(envelope.get("properties", {}).get("priority"))
+            self.store.create(job_id, queue, params if isinstance(params, dict) else {}, priority)
+            record = self.store.get(job_id)
+        return record
+
     def record(self, job_id: str) -> dict[str, Any]:
         """The job's record as a dict, with a fresh presigned link if it succeeded."""
-        record = self.store.get(job_id)
+        record = self.find(job_id)
         if record is None:
             raise FarmError("NOT_FOUND", f"no job {job_id!r} (never submitted, or its record expired)")
         out = record.to_dict()
@@ -167,6 +182,7 @@ class Job:
 
     def cancel(self) -> str:
         """Cancel: a queued job at once, a running one at its next denoising step. Returns the state."""
+        self.client.find(self.id)  # a job queued by another service gets its record first
         state = self.client.store.cancel(self.id)
         if state == "missing":
             raise FarmError("NOT_FOUND", f"no job {self.id!r}")

@@ -43,10 +43,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smartdiff.farm.celery_app import DEFAULT_PRIORITY, MAX_PRIORITY
 from smartdiff.farm.records import FAILED, PREFIX, SUCCEEDED, JobRecord
 from smartdiff.farm.settings import FarmSettings
 from smartdiff.farm.storage import StorageError, make_client
+from smartdiff.farm.wire import DEFAULT_PRIORITY, MAX_PRIORITY, priority_lists
 from smartdiff.pipeline.config import list_profile_names, load_profile
 from smartdiff.pipeline.params import FLEXCACHE, SOLVERS
 from smartdiff.producer.apikeys import ApiKey, ApiKeyStore
@@ -549,15 +549,13 @@ class Gateway:
     # -- profiles, readiness ----------------------------------------------------------------------
 
     def queue_depths(self, names: list[str]) -> dict[str, int]:
-        # kombu's Redis transport keeps one list per priority step: "<queue>" for step 0 and
-        # "<queue>:<n>" for 1..9 (farm/celery_app.py: sep ":", priority_steps 0..9).
+        # kombu's Redis transport keeps one list per priority (farm.wire.priority_lists).
+        lists = {name: priority_lists(name) for name in names}
         pipe = self.redis.pipeline()
-        for name in names:
-            for step in range(MAX_PRIORITY + 1):
-                pipe.llen(name if step == 0 else f"{name}:{step}")
-        lengths = pipe.execute()
-        per = MAX_PRIORITY + 1
-        return {name: sum(lengths[i * per : (i + 1) * per]) for i, name in enumerate(names)}
+        for key in (key for keys in lists.values() for key in keys):
+            pipe.llen(key)
+        lengths = iter(pipe.execute())
+        return {name: sum(next(lengths) for _ in keys) for name, keys in lists.items()}
 
     def profiles(self) -> list[dict[str, Any]]:
         names = list_profile_names()

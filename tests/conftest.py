@@ -54,3 +54,13 @@ def s3_endpoint() -> Iterator[str]:
     server, url = start_moto_server()
     yield url
     stop_moto_server(server)
+
+
+@pytest.fixture
+def farm(tmp_path, s3_endpoint, tiny_checkpoint, monkeypatch):
+    """A private Redis, a bucket and worker processes on the tiny model, started on demand."""
+    from farm_helpers import Farm
+
+    farm = Farm(tmp_path, s3_endpoint, tiny_checkpoint.parent, monkeypatch)
+    yield farm
+    farm.close()

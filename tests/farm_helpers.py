@@ -8,12 +8,15 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import redis
 
 from smartdiff.cli import python_module_command
 from smartdiff.farm.settings import FarmSettings
+from smartdiff.farm.storage import VideoStore
+from smartdiff.producer import Client
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -172,3 +175,74 @@ def join_as_client(env: dict, monkeypatch) -> FarmSettings:
         reaper_seconds=int(env["SMARTDIFF_REAPER_SECONDS"]),
         worker_ttl_seconds=int(env["SMARTDIFF_WORKER_TTL_SECONDS"]),
     )
+
+
+LONG = {"size": "128x128", "frames": 33, "steps": 600}  # about 10 s on a CPU: long enough to interrupt
+
+
+class Farm:
+    """One private Redis, a bucket, and worker processes started on demand."""
+
+    def __init__(self, tmp_path, s3_endpoint, checkpoint_root, monkeypatch):
+        self.tmp = tmp_path
+        self.redis_server = RedisServer(tmp_path)
+        self.redis_server.start()
+        self.s3_endpoint = s3_endpoint
+        self.bucket = f"farm-{uuid.uuid4().hex[:10]}"
+        self.env = farm_env(
+            self.redis_server.url,
+            s3_endpoint,
+            checkpoint_root,
+            tmp_path / "work",
+            SMARTDIFF_S3_BUCKET=self.bucket,
+        )
+        self.settings = join_as_client(self.env, monkeypatch)
+        self.video_store = VideoStore(self.settings)
+        self.video_store.ensure_bucket()
+        self.client = Client(self.settings)
+        self.redis = redis.Redis.from_url(self.redis_server.url, decode_responses=True)
+        self.workers: list[WorkerProcess] = []
+
+    def worker(self, **extra_env) -> WorkerProcess:
+        index = len(self.workers)
+        process = WorkerProcess(self.env, self.tmp / f"worker{index}.log", extra_env=extra_env).start()
+        self.workers.append(process)
+        wait_for(
+            lambda: (
+                any(w["id"] == process.worker_id() for w in self.client.workers("tiny"))
+                or not process.alive()
+            ),
+            90,
+            "the worker to announce itself",
+        )
+        assert process.alive(), process.log()[-3000:]
+        return process
+
+    def submit(self, **params):
+        params.setdefault("prompt", "a red ball moving left")
+        return self.client.submit("tiny", **params)
+
+    def wait_running(self, job, min_step: int = 5) -> dict:
+        return wait_for(
+            lambda: (
+                lambda r: (
+                    r
+                    if r["state"] == "RUNNING" and r["stage"] == "denoise" and r["step"] >= min_step
+                    else None
+                )
+            )(job.status()),
+            60,
+            "the job to run",
+        )
+
+    def objects(self) -> list[str]:
+        listed = self.video_store.client.list_objects_v2(Bucket=self.bucket)
+        return sorted(o["Key"] for o in listed.get("Contents", []))
+
+    def logs(self) -> str:
+        return "".join(w.log() for w in self.workers)
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self.redis_server.stop()

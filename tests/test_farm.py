@@ -11,98 +11,20 @@ import urllib.request
 import uuid
 
 import pytest
-import redis
-from farm_helpers import RedisServer, WorkerProcess, farm_env, join_as_client, wait_for
+from farm_helpers import LONG, Farm, wait_for
 from kombu import Connection, Producer
 from s3_server import FlakyProxy
 
 from smartdiff.cli import python_module_command
-from smartdiff.farm.celery_app import TASK_NAME
 from smartdiff.farm.records import REJECTED_LIST, job_key
-from smartdiff.farm.storage import VideoStore
+from smartdiff.farm.wire import TASK_NAME
 from smartdiff.pipeline.video import read_mp4
-from smartdiff.producer import Client, FarmError
+from smartdiff.producer import FarmError
 
 pytestmark = pytest.mark.timeout(300)
 
 SECRET = "farm-test-secret-7f3a9c"
 KEY_ID = "farm-test-key-id"
-LONG = {"size": "128x128", "frames": 33, "steps": 600}  # about 10 s on a CPU: long enough to interrupt
-
-
-class Farm:
-    """One private Redis, a bucket, and worker processes started on demand."""
-
-    def __init__(self, tmp_path, s3_endpoint, checkpoint_root, monkeypatch):
-        self.tmp = tmp_path
-        self.redis_server = RedisServer(tmp_path)
-        self.redis_server.start()
-        self.s3_endpoint = s3_endpoint
-        self.bucket = f"farm-{uuid.uuid4().hex[:10]}"
-        self.env = farm_env(
-            self.redis_server.url,
-            s3_endpoint,
-            checkpoint_root,
-            tmp_path / "work",
-            SMARTDIFF_S3_BUCKET=self.bucket,
-        )
-        self.settings = join_as_client(self.env, monkeypatch)
-        self.video_store = VideoStore(self.settings)
-        self.video_store.ensure_bucket()
-        self.client = Client(self.settings)
-        self.redis = redis.Redis.from_url(self.redis_server.url, decode_responses=True)
-        self.workers: list[WorkerProcess] = []
-
-    def worker(self, **extra_env) -> WorkerProcess:
-        index = len(self.workers)
-        process = WorkerProcess(self.env, self.tmp / f"worker{index}.log", extra_env=extra_env).start()
-        self.workers.append(process)
-        wait_for(
-            lambda: (
-                any(w["id"] == process.worker_id() for w in self.client.workers("tiny"))
-                or not process.alive()
-            ),
-            90,
-            "the worker to announce itself",
-        )
-        assert process.alive(), process.log()[-3000:]
-        return process
-
-    def submit(self, **params):
-        params.setdefault("prompt", "a red ball moving left")
-        return self.client.submit("tiny", **params)
-
-    def wait_running(self, job, min_step: int = 5) -> dict:
-        return wait_for(
-            lambda: (
-                lambda r: (
-                    r
-                    if r["state"] == "RUNNING" and r["stage"] == "denoise" and r["step"] >= min_step
-                    else None
-                )
-            )(job.status()),
-            60,
-            "the job to run",
-        )
-
-    def objects(self) -> list[str]:
-        listed = self.video_store.client.list_objects_v2(Bucket=self.bucket)
-        return sorted(o["Key"] for o in listed.get("Contents", []))
-
-    def logs(self) -> str:
-        return "".join(w.log() for w in self.workers)
-
-    def close(self) -> None:
-        for w in self.workers:
-            w.stop()
-        self.redis_server.stop()
-
-
-@pytest.fixture
-def farm(tmp_path, s3_endpoint, tiny_checkpoint, monkeypatch):
-    farm = Farm(tmp_path, s3_endpoint, tiny_checkpoint.parent, monkeypatch)
-    yield farm
-    farm.close()
 
 
 def download(record) -> bytes:
@@ -369,6 +291,8 @@ RAW_CASES = [
         {"task": "os.system"},
         "unknown task 'os.system'",
     ),
+    # Celery's own tasks are not run either: the worker registers only ours.
+    ([[], {}, {}], {"task": "celery.backend_cleanup"}, "unknown task 'celery.backend_cleanup'"),
 ]
 
 
@@ -551,3 +475,33 @@ def test_producer_imports_no_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-P", "-c", code], check=True)
+
+
+def test_cpu_workers_share_the_hosts_cores(monkeypatch):
+    import os
+
+    import torch
+
+    from smartdiff.farm.celery_app import make_celery
+    from smartdiff.farm.settings import FarmSettings
+    from smartdiff.pipeline.config import load_profile
+    from smartdiff.worker.service import WorkerService
+
+    def threads_chosen(settings: FarmSettings) -> list[int]:
+        service = WorkerService(settings, load_profile("tiny"), make_celery(settings), video_store=object())
+        peers = [{"device": "cpu"}] * 3 + [{"device": "cuda:0"}]  # this host's live workers
+        monkeypatch.setattr(service.registry, "on_node", lambda node: peers)
+        chosen: list[int] = []
+        monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 0)
+        service.share_cpu()
+        return chosen
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert threads_chosen(FarmSettings()) == [2]  # 8 cores among 3 CPU workers
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert threads_chosen(FarmSettings()) == [1]  # never below one
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads_chosen(FarmSettings()) == [3]  # the operator's choice
+    assert threads_chosen(FarmSettings(cpu_threads=5)) == [5]  # SMARTDIFF_CPU_THREADS first

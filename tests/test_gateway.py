@@ -22,6 +22,7 @@ from farm_helpers import RedisServer, WorkerProcess, farm_env, free_port, wait_f
 from smartdiff.cli import main as smartdiff_main
 from smartdiff.farm.settings import FarmSettings
 from smartdiff.farm.storage import VideoStore
+from smartdiff.farm.wire import priority_lists
 from smartdiff.pipeline.params import GenerationParams
 from smartdiff.producer.apikeys import ApiKeyStore
 from smartdiff.producer.gateway import GATEWAY_FIELDS, JobRequest, create_app, openapi_document
@@ -104,7 +105,7 @@ class Env:
         return {"Authorization": f"Bearer {secret}"}
 
     def queued(self, profile: str = IDLE_PROFILE) -> int:
-        return sum(self.redis.llen(profile if n == 0 else f"{profile}:{n}") for n in range(10))
+        return sum(self.redis.llen(key) for key in priority_lists(profile))
 
 
 @pytest.fixture(scope="module")

@@ -136,10 +136,11 @@ def worker_app(settings):
 
 def run_service(service, loglevel: str) -> int:
     """Load the model, start heartbeats and the reaper, then consume the profile's queue until stopped."""
-    from celery.signals import worker_shutting_down
+    from celery.signals import task_revoked, worker_shutting_down
+    from celery.worker import state as worker_state
 
     from smartdiff.worker import metrics
-    from smartdiff.worker.consumer import Consumer
+    from smartdiff.worker.consumer import record_refusals
     from smartdiff.worker.tasks import register
 
     settings, app = service.settings, service.app
@@ -148,22 +149,25 @@ def run_service(service, loglevel: str) -> int:
     metrics.serve(settings.metrics_port)
     service.start_background()
     register(app, service)
-    Consumer.on_reject = staticmethod(service.record_rejected)
+    record_refusals(service.record_rejected)
+    # `celery control revoke ID`: every worker keeps the id; a queued message is discarded when it
+    # arrives (task_revoked), a running job stops at its next step (is_revoked).
+    service.is_revoked = lambda job_id: job_id in worker_state.revoked
+    task_revoked.connect(lambda request=None, **_: service.revoked(request.id), weak=False)
 
     def on_shutdown(sig=None, how=None, **_):
         if settings.shutdown == "requeue":
             service.hand_back_requested.set()
 
     worker_shutting_down.connect(on_shutdown, weak=False)
+    # One job at a time in a thread of its own, so the worker answers Celery's remote control
+    # (inspect, ping, revoke) and sends heartbeats and events while a job runs.
     worker = app.Worker(
         hostname=f"{service.worker_id}@{socket.gethostname()}",
         queues=[service.profile.name],
-        pool="solo",
+        pool="threads",
         concurrency=1,
         prefetch_multiplier=1,
-        without_gossip=True,
-        without_mingle=True,
-        without_heartbeat=True,
         loglevel=loglevel,
         quiet=True,
     )

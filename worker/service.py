@@ -8,6 +8,10 @@ Exactly-once effect on at-least-once delivery:
   restarts elsewhere within lease_seconds + reaper_seconds;
 - a worker that lost its lease stops at its next step and can never write the final state;
 - the object key is the job's own (videos/<job id>.mp4) and written once.
+
+Celery's controls map onto the same records: ``revoke`` cancels (a queued job when a worker meets
+its message, a running one at its next step), and a job whose message vanished from the queue
+(``purge``) is marked PURGED by the reaper.
 """
 
 from __future__ import annotations
@@ -26,10 +30,19 @@ from typing import Any
 import redis
 from celery import Celery
 
-from smartdiff.farm.celery_app import REQUEUE_PRIORITY, TASK_NAME, transport_priority
-from smartdiff.farm.records import CANCELLED, FAILED, SUCCEEDED, JobStore, OwnershipLost, record_rejection
+from smartdiff.farm.records import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    SUCCEEDED,
+    JobStore,
+    OwnershipLost,
+    job_key,
+    record_rejection,
+)
 from smartdiff.farm.settings import FarmSettings
 from smartdiff.farm.storage import StorageError, VideoStore
+from smartdiff.farm.wire import REQUEUE_PRIORITY, TASK_NAME, drop_unacked, waiting_ids
 from smartdiff.farm.workers import WorkerRegistry
 from smartdiff.pipeline.config import ProfileConfig
 from smartdiff.pipeline.params import ParamError, validate_params
@@ -39,8 +52,11 @@ from smartdiff.worker.logs import current_job
 log = logging.getLogger(__name__)
 
 
+PURGE_SWEEP_REAPS = 6  # the reaper looks for purged messages every this many rounds
+
+
 class JobCancelled(Exception):
-    pass
+    """The job was cancelled (the exception's text says how: "cancelled" or "revoked")."""
 
 
 class HandBack(Exception):
@@ -140,6 +156,9 @@ class WorkerService:
         self.jobs_done = 0
         self.started_at = time.time()
         self.peak_bytes = 0  # the highest GPU memory any stage of any job reached
+        self.is_revoked: Callable[[str], bool] = lambda job_id: False  # Celery's revoke, once serving
+        self.purge_suspects: set[str] = set()  # queued jobs whose message was missing at the last sweep
+        self.next_purge_sweep = 0.0  # monotonic seconds
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -226,14 +245,48 @@ class WorkerService:
                 log.warning("reaper failed: %s", error)
 
     def reap(self) -> list[str]:
-        """Requeue every job whose worker stopped refreshing its lease; returns their ids."""
+        """Requeue every job whose worker stopped refreshing its lease (or end it, if a cancel was
+        pending), and mark the queued jobs whose message is gone; returns the requeued ids."""
         requeued = []
         for job_id in self.store.expired_jobs():
-            if self.store.requeue_if_expired(job_id):
+            outcome = self.store.requeue_if_expired(job_id)
+            if outcome:
+                # The dead worker's delivery would come back when kombu's visibility timeout ends.
+                drop_unacked(self.store.redis, job_id)
+            if outcome == QUEUED:
                 self.send(job_id)
                 requeued.append(job_id)
                 log.warning("job %s lost its worker; requeued", job_id, extra={"job_id": job_id})
+        if time.monotonic() >= self.next_purge_sweep:  # it reads every queue: now and then
+            self.next_purge_sweep = time.monotonic() + PURGE_SWEEP_REAPS * self.settings.reaper_seconds
+            self.mark_purged()
         return requeued
+
+    def mark_purged(self) -> list[str]:
+        """Jobs QUEUED for a while whose message is in no queue and no worker's hands, at two sweeps
+        in a row (``celery purge``, or a queue deleted by hand): their records end PURGED."""
+        grace = 2 * self.settings.reaper_seconds + self.settings.lease_seconds
+        queued = set(self.store.queued_jobs(time.time() - grace))
+        missing = (
+            queued - waiting_ids(self.store.redis, sorted(self._profiles_of(queued))) if queued else set()
+        )
+        purged = sorted(missing & self.purge_suspects)
+        self.purge_suspects = missing - set(purged)
+        for job_id in purged:
+            message = "its message was purged from the queue before a worker took it"
+            if self.store.cancel(job_id, "PURGED", message) == CANCELLED:
+                log.warning("job %s: %s", job_id, message, extra={"job_id": job_id})
+        return purged
+
+    def _profiles_of(self, job_ids: set[str]) -> set[str]:
+        pipe = self.store.redis.pipeline()
+        for job_id in job_ids:
+            pipe.hget(job_key(job_id), "profile")
+        return {profile for profile in pipe.execute() if profile}
+
+    def revoked(self, job_id: str) -> None:
+        """Celery discarded a revoked message of ours before running it: the job is cancelled."""
+        self.store.cancel(job_id, "CANCELLED", "revoked before it started")
 
     def send(self, job_id: str) -> None:
         """(Re)send a job's message from its record, ahead of new work."""
@@ -243,7 +296,7 @@ class WorkerService:
             kwargs={"profile": record.profile, "params": record.params},
             task_id=job_id,
             queue=record.profile,
-            priority=transport_priority(REQUEUE_PRIORITY),
+            priority=REQUEUE_PRIORITY,
         )
 
     def record_rejected(self, message: Any, reason: str) -> None:
@@ -264,15 +317,16 @@ class WorkerService:
 
     # --- one job ----------------------------------------------------------------------------
 
-    def execute(self, job_id: str, args: Any, kwargs: Any) -> dict[str, Any]:
-        """Run one delivered message to its end. Never raises for a job's own failure."""
+    def execute(self, job_id: str, args: Any, kwargs: Any, priority: int = 0) -> dict[str, Any]:
+        """Run one delivered message to its end. Never raises for a job's own failure.
+        ``priority``: the message's, recorded for a job another producer queued without a record."""
         token = current_job.set(job_id)
         try:
-            return self._execute(job_id, args, kwargs)
+            return self._execute(job_id, args, kwargs, priority)
         finally:
             current_job.reset(token)
 
-    def _execute(self, job_id: str, args: Any, kwargs: Any) -> dict[str, Any]:
+    def _execute(self, job_id: str, args: Any, kwargs: Any, priority: int) -> dict[str, Any]:
         try:
             params = parse_message(args, kwargs, self.profile)
         except BadMessage as error:
@@ -282,7 +336,7 @@ class WorkerService:
             return {"id": job_id, "state": FAILED}
 
         if self.store.get(job_id) is None:  # a message pushed by another producer, without a record
-            self.store.create(job_id, self.profile.name, params.to_dict(), 0)
+            self.store.create(job_id, self.profile.name, params.to_dict(), priority)
         status = self.store.claim(
             job_id, self.worker_id, self.settings.lease_seconds, self.settings.max_attempts
         )
@@ -294,6 +348,8 @@ class WorkerService:
         metrics.QUEUE_WAIT.labels(self.profile.name).observe(max(0.0, record.started_at - record.queued_at))
         self.current = job_id
         self.lease_lost.clear()
+        if self.device == "cpu":
+            self.share_cpu()
         metrics.BUSY.labels(self.profile.name).set(1)
         try:
             state = self._run(job_id, params)
@@ -319,7 +375,9 @@ class WorkerService:
                 log.warning("progress not recorded: %s", error)
                 cancel = False
             if cancel:
-                raise JobCancelled
+                raise JobCancelled("cancelled")
+            if self.is_revoked(job_id):
+                raise JobCancelled("revoked")
             if self.hand_back_requested.is_set() and name == "denoise":
                 raise HandBack
 
@@ -354,13 +412,13 @@ class WorkerService:
                 "attention_sparsity": result.attention_sparsity,
             }
             return self._finish(job_id, SUCCEEDED, seconds, result=out)
-        except JobCancelled:
+        except JobCancelled as how:
             return self._finish(
                 job_id,
                 CANCELLED,
                 seconds,
                 error_code="CANCELLED",
-                error_message=f"cancelled during {stage['name']}",
+                error_message=f"{how} during {stage['name']}",
             )
         except HandBack:
             if self.store.hand_back(job_id, self.worker_id):
@@ -396,6 +454,20 @@ class WorkerService:
             )
         finally:
             video_path.unlink(missing_ok=True)
+
+    def share_cpu(self) -> None:
+        """A CPU worker's threads for the next job: SMARTDIFF_CPU_THREADS, else OMP_NUM_THREADS, else
+        the host's cores shared among its live CPU workers (each one using every core made three
+        workers on two cores 40x slower)."""
+        import torch
+
+        threads = self.settings.cpu_threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
+        if not threads:
+            peers = [w for w in self.registry.on_node(socket.gethostname()) if w.get("device") == "cpu"]
+            threads = max(1, (os.cpu_count() or 1) // max(1, len(peers)))
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+            log.info("CPU threads per job: %d", threads)
 
     def free_device_bytes(self) -> int | None:
         """Device memory this process can still use (free plus its own cached blocks); None on CPU."""

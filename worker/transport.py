@@ -1,8 +1,15 @@
-"""Kombu's Redis transport, hardened: an unreadable entry in a queue is dropped and reported.
+"""Kombu's Redis transport as the farm's workers read it: most urgent first, and hardened.
 
-Anyone who can write to Redis can push bytes into a queue list. Kombu's own transport raises on an
-entry that is not a JSON envelope, and Celery treats that as unrecoverable: the worker process
-exits. Here such an entry is logged and recorded in the rejected list, and the worker goes on.
+Two things Celery and kombu cannot be told through settings, each a small override of kombu's
+Redis channel (kombu is pinned to the minor version these are written against, and
+tests/test_celery_contract.py fails if an overridden method changes):
+
+- Priority 9 is the most urgent (farm.wire), as in AMQP and everywhere else in the farm; kombu's
+  Redis transport reads its priority lists lowest number first. The channel reads them highest
+  first, one list per priority.
+- Anyone who can write to Redis can push bytes into a queue list. Kombu raises on an entry that is
+  not a JSON envelope, and Celery treats that as unrecoverable: the worker process exits. Here such
+  an entry is logged and recorded in the rejected list, and the worker goes on.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 
 from smartdiff.farm.records import record_rejection
+from smartdiff.farm.wire import transport_priority
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,16 @@ def check_envelope(message: object) -> None:
 
 
 class Channel(kombu_redis.Channel):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # BRPOP takes the lists in the order of the steps: the most urgent first.
+        self.priority_steps = sorted(self.priority_steps, reverse=True)
+
+    def priority(self, n):
+        # Every priority has its own list (farm.wire.PRIORITY_STEPS), so a priority is its own step
+        # (kombu's version bisects steps it expects in ascending order).
+        return transport_priority(n)
+
     def _brpop_read(self, **options):
         try:
             return super()._brpop_read(**options)
