@@ -24,6 +24,8 @@ STAGES = ("text_encode", "denoise", "vae_decode", "encode", "upload")
 PREFIX = "smartdiff"
 RUNNING_SET = f"{PREFIX}:running"  # zset: job key -> lease expiry (unix seconds)
 QUEUED_SET = f"{PREFIX}:queued"  # zset: job key -> when it was (re)queued, while it is QUEUED
+# zset: job key -> when its finished video was parked on its worker, the storage being unreachable
+PARKED_SET = f"{PREFIX}:upload-pending"
 # Stream of final states ({job_id, state}), appended in the same atomic step that ends a job; a
 # consumer (webhook delivery) reads it with a consumer group. Capped, oldest entries dropped.
 EVENTS_STREAM = f"{PREFIX}:events"
@@ -81,6 +83,9 @@ class JobRecord:
     # final record is posted (webhooks); empty for jobs that did not ask.
     owner: str = ""
     callback_url: str = ""
+    # Set while the finished video waits on its worker for the storage to come back (the job stays
+    # RUNNING at stage "upload"): says since when and who retries.
+    upload_pending: str = ""
 
     @property
     def finished(self) -> bool:
@@ -174,6 +179,37 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'job_id', redis.call('H
 return 'ok'
 """
 
+# KEYS[1] job, KEYS[2] running, KEYS[3] parked. ARGV: worker, now, note. The storage stayed unreachable
+# past the upload budget: the job keeps RUNNING at stage upload, without a lease (no reaper requeues
+# it: its video exists), until its worker uploads it (_FINISH_PARKED).
+_PARK = """
+if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'stage', 'upload', 'upload_pending', ARGV[3], 'lease_until', 0,
+           'updated_at', ARGV[2])
+redis.call('ZREM', KEYS[2], KEYS[1])
+redis.call('ZADD', KEYS[3], ARGV[2], KEYS[1])
+return 1
+"""
+
+# KEYS[1] job, KEYS[2] parked, KEYS[3] events. ARGV: ttl, events maxlen, then field/value pairs
+# (state included). Ends a parked job (any worker may: the video is where its work dir is).
+_FINISH_PARKED = """
+local parked = redis.call('HGET', KEYS[1], 'upload_pending') or ''
+if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' or parked == '' then
+  redis.call('ZREM', KEYS[2], KEYS[1])
+  return 0
+end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HSET', KEYS[1], 'upload_pending', '', 'stage', '')
+redis.call('ZREM', KEYS[2], KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'job_id', redis.call('HGET', KEYS[1], 'id'),
+           'state', redis.call('HGET', KEYS[1], 'state'))
+return 1
+"""
+
 # KEYS[1] job, KEYS[2] running, KEYS[3] queued, KEYS[4] events. ARGV: now, worker ('' = any owner
 # whose lease ran out), refund, events maxlen. Puts a RUNNING job back to QUEUED (1), or ends it
 # CANCELLED if a cancel was pending when its worker stopped (2). refund=1 (a clean hand-back on
@@ -264,6 +300,8 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._requeue = client.register_script(_REQUEUE)
         self._cancel = client.register_script(_CANCEL)
+        self._park = client.register_script(_PARK)
+        self._finish_parked = client.register_script(_FINISH_PARKED)
 
     @classmethod
     def from_url(cls, url: str, record_ttl_seconds: int = 7 * 24 * 3600) -> JobStore:
@@ -336,17 +374,23 @@ class JobStore:
 
     def finish(self, job_id: str, worker: str, state: str, **fields: Any) -> bool:
         """Final state, only if this worker still owns the job; False if it does not."""
-        if state not in FINAL_STATES:
-            raise ValueError(f"not a final state: {state}")
-        now = time.time()
-        pairs: list[Any] = ["state", state, "finished_at", now, "updated_at", now]
-        for name, value in fields.items():
-            pairs += [name, json.dumps(value) if name in _JSON_FIELDS else value]
         answer = self._finish(
             keys=[job_key(job_id), RUNNING_SET, EVENTS_STREAM],
-            args=[worker, self.record_ttl_seconds, EVENTS_MAXLEN, *pairs],
+            args=[worker, self.record_ttl_seconds, EVENTS_MAXLEN, *_final_fields(state, fields)],
         )
         return answer == "ok"
+
+    def park_upload(self, job_id: str, worker: str, note: str) -> bool:
+        """The storage is still down after the upload budget: keep the job RUNNING at stage upload
+        with ``note``, out of the reaper's reach (its video exists on ``worker``)."""
+        keys = [job_key(job_id), RUNNING_SET, PARKED_SET]
+        return bool(self._park(keys=keys, args=[worker, time.time(), note]))
+
+    def finish_parked(self, job_id: str, state: str, **fields: Any) -> bool:
+        """Final state of a parked job; False if it is not parked (any more)."""
+        keys = [job_key(job_id), PARKED_SET, EVENTS_STREAM]
+        args = [self.record_ttl_seconds, EVENTS_MAXLEN, *_final_fields(state, fields)]
+        return bool(self._finish_parked(keys=keys, args=args))
 
     def _requeue_running(self, job_id: str, worker: str, refund: int) -> int:
         keys = [job_key(job_id), RUNNING_SET, QUEUED_SET, EVENTS_STREAM]
@@ -376,6 +420,17 @@ class JobStore:
         A queued job ends at once with ``code`` and ``message``; a running one at its next step."""
         keys = [job_key(job_id), EVENTS_STREAM, QUEUED_SET]
         return self._cancel(keys=keys, args=[time.time(), EVENTS_MAXLEN, code, message])
+
+
+def _final_fields(state: str, fields: dict[str, Any]) -> list[Any]:
+    """Field/value pairs of a final state, JSON fields encoded."""
+    if state not in FINAL_STATES:
+        raise ValueError(f"not a final state: {state}")
+    now = time.time()
+    pairs: list[Any] = ["state", state, "finished_at", now, "updated_at", now]
+    for name, value in fields.items():
+        pairs += [name, json.dumps(value) if name in _JSON_FIELDS else value]
+    return pairs
 
 
 def record_rejection(client: redis.Redis, reason: str, message_id: str | None) -> None:

@@ -48,6 +48,11 @@ class FarmSettings:
     s3_region: str = "us-east-1"
     object_key_template: str = "videos/{job_id}.mp4"
     presign_seconds: int = 3600
+    # A request to the storage that makes no progress for this long is given up and retried.
+    s3_timeout_seconds: float = 10.0
+    # A worker retries a finished video's upload this long (a storage restart costs no compute);
+    # past it the video is kept on the worker and its upload retried in the background.
+    upload_budget_seconds: float = 600.0
     # A running job holds a lease refreshed every lease_seconds / 3; a reaper on every worker
     # requeues jobs whose lease ran out. A killed worker's job restarts within
     # lease_seconds + reaper_seconds.
@@ -94,6 +99,8 @@ class FarmSettings:
             s3_region=_env("SMARTDIFF_S3_REGION", os.environ.get("AWS_DEFAULT_REGION", cls.s3_region)),
             object_key_template=_env("SMARTDIFF_OBJECT_KEY_TEMPLATE", cls.object_key_template),
             presign_seconds=_env_int("SMARTDIFF_PRESIGN_SECONDS", cls.presign_seconds),
+            s3_timeout_seconds=_env_float("SMARTDIFF_S3_TIMEOUT_SECONDS", cls.s3_timeout_seconds),
+            upload_budget_seconds=_env_float("SMARTDIFF_UPLOAD_BUDGET_SECONDS", cls.upload_budget_seconds),
             lease_seconds=_env_int("SMARTDIFF_LEASE_SECONDS", cls.lease_seconds),
             reaper_seconds=_env_int("SMARTDIFF_REAPER_SECONDS", cls.reaper_seconds),
             max_attempts=_env_int("SMARTDIFF_MAX_ATTEMPTS", cls.max_attempts),

@@ -219,12 +219,18 @@ class VideoStore:
         multipart_threshold: int = 64 * MiB,
         multipart_chunksize: int = 64 * MiB,
         client_retries: int = 3,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+        upload_budget_seconds: float | None = None,
     ) -> None:
         """attempts, base_delay, max_delay, sleep: this class's retry loop of whole operations.
+        upload_budget_seconds: uploads retry transient errors until this much time is spent, however
+        many attempts that takes (a worker keeps its finished video through a storage restart);
+        None: ``attempts`` bound uploads too.
         client_retries: botocore's own retries of each request inside one attempt (with its own
-        short sleeps); tests set 0 so every injected failure reaches the loop."""
+        short sleeps); tests set 0 so every injected failure reaches the loop.
+        connect_timeout, read_timeout: default to settings.s3_timeout_seconds, so a hung connection
+        is given up in seconds and retried."""
         if attempts < 1:
             raise ValueError("attempts must be >= 1")
         self.settings = settings
@@ -233,12 +239,14 @@ class VideoStore:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.multipart_threshold = multipart_threshold
+        self.upload_budget_seconds = upload_budget_seconds
         self._sleep = sleep
         self._endpoint = settings.s3_endpoint or "AWS S3"
+        timeout = settings.s3_timeout_seconds
         self._client_kwargs = {
             "retries": client_retries,
-            "connect_timeout": connect_timeout,
-            "read_timeout": read_timeout,
+            "connect_timeout": min(timeout, 5.0) if connect_timeout is None else connect_timeout,
+            "read_timeout": timeout if read_timeout is None else read_timeout,
         }
         self._client = client if client is not None else make_client(settings, **self._client_kwargs)
         self._client.meta.events.register(
@@ -300,7 +308,7 @@ class VideoStore:
         """Store the file under the job's key once; a repeat with the same sha256 is a no-op.
 
         Raises StorageError: at once for errors retrying cannot fix (including a different video
-        already under the key), after `attempts` tries for transient ones.
+        already under the key); for transient ones once the upload budget (or `attempts`) is spent.
         """
         path = Path(path)
         sha256 = sha256.lower()
@@ -313,7 +321,9 @@ class VideoStore:
             raise StorageError(f"cannot upload {path}: {exc.strerror}", transient=False) from None
         meta = {**(metadata or {}), "sha256": sha256}
         what = f"upload of s3://{self.bucket}/{key}"
-        return self._with_retries(what, lambda: self._upload_once(path, key, size, sha256, meta))
+        budget = self.upload_budget_seconds
+        deadline = None if budget is None else time.monotonic() + budget
+        return self._with_retries(what, lambda: self._upload_once(path, key, size, sha256, meta), deadline)
 
     def presign(self, bucket: str, key: str, expires: int | None = None) -> str:
         """A presigned GET link on the public endpoint; computed locally, no request is made."""
@@ -351,8 +361,12 @@ class VideoStore:
         ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
-    def _with_retries(self, what: str, fn: Callable[[], _T]) -> _T:
-        for attempt in range(1, self.attempts + 1):
+    def _with_retries(self, what: str, fn: Callable[[], _T], deadline: float | None = None) -> _T:
+        """fn, retried on transient errors: ``attempts`` times, or until ``deadline`` (monotonic)."""
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 return fn()
             except Exception as exc:
@@ -364,19 +378,17 @@ class VideoStore:
                     if error is exc:
                         raise
                     raise error from exc
-                if attempt == self.attempts:
-                    log.error("%s; giving up after %d attempts", error, attempt)
-                    raise StorageError(f"{error} (gave up after {attempt} attempts)", transient=True) from exc
                 delay = self._backoff(attempt)
-                log.warning(
-                    "%s (attempt %d of %d); retrying in %.2fs with the same file",
-                    error,
-                    attempt,
-                    self.attempts,
-                    delay,
-                )
+                if deadline is None:
+                    spent_all = attempt >= self.attempts
+                else:
+                    spent_all = time.monotonic() + delay > deadline
+                if spent_all:
+                    spent = f"{attempt} attempts in {time.monotonic() - started:.0f} s"
+                    log.error("%s; giving up after %s", error, spent)
+                    raise StorageError(f"{error} (gave up after {spent})", transient=True) from exc
+                log.warning("%s (attempt %d); retrying in %.2fs with the same file", error, attempt, delay)
                 self._sleep(delay)
-        raise AssertionError("unreachable")
 
     def _head(self, key: str) -> dict[str, Any] | None:
         try:

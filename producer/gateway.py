@@ -163,6 +163,11 @@ class JobOut(BaseModel):
     updated_at: float
     cancel_requested: bool
     callback_url: str
+    upload_pending: str = Field(
+        "",
+        description="while RUNNING at stage upload and the storage is away: the finished video waits on "
+        "its worker, which uploads it as soon as the storage answers (it is never generated again)",
+    )
     webhook: WebhookState | None = None
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
+import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -79,8 +82,11 @@ class FlakyProxy:
         self.code = code
         self.requests = 0
         self.injected = 0
+        self.outage_requests = 0  # requests that met an outage
         self.seen: list[tuple[str, str]] = []
         self._lock = threading.Lock()
+        self._outage_until = 0.0
+        self._outage_mode = "reset"
         self.set_failures(failures, methods, path_contains=path_contains)
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -93,6 +99,23 @@ class FlakyProxy:
             self._remaining = failures
             self._methods = frozenset(m.upper() for m in methods)
             self._path_contains = path_contains
+
+    def outage(self, seconds: float, mode: str = "reset") -> None:
+        """For the next ``seconds``, every request meets a dead storage: its connection is reset
+        ("reset", a restarting server), or answered never and closed when the outage ends ("hang")."""
+        if mode not in ("reset", "hang"):
+            raise ValueError(f"outage mode is reset or hang, got {mode!r}")
+        with self._lock:
+            self._outage_mode = mode
+            self._outage_until = time.monotonic() + seconds
+
+    def _in_outage(self) -> tuple[str, float] | None:
+        with self._lock:
+            left = self._outage_until - time.monotonic()
+            if left > 0:
+                self.outage_requests += 1
+                return self._outage_mode, left
+            return None
 
     @property
     def url(self) -> str:
@@ -160,6 +183,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _handle(self) -> None:
+        outage = self.proxy._in_outage()
+        if outage is not None:
+            self._drop_connection(*outage)
+            return
         body = self._read_body()  # always drained, so the connection stays usable after a 503
         if self.proxy._should_fail(self.command, self.path):
             self._send_error()
@@ -167,6 +194,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self._forward(body)
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _handle
+
+    def _drop_connection(self, mode: str, left: float) -> None:
+        if mode == "hang":
+            time.sleep(left)
+        # SO_LINGER 0: closing sends a reset, as a server that went away does.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
 
     def _send_error(self) -> None:
         request_id = uuid.uuid4().hex[:16].upper()

@@ -207,3 +207,35 @@ def test_a_cancel_pending_when_the_worker_dies_ends_the_job(farm):
     assert (
         record["error_message"] == "cancelled during denoise; its worker stopped before it could end the job"
     )
+
+
+def test_flower_shows_the_live_workers_and_their_tasks(farm):
+    import httpx
+    from farm_helpers import free_port
+
+    worker = farm.worker()
+    port = free_port()
+    command = [sys.executable, "-P", "-m", "celery", "-A", "smartdiff.farm.celery_app", "flower"]
+    command += [f"--port={port}", "--address=127.0.0.1"]
+    env = {**farm.env, "FLOWER_UNAUTHENTICATED_API": "true"}
+    flower = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def answer(path: str):
+            try:
+                response = httpx.get(url + path, timeout=5)
+            except httpx.HTTPError:
+                return None
+            return response.json() if response.status_code == 200 else None
+
+        workers = wait_for(lambda: answer("/api/workers?refresh=1"), 60, "Flower to list the workers")
+        assert any(worker.worker_id() in name for name in workers), workers
+        # Tasks come from the events the workers send: one more job, now that Flower listens.
+        job = farm.submit(seed=5)
+        job.wait(timeout=60)
+        tasks = wait_for(lambda: (answer("/api/tasks") or {}).get(job.id), 60, "Flower to see the task")
+        assert tasks["name"] == TASK_NAME and tasks["state"] == "SUCCESS", tasks
+    finally:
+        flower.terminate()
+        flower.wait(10)

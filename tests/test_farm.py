@@ -209,6 +209,44 @@ def test_s3_failing_the_first_uploads_is_retried_without_regenerating(farm):
     check_video(record, 9)
 
 
+def test_a_storage_outage_during_the_upload_costs_no_compute(farm):
+    with FlakyProxy(farm.s3_endpoint) as proxy:
+        worker = farm.worker(SMARTDIFF_S3_ENDPOINT=proxy.url, SMARTDIFF_S3_PUBLIC_ENDPOINT=farm.s3_endpoint)
+        proxy.outage(20.0, "reset")  # connections reset for 20 s, as while a storage restarts
+        job = farm.submit(seed=11)
+        wait_for(lambda: job.status()["stage"] == "upload", 30, "the upload to start")
+        record = job.wait(timeout=120)
+        assert proxy.outage_requests >= 2
+    # Generated once, uploaded once the storage was back; the lease held all along (attempt 1).
+    assert record["state"] == "SUCCEEDED" and record["attempt"] == 1 and record["seconds"]["upload"] > 10
+    assert successes_in_logs(farm, job.id) == 1 and worker.alive()
+    check_video(record, 9)
+
+
+def test_past_the_upload_budget_the_video_waits_on_its_worker(farm):
+    with FlakyProxy(farm.s3_endpoint) as proxy:
+        worker = farm.worker(
+            SMARTDIFF_S3_ENDPOINT=proxy.url,
+            SMARTDIFF_S3_PUBLIC_ENDPOINT=farm.s3_endpoint,
+            SMARTDIFF_UPLOAD_BUDGET_SECONDS=3,
+            SMARTDIFF_S3_TIMEOUT_SECONDS=1,
+        )
+        proxy.outage(15.0, "hang")  # the storage hangs for longer than the budget
+        job = farm.submit(seed=12)
+        parked = wait_for(
+            lambda: (lambda r: r if r["upload_pending"] else None)(job.status()),
+            60,
+            "the upload to be postponed",
+        )
+        assert parked["state"] == "RUNNING" and parked["stage"] == "upload"
+        assert f"kept by worker {worker.worker_id()}" in parked["upload_pending"]
+        record = job.wait(timeout=120)  # the worker offers it to the storage again until it answers
+    assert record["state"] == "SUCCEEDED" and record["attempt"] == 1 and record["upload_pending"] == ""
+    assert successes_in_logs(farm, job.id) == 1
+    check_video(record, 9)
+    assert list((farm.tmp / "work" / "upload-pending").glob("*")) == []
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 CLIENT_CASES = [

@@ -180,7 +180,7 @@ def test_health_readiness_and_metrics(gw):
 def test_openapi_in_the_repo_is_what_the_app_serves(gw):
     in_repo = json.loads((REPO / "openapi.json").read_text())
     assert in_repo == json.loads(json.dumps(gw.app.openapi())), (
-        "regenerate: smartdiff gateway --write-openapi"
+        "regenerate: smartdiff gateway --write-openapi openapi.json"
     )
     assert gw.http.get("/openapi.json").json() == in_repo
     assert json.loads(openapi_document()) == in_repo

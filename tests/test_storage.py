@@ -7,7 +7,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
+import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -282,6 +284,44 @@ def test_retries_run_out(moto_endpoint: str, bucket: str, tmp_path: Path) -> Non
     assert proxy.injected == 3 and len(sleeps) == 2
     direct = make_store(moto_endpoint, bucket)
     assert not direct.client.list_objects_v2(Bucket=bucket).get("KeyCount")
+
+
+def test_uploads_retry_on_a_time_budget_through_a_storage_restart(
+    moto_endpoint: str, bucket: str, tmp_path: Path
+) -> None:
+    make_store(moto_endpoint, bucket).ensure_bucket()
+    path, sha = write_video(tmp_path, 1_000)
+    with FlakyProxy(moto_endpoint) as proxy:
+        # Connections reset for 2 s: a budget of 6 s outlasts it however many attempts that takes.
+        settings = settings_for(proxy.url, bucket)
+        store = VideoStore(settings, client_retries=0, upload_budget_seconds=6, max_delay=0.5)
+        proxy.outage(2.0, "reset")
+        start = time.monotonic()
+        stored = store.upload(path, "job-through-a-restart", sha)
+        assert time.monotonic() - start >= 1.5 and proxy.outage_requests >= 2
+        assert stored.sha256 == sha
+        # A storage that stays away past the budget: a transient error that says how long it tried.
+        proxy.outage(60.0, "reset")
+        start = time.monotonic()
+        other, other_sha = write_video(tmp_path, 1_000, "other.mp4")
+        with pytest.raises(StorageError) as info:
+            store.upload(other, "job-budget-spent", other_sha)
+        spent = time.monotonic() - start
+    assert info.value.transient and 5 <= spent <= 8, spent
+    assert re.search(r"gave up after \d+ attempts in [5-8] s", str(info.value)), str(info.value)
+
+
+def test_a_hung_storage_is_given_up_in_seconds(moto_endpoint: str, bucket: str, tmp_path: Path) -> None:
+    make_store(moto_endpoint, bucket).ensure_bucket()
+    path, sha = write_video(tmp_path, 1_000)
+    with FlakyProxy(moto_endpoint) as proxy:
+        settings = settings_for(proxy.url, bucket, s3_timeout_seconds=1.0)
+        store = VideoStore(settings, client_retries=0, upload_budget_seconds=30, max_delay=0.5)
+        proxy.outage(4.0, "hang")  # requests answered never: only a read timeout notices
+        start = time.monotonic()
+        store.upload(path, "job-after-a-hang", sha)
+        # About the hang itself, not a minute per request.
+        assert time.monotonic() - start < 10 and proxy.outage_requests >= 2
 
 
 def test_unreachable_endpoint_is_transient(bucket: str, tmp_path: Path) -> None:

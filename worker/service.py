@@ -17,6 +17,7 @@ its message, a running one at its next step), and a job whose message vanished f
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 
 PURGE_SWEEP_REAPS = 6  # the reaper looks for purged messages every this many rounds
+PARKED_RETRY_REAPS = 6  # parked videos are offered to the storage again every this many reaper rounds
 
 
 class JobCancelled(Exception):
@@ -148,7 +150,11 @@ class WorkerService:
         client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
         self.store = JobStore(client, settings.record_ttl_seconds)
         self.registry = WorkerRegistry(client, settings.worker_ttl_seconds)
-        self.video_store = video_store or VideoStore(settings)
+        # Uploads retry on the settings' budget, so a storage restart costs no compute.
+        self.video_store = video_store or VideoStore(
+            settings, upload_budget_seconds=settings.upload_budget_seconds
+        )
+        self.parked_store = VideoStore(settings, attempts=1) if video_store is None else video_store
         self.current: str | None = None
         self.hand_back_requested = threading.Event()
         self.stopping = threading.Event()
@@ -182,7 +188,7 @@ class WorkerService:
 
     def start_background(self) -> None:
         self.heartbeat()
-        for target in (self._heartbeat_loop, self._reaper_loop):
+        for target in (self._heartbeat_loop, self._reaper_loop, self._parked_loop):
             threading.Thread(target=target, daemon=True, name=target.__name__).start()
 
     def stop(self) -> None:
@@ -394,12 +400,7 @@ class WorkerService:
             write_mp4(result.frames, video_path, fps=result.fps)
             digest = sha256_of(video_path)
             seconds["encode"] = time.perf_counter() - start
-            progress("upload", 0, 1)
-            start = time.perf_counter()
-            stored = self.video_store.upload(video_path, job_id, digest, {"job-id": job_id})
-            seconds["upload"] = time.perf_counter() - start
             out = {
-                **stored.to_dict(),
                 "width": params.width,
                 "height": params.height,
                 "frames": params.frames,
@@ -411,7 +412,16 @@ class WorkerService:
                 "cache": result.cache,
                 "attention_sparsity": result.attention_sparsity,
             }
-            return self._finish(job_id, SUCCEEDED, seconds, result=out)
+            progress("upload", 0, 1)
+            start = time.perf_counter()
+            try:  # retried on the upload budget; the heartbeat keeps the lease meanwhile
+                stored = self.video_store.upload(video_path, job_id, digest, {"job-id": job_id})
+            except StorageError as error:
+                if not error.transient:
+                    raise
+                return self.park(job_id, video_path, digest, out, seconds, error)
+            seconds["upload"] = time.perf_counter() - start
+            return self._finish(job_id, SUCCEEDED, seconds, result={**stored.to_dict(), **out})
         except JobCancelled as how:
             return self._finish(
                 job_id,
@@ -468,6 +478,96 @@ class WorkerService:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
             log.info("CPU threads per job: %d", threads)
+
+    # --- videos waiting for the storage ------------------------------------------------------
+
+    @property
+    def parked_dir(self) -> Path:
+        return Path(self.settings.work_dir) / "upload-pending"
+
+    def park(
+        self, job_id: str, video: Path, digest: str, result: dict, seconds: dict, error: StorageError
+    ) -> str:
+        """The storage stayed unreachable for the whole upload budget: keep the finished video in
+        the work dir and upload it later (``retry_parked``), never regenerate it. The job stays
+        RUNNING at stage upload; its record says where the video waits."""
+        self.parked_dir.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha256(job_id.encode()).hexdigest()[:32]  # job ids may hold any character
+        kept = self.parked_dir / f"{name}.mp4"
+        video.replace(kept)
+        entry = {"job_id": job_id, "sha256": digest, "result": result, "seconds": seconds}
+        kept.with_suffix(".json").write_text(json.dumps(entry))
+        budget = self.settings.upload_budget_seconds
+        note = (
+            f"the storage did not answer for {budget:.0f} s ({str(error)[:200]}); the finished video is "
+            f"kept by worker {self.worker_id} and uploaded as soon as the storage answers"
+        )
+        if not self.store.park_upload(job_id, self.worker_id, note):
+            self._drop_parked(kept)
+            log.warning("lease lost while uploading; another worker owns the job now")
+            return "LOST"
+        log.warning("upload postponed: %s", note)
+        return "UPLOAD_PENDING"
+
+    def retry_parked(self) -> list[str]:
+        """One try at every video parked in this work dir (by this process or an earlier one);
+        returns the ids of the jobs that ended."""
+        ended = []
+        for kept in sorted(self.parked_dir.glob("*.mp4")):
+            entry = json.loads(kept.with_suffix(".json").read_text())
+            job_id = entry["job_id"]
+            record = self.store.get(job_id)
+            if record is None or record.state != "RUNNING" or not record.upload_pending:
+                self._drop_parked(kept)  # ended otherwise (expired, or taken over): nothing to do
+                continue
+            token = current_job.set(job_id)
+            try:
+                state = self._upload_parked(job_id, kept, entry, record.cancel_requested)
+            finally:
+                current_job.reset(token)
+            if state:
+                ended.append(job_id)
+                self._drop_parked(kept)
+        return ended
+
+    def _upload_parked(self, job_id: str, kept: Path, entry: dict, cancelled: bool) -> str:
+        """The job's final state if it ended now, else "" (the storage is still away)."""
+        if cancelled:
+            fields = {
+                "error_code": "CANCELLED",
+                "error_message": "cancelled while its video waited for the storage",
+            }
+            state = CANCELLED
+        else:
+            start = time.perf_counter()
+            try:
+                stored = self.parked_store.upload(kept, job_id, entry["sha256"], {"job-id": job_id})
+            except StorageError as error:
+                if error.transient:
+                    return ""
+                state, fields = FAILED, {"error_code": "STORAGE_ERROR", "error_message": str(error)}
+            else:
+                seconds = {**entry["seconds"], "upload": round(time.perf_counter() - start, 4)}
+                state, fields = (
+                    SUCCEEDED,
+                    {"seconds": seconds, "result": {**stored.to_dict(), **entry["result"]}},
+                )
+        if self.store.finish_parked(job_id, state, **fields):
+            metrics.JOBS.labels(self.profile.name, state).inc()
+            log.info("job %s", state, extra={"state": state})
+        return state
+
+    def _drop_parked(self, kept: Path) -> None:
+        kept.unlink(missing_ok=True)
+        kept.with_suffix(".json").unlink(missing_ok=True)
+
+    def _parked_loop(self) -> None:
+        period = PARKED_RETRY_REAPS * self.settings.reaper_seconds
+        while not self.stopping.wait(period):
+            try:
+                self.retry_parked()
+            except (redis.RedisError, OSError, ValueError) as error:
+                log.warning("retrying parked uploads failed: %s", error)
 
     def free_device_bytes(self) -> int | None:
         """Device memory this process can still use (free plus its own cached blocks); None on CPU."""
