@@ -1,15 +1,22 @@
-"""User parameters of one generation and the one function that validates them.
+"""The generation request: one schema, and the one function that validates it against a model.
 
-Torch-free: the producer calls ``validate_params`` before enqueueing, the worker again before
-running (a queue is never trusted). Every rejection names the field and says what is allowed.
+``GenerationRequest`` is what a caller writes (the prompt and optional parameters). It is the single
+declaration of the request: the Python client, the worker (never trusting the queue), the HTTP
+gateway's body and its OpenAPI description, and the command line's options all come from it.
+``validate_params`` checks a request against a model's rules (sizes, frame and step limits, which
+caches it has) and returns ``GenerationParams``, every default filled in. Every rejection names the
+field and says what is allowed. Torch-free: producers import it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import secrets
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from smartdiff.pipeline.config import ModelConfig
 
@@ -48,6 +55,167 @@ class ParamError(ValueError):
         self.message = message
 
 
+# --- the fields' own rules, with the messages a person can act on ------------------------------
+
+
+def _number(name: str, kind: type) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        # bool is an int in Python; a JSON true is never a valid number here.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamError(name, f"must be a number, got {type(value).__name__}")
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ParamError(name, f"must be an integer, got {value}")
+            return int(value)
+        if not math.isfinite(value):
+            raise ParamError(name, "must be a finite number")
+        return float(value)
+
+    return BeforeValidator(check)
+
+
+def _in_range(name: str, low: float, high: float) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if value is not None and not low <= value <= high:
+            raise ParamError(name, f"must be between {low} and {high}, got {value}")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _text(name: str, required: bool) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ParamError(name, f"must be a string, got {type(value).__name__}")
+        if required and not value.strip():
+            raise ParamError(name, "must not be empty")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise ParamError(name, f"is {len(value)} characters long, the limit is {MAX_PROMPT_CHARS}")
+        if "\x00" in value:
+            raise ParamError(name, "must not contain NUL characters")
+        return value
+
+    return BeforeValidator(check)
+
+
+def _choice(name: str, what: str, known: tuple[str, ...]) -> BeforeValidator:
+    def check(value: Any) -> Any:
+        if value is not None and value not in known:
+            raise ParamError(name, f"unknown {what} {value!r} (known: {', '.join(known)})")
+        return value
+
+    return BeforeValidator(check)
+
+
+def parse_size(value: Any) -> tuple[int, int]:
+    """``"832x480"`` -> (832, 480): width first, as users write it."""
+    if not isinstance(value, str):
+        raise ParamError("size", f"must be a string like '832x480', got {type(value).__name__}")
+    parts = value.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ParamError("size", f"must look like '832x480' (width x height), got {value!r}")
+    return int(parts[0]), int(parts[1])
+
+
+def _size(value: Any) -> Any:
+    if value is not None:
+        parse_size(value)
+    return value
+
+
+# Before-validators run last to first: the type's check, then the range's.
+def _int(name: str, low: int | None = None, high: int | None = None, **field: Any) -> Any:
+    checks = [_in_range(name, low, high)] if low is not None else []
+    bounded = Annotated[int, Field(ge=low, le=high)]  # on the number: null stays allowed
+    return Annotated[bounded | None, *checks, _number(name, int), Field(None, **field)]
+
+
+def _float(name: str, low: float | None = None, high: float | None = None, **field: Any) -> Any:
+    checks = [_in_range(name, low, high)] if low is not None else []
+    bounded = Annotated[float, Field(ge=low, le=high)]
+    return Annotated[bounded | None, *checks, _number(name, float), Field(None, **field)]
+
+
+class GenerationRequest(BaseModel):
+    """One text-to-video request: the prompt and optional parameters (absent or null: the model's
+    default). The rules that depend on the model (sizes, frame and step limits, caches) are checked
+    by ``validate_params``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Annotated[
+        str,
+        _text("prompt", required=True),
+        Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what the video shows"),
+    ]
+    negative_prompt: Annotated[
+        Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | None,  # on the text: null stays allowed
+        _text("negative_prompt", required=False),
+        Field(None, description="default: the official Wan negative prompt"),
+    ]
+    size: Annotated[
+        Annotated[str, Field(pattern=r"^\d+[xX]\d+$")] | None,
+        BeforeValidator(_size),
+        Field(None, description="WIDTHxHEIGHT, one the model supports (e.g. 832x480)"),
+    ]
+    width: _int("width", description="instead of size, with height")
+    height: _int("height", description="instead of size, with width")
+    frames: _int("frames", description="4n+1 (default: the model's, 81 for Wan)")
+    steps: _int("steps", description="denoising steps (default: the model's)")
+    guidance: _float("guidance", 0.0, MAX_GUIDANCE, description="classifier-free guidance scale")
+    guidance_low_noise: _float(
+        "guidance_low_noise", 0.0, MAX_GUIDANCE, description="Wan2.2 only: the low-noise expert's guidance"
+    )
+    shift: _float("shift", description=f"the sigma schedule's shift, above 0 and at most {MAX_SHIFT}")
+    seed: _int("seed", 0, MAX_SEED, description="default: random (recorded, so the video can be made again)")
+    solver: Annotated[
+        Literal[SOLVERS] | None, _choice("solver", "solver", SOLVERS), Field(None, description="the sampler")
+    ]
+    flexcache: Annotated[
+        Literal[FLEXCACHE] | None,
+        _choice("flexcache", "strategy", FLEXCACHE),
+        Field(None, description="feature caching across steps, if the profile allows it (default none)"),
+    ]
+    teacache_threshold: _float("teacache_threshold", 0.0, 1.0, description="default: the model's")
+    pab_self_start: _int("pab_self_start", 0, 1000, description="PAB: broadcast self-attention above")
+    pab_self_end: _int("pab_self_end", 0, 1000, description="PAB: ... and below this timestep")
+    pab_self_interval: _int("pab_self_interval", 1, MAX_PAB_INTERVAL, description="PAB: recompute every")
+    pab_cross_start: _int("pab_cross_start", 0, 1000, description="PAB: broadcast cross-attention above")
+    pab_cross_end: _int("pab_cross_end", 0, 1000, description="PAB: ... and below this timestep")
+    pab_cross_interval: _int("pab_cross_interval", 1, MAX_PAB_INTERVAL, description="PAB: recompute every")
+
+
+REQUEST_FIELDS = tuple(GenerationRequest.model_fields)
+
+
+def parse_request(raw: Any) -> GenerationRequest:
+    """A request from its JSON-like form; ``ParamError`` naming the first bad field."""
+    if not isinstance(raw, dict):
+        raise ParamError("params", f"must be a JSON object, got {type(raw).__name__}")
+    try:
+        return GenerationRequest.model_validate(raw)
+    except ValidationError as error:
+        raise param_error(error) from None
+
+
+def param_error(error: ValidationError) -> ParamError:
+    """The first problem of a ValidationError of ``GenerationRequest``, as a ``ParamError``."""
+    first = error.errors()[0]
+    field = ".".join(map(str, first["loc"])) or "params"
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, ParamError):
+        return cause
+    if first["type"] == "missing":
+        return ParamError(field, "is required")
+    if first["type"] == "extra_forbidden":
+        return ParamError(field, f"unknown parameter (known: {', '.join(sorted(REQUEST_FIELDS))})")
+    return ParamError(field, first["msg"])
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """One request, complete: every default filled in from the model's config."""
@@ -82,81 +250,30 @@ class GenerationParams:
         return asdict(self)
 
 
-_FIELDS = {f.name for f in fields(GenerationParams)} | {"size"}
-
-
-def _number(raw: dict[str, Any], name: str, default: Any, kind: type) -> Any:
-    value = raw.get(name, default)
-    # bool is an int in Python; a JSON true is never a valid number here.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ParamError(name, f"must be a number, got {type(value).__name__}")
-    if kind is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise ParamError(name, f"must be an integer, got {value}")
-        return int(value)
-    value = float(value)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ParamError(name, "must be a finite number")
-    return value
-
-
-def _in_range(name: str, value: float, low: float, high: float) -> None:
+def _within(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise ParamError(name, f"must be between {low} and {high}, got {value}")
 
 
-def _text(raw: dict[str, Any], name: str, default: str | None, required: bool) -> str:
-    value = raw.get(name, default)
-    if value is None:
-        if required:
-            raise ParamError(name, "is required")
-        return ""
-    if not isinstance(value, str):
-        raise ParamError(name, f"must be a string, got {type(value).__name__}")
-    if required and not value.strip():
-        raise ParamError(name, "must not be empty")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise ParamError(name, f"is {len(value)} characters long, the limit is {MAX_PROMPT_CHARS}")
-    if "\x00" in value:
-        raise ParamError(name, "must not contain NUL characters")
-    return value
-
-
-def parse_size(value: Any) -> tuple[int, int]:
-    """``"832x480"`` -> (832, 480): width first, as users write it."""
-    if not isinstance(value, str):
-        raise ParamError("size", f"must be a string like '832x480', got {type(value).__name__}")
-    parts = value.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise ParamError("size", f"must look like '832x480' (width x height), got {value!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def _flexcache(raw: dict[str, Any], model: ModelConfig, allowed: tuple[str, ...] | None) -> dict[str, Any]:
-    strategy = raw.get("flexcache", "none")
-    if strategy not in FLEXCACHE:
-        raise ParamError("flexcache", f"unknown strategy {strategy!r} (known: {', '.join(FLEXCACHE)})")
+def _flexcache(request: GenerationRequest, model: ModelConfig, allowed: tuple[str, ...] | None) -> dict:
+    strategy = request.flexcache or "none"
     if strategy != "none" and allowed is not None and strategy not in allowed:
         offered = ", ".join(allowed) or "none"
         raise ParamError("flexcache", f"{strategy!r} is not allowed on this profile (allowed: {offered})")
     out: dict[str, Any] = {"flexcache": strategy}
     for name in ("teacache_threshold", *PAB_DEFAULTS):
-        if raw.get(name) is not None and not name.startswith(strategy):
+        if getattr(request, name) is not None and not name.startswith(strategy):
             raise ParamError(name, f"only applies with flexcache={name.split('_')[0]}")
     if strategy == "teacache":
         if model.teacache is None:
             fit = f"{model.display_name} has no fitted TeaCache polynomial: use pab or none"
             raise ParamError("flexcache", fit)
-        threshold = _number(raw, "teacache_threshold", model.teacache.threshold, float)
-        _in_range("teacache_threshold", threshold, 0.0, 1.0)
-        out["teacache_threshold"] = threshold
+        threshold = request.teacache_threshold
+        out["teacache_threshold"] = model.teacache.threshold if threshold is None else threshold
     if strategy == "pab":
         for name, default in PAB_DEFAULTS.items():
-            out[name] = _number(raw, name, default, int)
-            if name.endswith("interval"):
-                _in_range(name, out[name], 1, MAX_PAB_INTERVAL)
-            else:
-                _in_range(name, out[name], 0, 1000)
+            value = getattr(request, name)
+            out[name] = default if value is None else value
         for kind in ("self", "cross"):
             if out[f"pab_{kind}_start"] >= out[f"pab_{kind}_end"]:
                 raise ParamError(f"pab_{kind}_start", f"must be below pab_{kind}_end")
@@ -164,7 +281,9 @@ def _flexcache(raw: dict[str, Any], model: ModelConfig, allowed: tuple[str, ...]
 
 
 def validate_params(
-    raw: dict[str, Any], model: ModelConfig, allowed_flexcache: tuple[str, ...] | None = None
+    raw: dict[str, Any] | GenerationRequest,
+    model: ModelConfig,
+    allowed_flexcache: tuple[str, ...] | None = None,
 ) -> GenerationParams:
     """Check a request against ``model`` and fill in its defaults; raise ``ParamError`` if it is bad.
 
@@ -172,23 +291,17 @@ def validate_params(
     None for a random one (the chosen seed is part of the returned parameters, so the video can be
     reproduced). ``allowed_flexcache`` is the profile's list of caching strategies (None: any).
     """
-    if not isinstance(raw, dict):
-        raise ParamError("params", f"must be a JSON object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - _FIELDS)
-    if unknown:
-        raise ParamError(unknown[0], f"unknown parameter (known: {', '.join(sorted(_FIELDS))})")
+    request = raw if isinstance(raw, GenerationRequest) else parse_request(raw)
     sampling = model.sampling
 
-    prompt = _text(raw, "prompt", None, required=True)
-    negative = _text(raw, "negative_prompt", None, required=False) or DEFAULT_NEGATIVE_PROMPT
-
-    if "size" in raw and ("width" in raw or "height" in raw):
+    if request.size is not None and (request.width is not None or request.height is not None):
         raise ParamError("size", "give either size or width and height, not both")
-    if "width" in raw or "height" in raw:
-        width = _number(raw, "width", None, int)
-        height = _number(raw, "height", None, int)
+    if request.width is not None or request.height is not None:
+        if request.width is None or request.height is None:
+            raise ParamError("width" if request.width is None else "height", "is required with the other")
+        width, height = request.width, request.height
     else:
-        width, height = parse_size(raw.get("size", sampling.size))
+        width, height = parse_size(request.size or sampling.size)
     size = f"{width}x{height}"
     if size not in sampling.sizes:
         raise ParamError(
@@ -196,38 +309,29 @@ def validate_params(
             f"{size} is not supported by {model.display_name} (supported: {', '.join(sampling.sizes)})",
         )
 
-    frames = _number(raw, "frames", sampling.frames, int)
+    frames = sampling.frames if request.frames is None else request.frames
     if frames < 1 or (frames - 1) % 4:
         raise ParamError("frames", f"must be 4n+1 (1, 5, 9, ..., 81), got {frames}")
-    _in_range("frames", frames, 1, sampling.max_frames)
-
-    steps = _number(raw, "steps", sampling.steps, int)
-    _in_range("steps", steps, 1, sampling.max_steps)
-    guidance = _number(raw, "guidance", sampling.guidance, float)
-    _in_range("guidance", guidance, 0.0, MAX_GUIDANCE)
+    _within("frames", frames, 1, sampling.max_frames)
+    steps = sampling.steps if request.steps is None else request.steps
+    _within("steps", steps, 1, sampling.max_steps)
+    guidance = sampling.guidance if request.guidance is None else request.guidance
     guidance_low = None
     if model.is_moe:
-        guidance_low = _number(raw, "guidance_low_noise", sampling.guidance_low_noise, float)
-        _in_range("guidance_low_noise", guidance_low, 0.0, MAX_GUIDANCE)
-    elif raw.get("guidance_low_noise") is not None:
+        low = request.guidance_low_noise
+        guidance_low = sampling.guidance_low_noise if low is None else low
+    elif request.guidance_low_noise is not None:
         raise ParamError(
             "guidance_low_noise", f"only applies to a two-expert model, not {model.display_name}"
         )
-    shift = _number(raw, "shift", sampling.shift, float)
+    shift = sampling.shift if request.shift is None else request.shift
     if not 0.0 < shift <= MAX_SHIFT:
         raise ParamError("shift", f"must be greater than 0 and at most {MAX_SHIFT}, got {shift}")
-
-    seed = raw.get("seed")
-    seed = secrets.randbelow(2**31) if seed is None else _number(raw, "seed", None, int)
-    _in_range("seed", seed, 0, MAX_SEED)
-
-    solver = raw.get("solver", sampling.solver)
-    if solver not in SOLVERS:
-        raise ParamError("solver", f"unknown solver {solver!r} (known: {', '.join(SOLVERS)})")
+    seed = secrets.randbelow(2**31) if request.seed is None else request.seed
 
     return GenerationParams(
-        prompt=prompt,
-        negative_prompt=negative,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
         width=width,
         height=height,
         frames=frames,
@@ -235,44 +339,34 @@ def validate_params(
         guidance=guidance,
         shift=shift,
         seed=seed,
-        solver=solver,
+        solver=request.solver or sampling.solver,
         guidance_low_noise=guidance_low,
-        **_flexcache(raw, model, allowed_flexcache),
+        **_flexcache(request, model, allowed_flexcache),
     )
 
 
-# The request fields a command line sets, besides the prompt (``smartdiff generate`` and ``submit``).
-OPTIONAL_FIELDS = (
-    "negative_prompt",
-    "size",
-    "frames",
-    "steps",
-    "guidance",
-    "guidance_low_noise",
-    "shift",
-    "seed",
-    "solver",
-)
+# --- the command line ------------------------------------------------------------------------
+
+
+def _option_type(annotation: Any) -> type:
+    """int, float or str: the type a request field's command-line option parses to."""
+    members = get_args(annotation) or (annotation,)  # int | None -> int, None
+    kinds = {get_args(m)[0] if get_origin(m) is Annotated else m for m in members}
+    return next((kind for kind in (int, float) if kind in kinds), str)
 
 
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
-    """The generation parameters as command-line options; unset ones take the model's defaults."""
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", help="default: the official Wan negative prompt")
-    parser.add_argument("--size", help="WIDTHxHEIGHT, e.g. 832x480 (default: the model's)")
-    parser.add_argument("--frames", type=int, help="4n+1 (default: the model's, 81 for Wan)")
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float)
-    parser.add_argument("--guidance-low-noise", type=float, help="Wan2.2 low-noise expert's guidance")
-    parser.add_argument("--shift", type=float)
-    parser.add_argument("--seed", type=int, help="default: random (recorded, so it can be reused)")
-    parser.add_argument("--solver", choices=SOLVERS)
-    parser.add_argument("--flexcache", choices=FLEXCACHE, help="feature caching across steps (default none)")
-    parser.add_argument("--teacache-threshold", type=float, help="default: the model's (0.08 for 1.3B)")
-    for name, default in PAB_DEFAULTS.items():
-        parser.add_argument("--" + name.replace("_", "-"), type=int, help=f"PAB schedule (default {default})")
+    """Every request field as a command-line option (``--negative-prompt``, ``--pab-self-start``...),
+    from ``GenerationRequest``; unset ones take the model's defaults."""
+    for name, field in GenerationRequest.model_fields.items():
+        option = "--" + name.replace("_", "-")
+        kind = _option_type(field.annotation)
+        choices = {"solver": SOLVERS, "flexcache": FLEXCACHE}.get(name)
+        parser.add_argument(
+            option, type=kind, choices=choices, required=name == "prompt", help=field.description
+        )
 
 
 def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("prompt", *OPTIONAL_FIELDS)
-    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    """The request the options given on the command line make (unset options left out)."""
+    return {name: getattr(args, name) for name in REQUEST_FIELDS if getattr(args, name, None) is not None}

@@ -13,7 +13,7 @@ from smartdiff.pipeline.params import add_request_arguments, request_from_args
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", required=True)
     add_request_arguments(parser)
-    parser.add_argument("--priority", type=int, default=5, help="0..9, higher first (default 5)")
+    parser.add_argument("--priority", type=int, default=5, help="0..9, 9 the most urgent (default 5)")
     parser.add_argument("--job-id", help="your own id: submitting it again returns the same job")
     parser.add_argument("--queue-anyway", action="store_true", help="queue even if no worker is live")
     parser.add_argument("--wait", action="store_true", help="wait for the job and print its record")

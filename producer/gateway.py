@@ -39,16 +39,16 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from kombu.exceptions import OperationalError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from smartdiff.farm.records import FAILED, PREFIX, SUCCEEDED, JobRecord
 from smartdiff.farm.settings import FarmSettings
 from smartdiff.farm.storage import StorageError, make_client
-from smartdiff.farm.wire import DEFAULT_PRIORITY, MAX_PRIORITY, priority_lists
+from smartdiff.farm.wire import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, priority_lists
 from smartdiff.pipeline.config import list_profile_names, load_profile
-from smartdiff.pipeline.params import FLEXCACHE, SOLVERS
+from smartdiff.pipeline.params import REQUEST_FIELDS, GenerationRequest, param_error
 from smartdiff.producer.apikeys import ApiKey, ApiKeyStore
 from smartdiff.producer.client import Client, FarmError
 from smartdiff.producer.webhooks import WebhookDelivery, check_callback_url, delivery_state
@@ -60,7 +60,6 @@ IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
 _IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
 # Body fields the gateway handles itself; every other field is a generation parameter.
-GATEWAY_FIELDS = ("profile", "priority", "callback_url", "queue_anyway")
 TOO_MANY_JOBS_RETRY_SECONDS = 5
 # FarmError codes of Client.submit -> HTTP status.
 _FARM_STATUS = {"INVALID_INPUT": 400, "UNKNOWN_PROFILE": 400, "NO_WORKER": 503}
@@ -97,37 +96,20 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-class JobRequest(BaseModel):
-    """A job: the profile, the prompt and optional generation parameters (defaults: the model's)."""
+class JobRequest(GenerationRequest):
+    """A job: the profile and a generation request (pipeline.params.GenerationRequest, the farm's one
+    request schema: the same fields, limits and messages as the Python client and the worker)."""
 
-    model_config = ConfigDict(extra="forbid")
     profile: str = Field(description="a profile from GET /v1/profiles", examples=["wan2.1-1.3b-lossless"])
-    prompt: str = Field(description="at most 2000 characters", examples=["a corgi running on a beach"])
-    negative_prompt: str | None = Field(None, description="default: the official Wan negative prompt")
-    size: str | None = Field(None, description="WIDTHxHEIGHT, one the model supports", examples=["832x480"])
-    width: int | None = Field(None, description="instead of size, with height")
-    height: int | None = Field(None, description="instead of size, with width")
-    frames: int | None = Field(None, description="4n+1, e.g. 81")
-    steps: int | None = None
-    guidance: float | None = None
-    guidance_low_noise: float | None = Field(None, description="Wan2.2 only: the low-noise expert's")
-    shift: float | None = None
-    seed: int | None = Field(None, description="default: random (recorded in the result)")
-    # The vocabularies come from the one validation module, so the API cannot drift from it.
-    solver: Literal[SOLVERS] | None = None
-    flexcache: Literal[FLEXCACHE] | None = None
-    teacache_threshold: float | None = None
-    pab_self_start: int | None = None
-    pab_self_end: int | None = None
-    pab_self_interval: int | None = None
-    pab_cross_start: int | None = None
-    pab_cross_end: int | None = None
-    pab_cross_interval: int | None = None
-    priority: int = Field(DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY, description="higher runs first")
+    priority: int = Field(
+        DEFAULT_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY, strict=True, description="9 is the most urgent"
+    )
     callback_url: str | None = Field(
         None, description="http(s) URL on an allowed host; receives the final record, signed"
     )
-    queue_anyway: bool = Field(False, description="queue even if no live worker serves the profile")
+    queue_anyway: bool = Field(
+        False, strict=True, description="queue even if no live worker serves the profile"
+    )
 
 
 class WebhookState(BaseModel):
@@ -507,22 +489,18 @@ class Gateway:
             pass
 
     def _parse(self, body: dict[str, Any]) -> tuple[str, Any, str | None, bool, dict[str, Any]]:
-        """(profile, priority, callback_url, queue_anyway, generation parameters); Client.submit
-        checks the priority and the parameters."""
-        profile = body.get("profile")
-        if profile is None:
-            raise ApiError(400, "INVALID_INPUT", "profile: is required")
-        if not isinstance(profile, str):
-            raise ApiError(400, "INVALID_INPUT", f"profile: must be a string, got {type(profile).__name__}")
+        """(profile, priority, callback_url, queue_anyway, generation parameters), by JobRequest;
+        Client.submit checks the parameters against the profile's model."""
+        try:
+            request = JobRequest.model_validate(body)
+        except ValidationError as error:
+            raise ApiError(400, "INVALID_INPUT", str(param_error(error))) from None
+        profile = request.profile
         known = list_profile_names()
         if profile not in known:  # a name, never a path: only the listed profiles exist
             message = f"unknown profile {profile[:100]!r} (known: {', '.join(known)})"
             raise ApiError(400, "UNKNOWN_PROFILE", message)
-        priority = body.get("priority", DEFAULT_PRIORITY)
-        queue_anyway = body.get("queue_anyway", False)
-        if not isinstance(queue_anyway, bool):
-            raise ApiError(400, "INVALID_INPUT", "queue_anyway: must be true or false")
-        callback_url = body.get("callback_url")
+        callback_url = request.callback_url
         if callback_url is not None:
             if not self.webhooks:
                 message = "callback_url: webhooks are off here (SMARTDIFF_WEBHOOK_SECRET unset)"
@@ -532,11 +510,8 @@ class Gateway:
             except ValueError as error:
                 raise ApiError(400, "INVALID_INPUT", str(error)) from None
         # null means "the default" for every optional parameter.
-        params = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS and v is not None}
-        for name in ("job_id", "owner"):  # Client.submit keywords that callers do not set here
-            if name in params:
-                raise ApiError(400, "INVALID_INPUT", f"{name}: unknown field")
-        return profile, priority, callback_url, queue_anyway, params
+        params = request.model_dump(include=set(REQUEST_FIELDS), exclude_none=True)
+        return profile, request.priority, callback_url, request.queue_anyway, params
 
     def cancel(self, key: ApiKey, job_id: str) -> dict[str, Any]:
         record = self.own_record(key, job_id)
@@ -690,6 +665,7 @@ def create_app(settings: FarmSettings | None = None, *, webhook_secret: str | No
         description="Text-to-video jobs on the Smart-Diffusion farm (Wan models). Guide: docs/API.md.",
         lifespan=gw.lifespan,
         redoc_url=None,
+        generate_unique_id_function=lambda route: route.name,  # operationId: create_job, get_job, ...
     )
     app.state.gateway = gw
     bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey", description="Authorization: Bearer <API key>")
@@ -858,7 +834,15 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         routes=app.routes,
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    components["JobRequest"] = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    request = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    request["properties"]["profile"]["enum"] = profiles = list_profile_names()
+    components["JobRequest"] = request
+    body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    # A request per profile that its model accepts: a client made from this description can form a
+    # valid job for every profile.
+    body["examples"] = {
+        name: {"summary": f"a job for {name}", "value": example_job(name)} for name in profiles
+    }
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     for path in schema["paths"].values():
@@ -868,6 +852,21 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 del operation["responses"]["422"]
     app.openapi_schema = schema
     return schema
+
+
+def example_job(profile: str) -> dict[str, Any]:
+    """A request that the profile's model accepts, with its own defaults spelled out."""
+    sampling = load_profile(profile).model_config.sampling
+    return {
+        "profile": profile,
+        "prompt": "a red ball moving left on a white background",
+        "size": sampling.size,
+        "frames": sampling.frames,
+        "steps": sampling.steps,
+        "seed": 42,
+        "priority": DEFAULT_PRIORITY,
+        "queue_anyway": True,
+    }
 
 
 def openapi_document(app: FastAPI | None = None) -> str:

@@ -100,3 +100,56 @@ def test_validation_imports_no_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-P", "-c", code], check=True)
+
+
+def test_every_request_field_is_a_command_line_option_that_reaches_the_request():
+    """The options come from the one request schema: each one set on the command line arrives."""
+    import argparse
+
+    from smartdiff.pipeline.params import REQUEST_FIELDS, add_request_arguments, request_from_args
+
+    parser = argparse.ArgumentParser()
+    add_request_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--prompt",
+            "a cat",
+            "--flexcache",
+            "pab",
+            "--pab-self-interval",
+            "3",
+            "--guidance",
+            "4.5",
+            "--seed",
+            "9",
+        ]
+    )
+    request = request_from_args(args)
+    assert request == {
+        "prompt": "a cat",
+        "flexcache": "pab",
+        "pab_self_interval": 3,
+        "guidance": 4.5,
+        "seed": 9,
+    }
+    params = validate_params(request, WAN13)
+    assert (params.flexcache, params.pab_self_interval, params.guidance) == ("pab", 3, 4.5)
+    options = {action.dest for action in parser._actions} - {"help"}
+    assert options == set(REQUEST_FIELDS)
+
+
+def test_a_request_object_and_its_json_form_validate_alike():
+    from smartdiff.pipeline.params import GenerationRequest
+
+    raw = {"prompt": "a cat", "size": "480x832", "frames": 17, "seed": 3, "solver": "euler"}
+    assert validate_params(GenerationRequest(**raw), WAN13) == validate_params(raw, WAN13)
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, {"flexcache": "pab"}, {"flexcache": "teacache", "teacache_threshold": 0.1}]
+)
+@pytest.mark.parametrize("model", [WAN13, A14B])
+def test_validated_parameters_validate_again_to_themselves(model, extra):
+    """What a worker receives is what the producer validated, every field present, null included."""
+    params = validate_params({"prompt": "a cat", "seed": 5, **extra}, model)
+    assert validate_params(params.to_dict(), model) == params

@@ -340,6 +340,12 @@ class WorkerService:
             log.warning("rejected: %s", error, extra={"code": "INVALID_INPUT"})
             metrics.JOBS.labels(self.profile.name, FAILED).inc()
             return {"id": job_id, "state": FAILED}
+        except Exception as error:  # a bug of ours: the caller learns of it, the worker serves on
+            log.exception("reading the message failed")
+            message = f"{type(error).__name__} while reading the message: {error}"[:1000]
+            self.store.fail_unclaimed(job_id, "INTERNAL_ERROR", message, self.profile.name)
+            metrics.JOBS.labels(self.profile.name, FAILED).inc()
+            return {"id": job_id, "state": FAILED}
 
         if self.store.get(job_id) is None:  # a message pushed by another producer, without a record
             self.store.create(job_id, self.profile.name, params.to_dict(), priority)
