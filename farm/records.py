@@ -17,8 +17,8 @@ from typing import Any
 
 import redis
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
-FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+from smartdiff.farm.codes import ErrorCode, JobState
+
 STAGES = ("text_encode", "denoise", "vae_decode", "encode", "upload")
 
 PREFIX = "smartdiff"
@@ -89,7 +89,7 @@ class JobRecord:
 
     @property
     def finished(self) -> bool:
-        return self.state in FINAL_STATES
+        return JobState(self.state).final
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items()}
@@ -322,7 +322,7 @@ class JobStore:
         now = time.time()
         fields = {
             "id": job_id,
-            "state": QUEUED,
+            "state": JobState.QUEUED,
             "profile": profile,
             "params": json.dumps(params),
             "priority": priority,
@@ -401,9 +401,9 @@ class JobStore:
         return self._requeue_running(job_id, worker, 1) == 1
 
     def requeue_if_expired(self, job_id: str) -> str:
-        """For a running job whose lease ran out (its worker died): "QUEUED" if this call put it back,
-        "CANCELLED" if a cancel was pending (it ends there), "" if there was nothing to do."""
-        return {1: QUEUED, 2: CANCELLED}.get(self._requeue_running(job_id, "", 0), "")
+        """For a running job whose lease ran out (its worker died): QUEUED if this call put it back,
+        CANCELLED if a cancel was pending (it ends there), "" if there was nothing to do."""
+        return {1: JobState.QUEUED, 2: JobState.CANCELLED}.get(self._requeue_running(job_id, "", 0), "")
 
     def expired_jobs(self) -> list[str]:
         """Ids of running jobs whose lease ran out."""
@@ -414,7 +414,7 @@ class JobStore:
         return [_job_id(key) for key in self.redis.zrangebyscore(QUEUED_SET, 0, before)]
 
     def cancel(
-        self, job_id: str, code: str = "CANCELLED", message: str = "cancelled before it started"
+        self, job_id: str, code: str = ErrorCode.CANCELLED, message: str = "cancelled before it started"
     ) -> str:
         """Ask for a cancel; returns the state after the call ('missing' if there is no such job).
         A queued job ends at once with ``code`` and ``message``; a running one at its next step."""
@@ -424,7 +424,7 @@ class JobStore:
 
 def _final_fields(state: str, fields: dict[str, Any]) -> list[Any]:
     """Field/value pairs of a final state, JSON fields encoded."""
-    if state not in FINAL_STATES:
+    if not JobState(state).final:
         raise ValueError(f"not a final state: {state}")
     now = time.time()
     pairs: list[Any] = ["state", state, "finished_at", now, "updated_at", now]

@@ -50,7 +50,7 @@ class FarmSettings(BaseSettings):
     # CPU workers (--gpus none): threads per job; 0 shares the host's cores among its CPU workers.
     cpu_threads: int = Field(0, ge=0)
     metrics_port: int = Field(0, ge=0, le=65535)  # 0: no metrics server
-    # HTTP gateway (producer/gateway.py): request bodies above this are refused before parsing.
+    # HTTP gateway (producer/api.py): request bodies above this are refused before parsing.
     gateway_max_body_bytes: int = Field(64 * 1024, ge=1024)
     # Webhooks: callback URLs may only name these hosts ("hooks.example.com", or "*.example.com" for
     # its subdomains), comma-separated; empty: no callbacks. The signing secret is

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from smartdiff.farm.codes import JobState
 from smartdiff.pipeline.params import add_request_arguments, request_from_args
 
 
@@ -36,7 +37,7 @@ def _print(record: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(record, ensure_ascii=False))
         return
     line = f"{record['id']}  {record['state']}"
-    if record["state"] == "RUNNING":
+    if record["state"] == JobState.RUNNING:
         line += f"  {record['stage']} {record['step']}/{record['steps']}"
     if record.get("error_code"):
         line += f"  {record['error_code']}: {record['error_message']}"

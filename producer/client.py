@@ -17,7 +17,8 @@ from typing import Any
 import redis
 
 from smartdiff.farm.celery_app import make_celery
-from smartdiff.farm.records import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
+from smartdiff.farm.codes import ErrorCode, JobState
+from smartdiff.farm.records import JobRecord, JobStore
 from smartdiff.farm.settings import FarmSettings
 from smartdiff.farm.storage import VideoStore
 from smartdiff.farm.wire import (
@@ -88,28 +89,28 @@ class Client:
         try:
             profile_config = load_profile(profile)
         except ValueError as error:
-            raise FarmError("UNKNOWN_PROFILE", str(error)) from None
+            raise FarmError(ErrorCode.UNKNOWN_PROFILE, str(error)) from None
         try:
             validated = validate_params(
                 {"prompt": prompt, **params}, profile_config.model_config, profile_config.flexcache
             )
         except ParamError as error:
-            raise FarmError("INVALID_INPUT", str(error)) from None
+            raise FarmError(ErrorCode.INVALID_INPUT, str(error)) from None
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:
-            raise FarmError("INVALID_INPUT", f"priority: must be an integer from 0 to {MAX_PRIORITY}")
+            raise FarmError(ErrorCode.INVALID_INPUT, f"priority: must be an integer from 0 to {MAX_PRIORITY}")
         if job_id is not None and (
             not isinstance(job_id, str) or not 8 <= len(job_id) <= 64 or not job_id.replace("-", "").isalnum()
         ):
-            raise FarmError("INVALID_INPUT", "job_id: 8 to 64 letters, digits and dashes")
+            raise FarmError(ErrorCode.INVALID_INPUT, "job_id: 8 to 64 letters, digits and dashes")
         extra = {"owner": owner} if owner else {}
         if callback_url is not None:
             try:
                 extra["callback_url"] = check_callback_url(callback_url, self.settings.webhook_allowed_hosts)
             except ValueError as error:
-                raise FarmError("INVALID_INPUT", str(error)) from None
+                raise FarmError(ErrorCode.INVALID_INPUT, str(error)) from None
         if not queue_anyway and not self.registry.live_workers(profile):
             raise FarmError(
-                "NO_WORKER",
+                ErrorCode.NO_WORKER,
                 f"no live worker serves profile {profile!r}; start one, or "
                 "submit with queue_anyway=True to wait in the queue",
             )
@@ -144,9 +145,11 @@ class Client:
         """The job's record as a dict, with a fresh presigned link if it succeeded."""
         record = self.find(job_id)
         if record is None:
-            raise FarmError("NOT_FOUND", f"no job {job_id!r} (never submitted, or its record expired)")
+            raise FarmError(
+                ErrorCode.NOT_FOUND, f"no job {job_id!r} (never submitted, or its record expired)"
+            )
         out = record.to_dict()
-        if record.state == SUCCEEDED and record.result.get("key"):
+        if record.state == JobState.SUCCEEDED and record.result.get("key"):
             out["result"]["url"] = self.video_store.presign(record.result["bucket"], record.result["key"])
         return out
 
@@ -170,13 +173,13 @@ class Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             record = self.status()
-            if record["state"] == SUCCEEDED:
+            if record["state"] == JobState.SUCCEEDED:
                 return record
-            if record["state"] in (FAILED, CANCELLED):
+            if record["state"] in (JobState.FAILED, JobState.CANCELLED):
                 raise FarmError(record["error_code"] or record["state"], record["error_message"], record)
             if deadline is not None and time.monotonic() > deadline:
                 raise FarmError(
-                    "TIMEOUT", f"job {self.id} is still {record['state']} after {timeout} s", record
+                    ErrorCode.TIMEOUT, f"job {self.id} is still {record['state']} after {timeout} s", record
                 )
             time.sleep(poll_seconds)
 
@@ -185,5 +188,5 @@ class Job:
         self.client.find(self.id)  # a job queued by another service gets its record first
         state = self.client.store.cancel(self.id)
         if state == "missing":
-            raise FarmError("NOT_FOUND", f"no job {self.id!r}")
+            raise FarmError(ErrorCode.NOT_FOUND, f"no job {self.id!r}")
         return state

@@ -1,281 +1,49 @@
-"""``smartdiff gateway``: the farm over HTTP, for services that do not speak Python.
-
-    POST /v1/jobs                  create a job (Idempotency-Key makes a retried POST return the same job)
-    GET  /v1/jobs/{id}             its record: state, stage, progress, result with a fresh presigned link
-    POST /v1/jobs/{id}/cancel      cancel it
-    GET  /v1/jobs/{id}/video       302 to the video (presigned link)
-    GET  /v1/profiles              profiles with their live workers and queue depths
-    GET  /healthz, /readyz         process up; Redis and the bucket reachable
-    GET  /metrics                  Prometheus
-    GET  /openapi.json, /docs      the API description (also openapi.json in the repo)
-
-Every /v1 call needs ``Authorization: Bearer <API key>`` (``smartdiff apikey create``); a job is
-visible only to the key that created it. Every error is ``{"error": {"code": ..., "message": ...}}``.
-docs/API.md is the user's guide. Imports no torch.
+"""The gateway's work behind the routes: keys, idempotency, jobs through the Python client, records
+as callers see them, profiles, readiness and metrics of the farm. Imports no torch.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
-import os
 import re
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import redis
 from botocore.exceptions import BotoCoreError, ClientError
-from fastapi import Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import FastAPI, Request
+from fastapi.security import HTTPAuthorizationCredentials
 from kombu.exceptions import OperationalError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from smartdiff.farm.records import FAILED, PREFIX, SUCCEEDED, JobRecord
+from smartdiff.farm.codes import ErrorCode, JobState
+from smartdiff.farm.records import PREFIX, JobRecord
 from smartdiff.farm.settings import FarmSettings
-from smartdiff.farm.storage import StorageError, make_client
-from smartdiff.farm.wire import DEFAULT_PRIORITY, MAX_PRIORITY, MIN_PRIORITY, priority_lists
+from smartdiff.farm.storage import make_client
+from smartdiff.farm.wire import priority_lists
 from smartdiff.pipeline.config import list_profile_names, load_profile
-from smartdiff.pipeline.params import REQUEST_FIELDS, GenerationRequest, param_error
+from smartdiff.pipeline.params import REQUEST_FIELDS, param_error
+from smartdiff.producer.api_models import ApiError, JobRequest
 from smartdiff.producer.apikeys import ApiKey, ApiKeyStore
 from smartdiff.producer.client import Client, FarmError
 from smartdiff.producer.webhooks import WebhookDelivery, check_callback_url, delivery_state
 
 log = logging.getLogger(__name__)
 
-API_VERSION = "1.0.0"
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9-]{8,64}$")
 _IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, no spaces
-# Body fields the gateway handles itself; every other field is a generation parameter.
 TOO_MANY_JOBS_RETRY_SECONDS = 5
 # FarmError codes of Client.submit -> HTTP status.
-_FARM_STATUS = {"INVALID_INPUT": 400, "UNKNOWN_PROFILE": 400, "NO_WORKER": 503}
-
-
-class ApiError(Exception):
-    """An answer in the one error shape: {"error": {"code", "message"}}."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(f"{code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
-def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-# ------------------------------------------------------------------------------ OpenAPI models
-# For the API description only: requests are checked by pipeline.params.validate_params (the one
-# validator the farm has) and the gateway's own field checks, so the messages are the farm's.
-
-
-class ErrorDetail(BaseModel):
-    code: str = Field(description="stable, for programs: INVALID_INPUT, UNAUTHENTICATED, RATE_LIMITED, ...")
-    message: str = Field(description="for people: what is wrong and what to do")
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
-class JobRequest(GenerationRequest):
-    """A job: the profile and a generation request (pipeline.params.GenerationRequest, the farm's one
-    request schema: the same fields, limits and messages as the Python client and the worker)."""
-
-    profile: str = Field(description="a profile from GET /v1/profiles", examples=["wan2.1-1.3b-lossless"])
-    priority: int = Field(
-        DEFAULT_PRIORITY, ge=MIN_PRIORITY, le=MAX_PRIORITY, strict=True, description="9 is the most urgent"
-    )
-    callback_url: str | None = Field(
-        None, description="http(s) URL on an allowed host; receives the final record, signed"
-    )
-    queue_anyway: bool = Field(
-        False, strict=True, description="queue even if no live worker serves the profile"
-    )
-
-
-class WebhookState(BaseModel):
-    state: Literal["retrying", "delivered", "failed", "pending"]
-    attempts: int
-    last_status: int = Field(description="HTTP status of the last attempt; 0 if none came")
-    last_error: str | None = None
-    next_attempt_at: float | None = None
-
-
-class JobOut(BaseModel):
-    id: str
-    state: Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
-    profile: str
-    stage: str = Field(description="while RUNNING: text_encode, denoise, vae_decode, encode or upload")
-    step: int = Field(description="denoising step done")
-    steps: int
-    attempt: int
-    priority: int
-    params: dict[str, Any] = Field(description="the generation parameters, every default filled in")
-    result: dict[str, Any] = Field(
-        description="when SUCCEEDED: bucket, key, size, sha256, width, height, frames, fps, seed, "
-        "profile, model, attention, cache, and url (presigned when this answer was made)"
-    )
-    seconds: dict[str, float] = Field(description="seconds per stage")
-    error_code: str
-    error_message: str
-    worker: str
-    created_at: float
-    queued_at: float
-    started_at: float
-    finished_at: float
-    updated_at: float
-    cancel_requested: bool
-    callback_url: str
-    upload_pending: str = Field(
-        "",
-        description="while RUNNING at stage upload and the storage is away: the finished video waits on "
-        "its worker, which uploads it as soon as the storage answers (it is never generated again)",
-    )
-    webhook: WebhookState | None = None
-
-
-class WorkerOut(BaseModel):
-    id: str
-    state: str
-    device: str | None = None
-    gpu: str | None = None
-    attention: str | None = None
-    jobs_done: int | None = None
-    started_at: float | None = None
-
-
-class ProfileOut(BaseModel):
-    name: str
-    model: str
-    attention: str
-    flexcache: list[str]
-    live_workers: int
-    queue_depth: int = Field(description="messages waiting in the profile's queue (all priorities)")
-    workers: list[WorkerOut]
-
-
-class ProfilesOut(BaseModel):
-    profiles: list[ProfileOut]
-
-
-class HealthOut(BaseModel):
-    status: str
-    checks: dict[str, str] | None = None
-
-
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    descriptions = {
-        400: "invalid input (INVALID_INPUT, UNKNOWN_PROFILE)",
-        401: "no API key, or an unknown one (UNAUTHENTICATED)",
-        403: "the API key was revoked (KEY_REVOKED)",
-        404: "no such job for this key (NOT_FOUND)",
-        409: "the job is not in a state that allows this (JOB_NOT_SUCCEEDED, JOB_FINISHED)",
-        413: "the body is larger than the limit (PAYLOAD_TOO_LARGE)",
-        415: "the body is not JSON (UNSUPPORTED_MEDIA_TYPE)",
-        422: "the Idempotency-Key was used before with another body (IDEMPOTENCY_KEY_REUSED)",
-        429: "too many requests (RATE_LIMITED) or running jobs (TOO_MANY_JOBS); see Retry-After",
-        503: "no live worker for the profile (NO_WORKER) or the farm is unreachable (NOT_READY)",
-    }
-    return {s: {"model": ErrorBody, "description": descriptions[s]} for s in statuses}
-
-
-_AUTH_ERRORS = (401, 403, 429, 503)
-
-
-# ------------------------------------------------------------------------------ middleware
-
-
-class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes before anything reads them: by Content-Length at
-    once, and by counting for bodies sent without one (chunked)."""
-
-    def __init__(self, app: Any, limit: int):
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                answer = error_response(400, "INVALID_INPUT", "Content-Length is not a number")
-                await answer(scope, receive, send)
-                return
-            if int(declared) > self.limit:
-                await self._too_large()(scope, receive, send)
-                return
-        received = 0
-
-        async def limited() -> dict:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    # Raised inside the endpoint's body read: the ApiError handler answers it.
-                    raise ApiError(413, "PAYLOAD_TOO_LARGE", self._message())
-            return message
-
-        await self.app(scope, limited, send)
-
-    def _message(self) -> str:
-        return f"the request body is larger than {self.limit} bytes"
-
-    def _too_large(self) -> JSONResponse:
-        return error_response(413, "PAYLOAD_TOO_LARGE", self._message(), {"Connection": "close"})
-
-
-class Metrics:
-    """Requests by route template (never the raw path: ids would explode the label set)."""
-
-    def __init__(self, app: Any, requests: Counter, latency: Histogram):
-        self.app = app
-        self.requests = requests
-        self.latency = latency
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_status(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.requests.labels(scope["method"], route, str(status)).inc()
-            self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
-
-
-# ------------------------------------------------------------------------------ the gateway
+_FARM_STATUS = {ErrorCode.INVALID_INPUT: 400, ErrorCode.UNKNOWN_PROFILE: 400, ErrorCode.NO_WORKER: 503}
 
 
 class _Idempotency:
@@ -367,7 +135,7 @@ class Gateway:
         """The record as callers see it: with a fresh link when it succeeded; no owner id."""
         out = record.to_dict()
         out.pop("owner", None)
-        if record.state == SUCCEEDED and record.result.get("key"):
+        if record.state == JobState.SUCCEEDED and record.result.get("key"):
             result = record.result
             out["result"]["url"] = self.client.video_store.presign(result["bucket"], result["key"])
         return out
@@ -376,7 +144,7 @@ class Gateway:
         """The job if this key created it; NOT_FOUND otherwise (others' jobs do not exist for it)."""
         record = self.client.store.get(job_id) if _JOB_ID_RE.match(job_id) else None
         if record is None or record.owner != key.id:
-            raise ApiError(404, "NOT_FOUND", f"no job {job_id!r} for this API key")
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no job {job_id!r} for this API key")
         return record
 
     def answer(self, record: JobRecord) -> dict[str, Any]:
@@ -395,20 +163,20 @@ class Gateway:
         if credentials is None or not credentials.credentials:
             raise ApiError(
                 401,
-                "UNAUTHENTICATED",
+                ErrorCode.UNAUTHENTICATED,
                 "send an API key as 'Authorization: Bearer <key>' (smartdiff apikey create)",
                 {"WWW-Authenticate": "Bearer"},
             )
         key = self.keys.authenticate(credentials.credentials)
         if key is None:
-            raise ApiError(401, "UNAUTHENTICATED", "unknown API key", {"WWW-Authenticate": "Bearer"})
+            raise ApiError(401, ErrorCode.UNAUTHENTICATED, "unknown API key", {"WWW-Authenticate": "Bearer"})
         if key.revoked:
-            raise ApiError(403, "KEY_REVOKED", f"API key {key.id} was revoked; ask for a new one")
+            raise ApiError(403, ErrorCode.KEY_REVOKED, f"API key {key.id} was revoked; ask for a new one")
         wait = self.keys.hit(key)
         if wait > 0:
             raise ApiError(
                 429,
-                "RATE_LIMITED",
+                ErrorCode.RATE_LIMITED,
                 f"more than {key.requests_per_minute} requests in a minute with this key",
                 {"Retry-After": str(max(1, math.ceil(wait)))},
             )
@@ -420,18 +188,22 @@ class Gateway:
         try:
             body_hash = hashlib.sha256(_canonical(body)).hexdigest()
         except UnicodeEncodeError:  # a lone surrogate ("\ud800") would fail later, in Redis
-            raise ApiError(400, "INVALID_INPUT", "strings must be valid Unicode (no surrogates)") from None
+            raise ApiError(
+                400, ErrorCode.INVALID_INPUT, "strings must be valid Unicode (no surrogates)"
+            ) from None
         profile, priority, callback_url, queue_anyway, params = self._parse(body)
         job_id = uuid.uuid4().hex
         replay = False
         if idempotency_key is not None:
             if not _IDEMPOTENCY_RE.match(idempotency_key):
-                raise ApiError(400, "INVALID_INPUT", "Idempotency-Key: 1 to 255 printable ASCII characters")
+                raise ApiError(
+                    400, ErrorCode.INVALID_INPUT, "Idempotency-Key: 1 to 255 printable ASCII characters"
+                )
             held_id, held_hash = self.idempotency.claim(key.id, idempotency_key, job_id, body_hash)
             if held_hash != body_hash:
                 raise ApiError(
                     422,
-                    "IDEMPOTENCY_KEY_REUSED",
+                    ErrorCode.IDEMPOTENCY_KEY_REUSED,
                     "this Idempotency-Key was used with another body; use a new key for a new job",
                 )
             replay = held_id != job_id
@@ -446,7 +218,7 @@ class Gateway:
             if not self.keys.reserve_job(key, job_id):
                 raise ApiError(
                     429,
-                    "TOO_MANY_JOBS",
+                    ErrorCode.TOO_MANY_JOBS,
                     f"this key has {key.max_concurrent_jobs} unfinished jobs, its limit; wait for one to end",
                     {"Retry-After": str(TOO_MANY_JOBS_RETRY_SECONDS)},
                 )
@@ -463,7 +235,7 @@ class Gateway:
                 )
             except FarmError as error:
                 self.keys.release_job(key.id, job_id)
-                headers = {"Retry-After": "30"} if error.code == "NO_WORKER" else None
+                headers = {"Retry-After": "30"} if error.code == ErrorCode.NO_WORKER else None
                 status = _FARM_STATUS.get(error.code, 400)
                 raise ApiError(status, error.code, error.message, headers) from None
             except (redis.RedisError, OperationalError):
@@ -475,7 +247,7 @@ class Gateway:
             raise
         record = self.client.store.get(job_id)
         if record is None:  # it finished and expired within this call: practically never
-            raise ApiError(503, "NOT_READY", "the job's record vanished; try again")
+            raise ApiError(503, ErrorCode.NOT_READY, "the job's record vanished; try again")
         if not replay:
             self.jobs_created.labels(profile).inc()
         return (200 if replay else 201), self.answer(record)
@@ -484,7 +256,9 @@ class Gateway:
         # Redis or the broker failed midway: a record without a queued message would wait forever.
         try:
             self.keys.release_job(key.id, job_id)
-            self.client.store.fail_unclaimed(job_id, "NOT_READY", "the job could not be queued; submit again")
+            self.client.store.fail_unclaimed(
+                job_id, ErrorCode.NOT_READY, "the job could not be queued; submit again"
+            )
         except redis.RedisError:
             pass
 
@@ -494,36 +268,38 @@ class Gateway:
         try:
             request = JobRequest.model_validate(body)
         except ValidationError as error:
-            raise ApiError(400, "INVALID_INPUT", str(param_error(error))) from None
+            raise ApiError(400, ErrorCode.INVALID_INPUT, str(param_error(error))) from None
         profile = request.profile
         known = list_profile_names()
         if profile not in known:  # a name, never a path: only the listed profiles exist
             message = f"unknown profile {profile[:100]!r} (known: {', '.join(known)})"
-            raise ApiError(400, "UNKNOWN_PROFILE", message)
+            raise ApiError(400, ErrorCode.UNKNOWN_PROFILE, message)
         callback_url = request.callback_url
         if callback_url is not None:
             if not self.webhooks:
                 message = "callback_url: webhooks are off here (SMARTDIFF_WEBHOOK_SECRET unset)"
-                raise ApiError(400, "INVALID_INPUT", message)
+                raise ApiError(400, ErrorCode.INVALID_INPUT, message)
             try:
                 check_callback_url(callback_url, self.settings.webhook_allowed_hosts)
             except ValueError as error:
-                raise ApiError(400, "INVALID_INPUT", str(error)) from None
+                raise ApiError(400, ErrorCode.INVALID_INPUT, str(error)) from None
         # null means "the default" for every optional parameter.
         params = request.model_dump(include=set(REQUEST_FIELDS), exclude_none=True)
         return profile, request.priority, callback_url, request.queue_anyway, params
 
     def cancel(self, key: ApiKey, job_id: str) -> dict[str, Any]:
         record = self.own_record(key, job_id)
-        if record.state in (SUCCEEDED, FAILED):
-            raise ApiError(409, "JOB_FINISHED", f"job {job_id} already ended {record.state}")
+        if record.state in (JobState.SUCCEEDED, JobState.FAILED):
+            raise ApiError(409, ErrorCode.JOB_FINISHED, f"job {job_id} already ended {record.state}")
         self.client.store.cancel(job_id)
         return self.answer(self.own_record(key, job_id))
 
     def video_url(self, key: ApiKey, job_id: str) -> str:
         record = self.own_record(key, job_id)
-        if record.state != SUCCEEDED:
-            raise ApiError(409, "JOB_NOT_SUCCEEDED", f"job {job_id} is {record.state}; no video (yet)")
+        if record.state != JobState.SUCCEEDED:
+            raise ApiError(
+                409, ErrorCode.JOB_NOT_SUCCEEDED, f"job {job_id} is {record.state}; no video (yet)"
+            )
         return self.client.video_store.presign(record.result["bucket"], record.result["key"])
 
     # -- profiles, readiness ----------------------------------------------------------------------
@@ -634,275 +410,19 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
+async def json_body(request: Request) -> dict[str, Any]:
     """The body as a JSON object; 415 unless it is declared JSON, 400 unless it parses to an object."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media != "application/json":
         message = "send a JSON body with 'Content-Type: application/json'"
-        raise ApiError(415, "UNSUPPORTED_MEDIA_TYPE", message)
+        raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE, message)
     raw = await request.body()
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError):  # RecursionError: "[[[[...": nesting deeper than Python's stack
-        raise ApiError(400, "INVALID_INPUT", "the body is not valid JSON") from None
+        raise ApiError(400, ErrorCode.INVALID_INPUT, "the body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "INVALID_INPUT", f"the body must be a JSON object, not {type(body).__name__}")
-    return body
-
-
-# ------------------------------------------------------------------------------ the app
-
-
-def create_app(settings: FarmSettings | None = None, *, webhook_secret: str | None = None) -> FastAPI:
-    """The gateway. ``webhook_secret``: default SMARTDIFF_WEBHOOK_SECRET; empty turns webhooks off."""
-    settings = settings or FarmSettings.from_env()
-    if webhook_secret is None:
-        webhook_secret = os.environ.get("SMARTDIFF_WEBHOOK_SECRET", "")
-    gw = Gateway(settings, webhook_secret)
-    app = FastAPI(
-        title="Smart-Diffusion gateway",
-        version=API_VERSION,
-        description="Text-to-video jobs on the Smart-Diffusion farm (Wan models). Guide: docs/API.md.",
-        lifespan=gw.lifespan,
-        redoc_url=None,
-        generate_unique_id_function=lambda route: route.name,  # operationId: create_job, get_job, ...
-    )
-    app.state.gateway = gw
-    bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey", description="Authorization: Bearer <API key>")
-
-    def api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> ApiKey:
-        return gw.authenticate(credentials)
-
-    # -- errors: one shape, never a framework default ----------------------------------------------
-
-    @app.exception_handler(ApiError)
-    async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
-        return error_response(error.status, error.code, error.message, error.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {}
-        where = ".".join(str(part) for part in first.get("loc", ()) if part not in ("body", "header", "path"))
-        return error_response(400, "INVALID_INPUT", f"{where}: {first.get('msg', 'invalid')}")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}
-        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed here"}
-        return error_response(
-            error.status_code,
-            codes.get(error.status_code, "HTTP_ERROR"),
-            message.get(error.status_code, str(error.detail)),
-            dict(error.headers or {}),
+        raise ApiError(
+            400, ErrorCode.INVALID_INPUT, f"the body must be a JSON object, not {type(body).__name__}"
         )
-
-    @app.exception_handler(redis.RedisError)
-    @app.exception_handler(OperationalError)
-    async def on_farm_unreachable(request: Request, error: Exception) -> JSONResponse:
-        log.warning("farm unreachable: %s", type(error).__name__)
-        message = "the farm's Redis is unreachable; try again"
-        return error_response(503, "NOT_READY", message, {"Retry-After": "5"})
-
-    @app.exception_handler(StorageError)
-    async def on_storage_error(request: Request, error: StorageError) -> JSONResponse:
-        return error_response(503, "NOT_READY", str(error), {"Retry-After": "5"})
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "INTERNAL", "an unexpected error; it was logged")
-
-    # -- routes --------------------------------------------------------------------------------
-
-    @app.post(
-        "/v1/jobs",
-        status_code=201,
-        tags=["jobs"],
-        summary="Create a job",
-        response_model=None,
-        responses={
-            201: {"model": JobOut, "description": "created"},
-            200: {"model": JobOut, "description": "an Idempotency-Key replay: the job created before"},
-            **_errors(400, 413, 415, 422, *_AUTH_ERRORS),
-        },
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}},
-            }
-        },
-    )
-    async def create_job(
-        request: Request,
-        key: ApiKey = Depends(api_key),
-        idempotency_key: str | None = Header(
-            None, alias="Idempotency-Key", description="a retried POST with the same key returns the same job"
-        ),
-    ) -> JSONResponse:
-        body = await _json_object(request)
-        status, record = await run_in_threadpool(gw.create_job, key, body, idempotency_key)
-        return JSONResponse(record, status_code=status, headers={"Location": f"/v1/jobs/{record['id']}"})
-
-    @app.get(
-        "/v1/jobs/{job_id}",
-        tags=["jobs"],
-        summary="Read a job",
-        response_model=None,
-        responses={200: {"model": JobOut}, **_errors(404, *_AUTH_ERRORS)},
-    )
-    def get_job(job_id: str, key: ApiKey = Depends(api_key)) -> JSONResponse:
-        return JSONResponse(gw.answer(gw.own_record(key, job_id)))
-
-    @app.post(
-        "/v1/jobs/{job_id}/cancel",
-        tags=["jobs"],
-        summary="Cancel a job (at once if queued, at the next step if running)",
-        response_model=None,
-        responses={200: {"model": JobOut}, **_errors(404, 409, *_AUTH_ERRORS)},
-    )
-    def cancel_job(job_id: str, key: ApiKey = Depends(api_key)) -> JSONResponse:
-        return JSONResponse(gw.cancel(key, job_id))
-
-    @app.get(
-        "/v1/jobs/{job_id}/video",
-        tags=["jobs"],
-        summary="Redirect to the video",
-        response_class=RedirectResponse,
-        status_code=302,
-        responses={302: {"description": "Location: a presigned link"}, **_errors(404, 409, *_AUTH_ERRORS)},
-    )
-    def job_video(job_id: str, key: ApiKey = Depends(api_key)) -> RedirectResponse:
-        url = gw.video_url(key, job_id)
-        return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
-
-    @app.get(
-        "/v1/profiles",
-        tags=["farm"],
-        summary="Profiles with their live workers and queue depths",
-        response_model=None,
-        responses={200: {"model": ProfilesOut}, **_errors(*_AUTH_ERRORS)},
-    )
-    def profiles(key: ApiKey = Depends(api_key)) -> JSONResponse:
-        return JSONResponse({"profiles": gw.profiles()})
-
-    @app.get(
-        "/healthz",
-        tags=["ops"],
-        summary="The process is up",
-        response_model=None,
-        responses={200: {"model": HealthOut}},
-    )
-    async def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok"})
-
-    @app.get(
-        "/readyz",
-        tags=["ops"],
-        summary="Redis answers and the bucket is reachable",
-        response_model=None,
-        responses={200: {"model": HealthOut}, 503: {"model": ErrorBody, "description": "NOT_READY"}},
-    )
-    def readyz() -> JSONResponse:
-        checks = gw.readiness()
-        failed = {name: state for name, state in checks.items() if state != "ok"}
-        if failed:
-            return error_response(503, "NOT_READY", "; ".join(f"{n}: {s}" for n, s in failed.items()))
-        return JSONResponse({"status": "ready", "checks": checks})
-
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
-    def metrics() -> Response:
-        return Response(generate_latest(gw.registry), media_type=CONTENT_TYPE_LATEST)
-
-    # Outermost first: metrics see every answer, including the body limit's.
-    app.add_middleware(BodyLimit, limit=settings.gateway_max_body_bytes)
-    app.add_middleware(Metrics, requests=gw.requests, latency=gw.latency)
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
-    return app
-
-
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's description, plus the request model it cannot see (the body is parsed by hand) and
-    without its default 422 validation answers (this API answers 400 INVALID_INPUT instead)."""
-    if app.openapi_schema is not None:
-        return app.openapi_schema
-    from fastapi.openapi.utils import get_openapi
-
-    schema = get_openapi(
-        title=app.title,
-        version=app.version,
-        description=app.description,
-        routes=app.routes,
-    )
-    components = schema.setdefault("components", {}).setdefault("schemas", {})
-    request = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    request["properties"]["profile"]["enum"] = profiles = list_profile_names()
-    components["JobRequest"] = request
-    body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
-    # A request per profile that its model accepts: a client made from this description can form a
-    # valid job for every profile.
-    body["examples"] = {
-        name: {"summary": f"a job for {name}", "value": example_job(name)} for name in profiles
-    }
-    for name in ("HTTPValidationError", "ValidationError"):
-        components.pop(name, None)
-    for path in schema["paths"].values():
-        for operation in path.values():
-            answer = operation.get("responses", {}).get("422", {})
-            if "HTTPValidationError" in json.dumps(answer):
-                del operation["responses"]["422"]
-    app.openapi_schema = schema
-    return schema
-
-
-def example_job(profile: str) -> dict[str, Any]:
-    """A request that the profile's model accepts, with its own defaults spelled out."""
-    sampling = load_profile(profile).model_config.sampling
-    return {
-        "profile": profile,
-        "prompt": "a red ball moving left on a white background",
-        "size": sampling.size,
-        "frames": sampling.frames,
-        "steps": sampling.steps,
-        "seed": 42,
-        "priority": DEFAULT_PRIORITY,
-        "queue_anyway": True,
-    }
-
-
-def openapi_document(app: FastAPI | None = None) -> str:
-    """The API description as the repo keeps it (openapi.json): indented, one trailing newline."""
-    app = app or create_app(FarmSettings(), webhook_secret="")
-    return json.dumps(app.openapi(), indent=2, ensure_ascii=False) + "\n"
-
-
-# ------------------------------------------------------------------------------ the command
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    parser.add_argument("--no-access-log", action="store_true", help="no line per request")
-    parser.add_argument(
-        "--write-openapi", type=Path, metavar="PATH", help="write the OpenAPI description to PATH and exit"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.write_openapi:
-        args.write_openapi.write_text(openapi_document())
-        print(f"wrote {args.write_openapi}")
-        return 0
-    import uvicorn
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(
-        create_app(),
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        access_log=not args.no_access_log,
-        # Behind a proxy, X-Forwarded-For is trusted only from these addresses (uvicorn's default).
-        proxy_headers=True,
-    )
-    return 0
+    return body

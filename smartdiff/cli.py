@@ -26,7 +26,7 @@ COMMANDS = {
     "cancel": ("smartdiff.producer.cli", "cancel a job"),
     "demo": ("smartdiff.demo", "the whole farm on this machine: Redis, S3, a worker, one job"),
     "gateway": (
-        "smartdiff.producer.gateway",
+        "smartdiff.producer.api",
         "serve the farm over HTTP (jobs, profiles, health, metrics, webhooks)",
     ),
     "apikey": ("smartdiff.producer.apikeys", "create, list or revoke API keys of the HTTP gateway"),

@@ -20,8 +20,8 @@ from schemathesis.specs.openapi.checks import (
 
 from smartdiff.farm.records import job_key
 from smartdiff.farm.settings import FarmSettings
+from smartdiff.producer.api import create_app
 from smartdiff.producer.apikeys import ApiKeyStore
-from smartdiff.producer.gateway import create_app
 
 # "Come back later" answers the API documents with Retry-After: no live worker for the profile (the
 # test runs none), the farm's Redis or storage not ready. Every other 5xx is a failure.

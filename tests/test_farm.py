@@ -461,7 +461,7 @@ def test_metrics_and_structured_logs(farm):
         json.loads(line) for line in worker.log().splitlines() if line.startswith("{") and job.id in line
     ]
     assert len(lines) >= 2 and all(entry["job_id"] == job.id for entry in lines)
-    assert {"ts", "level", "logger", "msg", "worker"} <= set(lines[-1])
+    assert {"ts", "level", "logger", "msg", "process"} <= set(lines[-1])
 
 
 def test_command_line_submit_status_wait_cancel(farm):
@@ -506,7 +506,7 @@ def test_producer_imports_no_torch():
     import sys
 
     code = (
-        "import sys, smartdiff, smartdiff.producer, smartdiff.producer.cli, smartdiff.producer.gateway, "
+        "import sys, smartdiff, smartdiff.producer, smartdiff.producer.cli, smartdiff.producer.api, "
         "smartdiff.producer.apikeys, smartdiff.producer.webhooks, "
         "smartdiff.farm.records, smartdiff.farm.storage, smartdiff.farm.celery_app; "
         "from smartdiff import Client; "

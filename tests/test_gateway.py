@@ -24,8 +24,9 @@ from smartdiff.farm.settings import FarmSettings
 from smartdiff.farm.storage import VideoStore
 from smartdiff.farm.wire import priority_lists
 from smartdiff.pipeline.params import GenerationParams
+from smartdiff.producer.api import create_app, openapi_document
+from smartdiff.producer.api_models import JobRequest
 from smartdiff.producer.apikeys import ApiKeyStore
-from smartdiff.producer.gateway import JobRequest, create_app, openapi_document
 from smartdiff.producer.webhooks import verify_signature
 
 pytestmark = pytest.mark.timeout(300)
@@ -175,6 +176,43 @@ def test_health_readiness_and_metrics(gw):
     assert 'smartdiff_gateway_requests_total{method="GET",route="/v1/profiles",status="401"}' in text
     assert "smartdiff_gateway_request_seconds_bucket" in text
     assert f'smartdiff_queue_depth{{profile="{IDLE_PROFILE}"}}' in text
+
+
+def test_the_gateway_logs_in_the_farms_one_format(gw, tmp_path):
+    """JSON lines as the workers write them, uvicorn's access lines included."""
+    import os
+    import subprocess
+
+    from smartdiff.cli import python_module_command
+
+    port = free_port()
+    env = {**os.environ, "SMARTDIFF_BROKER_URL": gw.redis_url, "SMARTDIFF_S3_ENDPOINT": "http://127.0.0.1:1"}
+    log = tmp_path / "gateway.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            python_module_command("smartdiff", "gateway", "--port", str(port)),
+            env=env,
+            stderr=out,
+            stdout=out,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}/healthz"
+        wait_for(lambda: _answers(url), 60, "the gateway to answer")
+    finally:
+        server.terminate()
+        server.wait(20)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert lines and all({"ts", "level", "logger", "msg", "process"} <= set(line) for line in lines)
+    assert all(line["process"].startswith("gateway-") for line in lines)
+    assert any(line["logger"] == "uvicorn.access" and "/healthz" in line["msg"] for line in lines)
+    assert not [text for text in log.read_text().splitlines() if text.strip() and not text.startswith("{")]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_openapi_in_the_repo_is_what_the_app_serves(gw):

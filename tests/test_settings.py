@@ -50,3 +50,18 @@ def test_a_bad_value_is_refused_naming_the_setting(env, name, value, field):
     with pytest.raises(ValidationError) as info:
         FarmSettings.from_env()
     assert info.value.errors()[0]["loc"] == (field,)
+
+
+def test_the_codes_the_records_scripts_write_are_the_farms_enums():
+    """The Lua scripts of farm.records write states and error codes as text: each one is a member."""
+    import inspect
+    import re
+
+    from smartdiff.farm import records
+    from smartdiff.farm.codes import ErrorCode, JobState
+
+    source = inspect.getsource(records)
+    states = set(re.findall(r"'state', '([A-Z_]+)'", source))
+    codes = set(re.findall(r"'error_code', '([A-Z_]+)'", source))
+    assert states and codes
+    assert states <= set(JobState) and codes <= set(ErrorCode)

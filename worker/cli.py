@@ -103,10 +103,10 @@ def claim_gpu(registry, wanted: list[int] | str, worker_id: str):
 def serve(profile_name: str, gpus: list[int] | str, loglevel: str) -> int:
     import redis
 
+    from smartdiff.farm.logs import setup_logging
     from smartdiff.farm.settings import FarmSettings
     from smartdiff.farm.workers import WorkerRegistry
     from smartdiff.pipeline.config import load_profile
-    from smartdiff.worker.logs import setup_logging
     from smartdiff.worker.service import WorkerService, worker_identity
 
     settings = FarmSettings.from_env()

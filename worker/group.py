@@ -298,10 +298,10 @@ def lead(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from smartdiff.farm.logs import setup_logging
     from smartdiff.farm.settings import FarmSettings
     from smartdiff.pipeline.config import load_profile
     from smartdiff.worker.cli import parse_gpus
-    from smartdiff.worker.logs import setup_logging
     from smartdiff.worker.service import worker_identity
 
     parser = argparse.ArgumentParser(

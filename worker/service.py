@@ -31,16 +31,9 @@ from typing import Any
 import redis
 from celery import Celery
 
-from smartdiff.farm.records import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    SUCCEEDED,
-    JobStore,
-    OwnershipLost,
-    job_key,
-    record_rejection,
-)
+from smartdiff.farm.codes import ErrorCode, JobState
+from smartdiff.farm.logs import current_job
+from smartdiff.farm.records import JobStore, OwnershipLost, job_key, record_rejection
 from smartdiff.farm.settings import FarmSettings
 from smartdiff.farm.storage import StorageError, VideoStore
 from smartdiff.farm.wire import REQUEUE_PRIORITY, TASK_NAME, drop_unacked, waiting_ids
@@ -48,7 +41,6 @@ from smartdiff.farm.workers import WorkerRegistry
 from smartdiff.pipeline.config import ProfileConfig
 from smartdiff.pipeline.params import ParamError, validate_params
 from smartdiff.worker import metrics
-from smartdiff.worker.logs import current_job
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +251,7 @@ class WorkerService:
             if outcome:
                 # The dead worker's delivery would come back when kombu's visibility timeout ends.
                 drop_unacked(self.store.redis, job_id)
-            if outcome == QUEUED:
+            if outcome == JobState.QUEUED:
                 self.send(job_id)
                 requeued.append(job_id)
                 log.warning("job %s lost its worker; requeued", job_id, extra={"job_id": job_id})
@@ -280,7 +272,7 @@ class WorkerService:
         self.purge_suspects = missing - set(purged)
         for job_id in purged:
             message = "its message was purged from the queue before a worker took it"
-            if self.store.cancel(job_id, "PURGED", message) == CANCELLED:
+            if self.store.cancel(job_id, ErrorCode.PURGED, message) == JobState.CANCELLED:
                 log.warning("job %s: %s", job_id, message, extra={"job_id": job_id})
         return purged
 
@@ -292,7 +284,7 @@ class WorkerService:
 
     def revoked(self, job_id: str) -> None:
         """Celery discarded a revoked message of ours before running it: the job is cancelled."""
-        self.store.cancel(job_id, "CANCELLED", "revoked before it started")
+        self.store.cancel(job_id, ErrorCode.CANCELLED, "revoked before it started")
 
     def send(self, job_id: str) -> None:
         """(Re)send a job's message from its record, ahead of new work."""
@@ -313,12 +305,12 @@ class WorkerService:
             job_id = None
         try:
             if job_id:
-                self.store.fail_unclaimed(job_id, "INVALID_MESSAGE", reason, self.profile.name)
+                self.store.fail_unclaimed(job_id, ErrorCode.INVALID_MESSAGE, reason, self.profile.name)
             record_rejection(self.store.redis, reason, job_id)
         except redis.RedisError:
             log.warning("could not record a refused message")
         log.warning(
-            "refused a message: %s", reason, extra={"job_id": job_id or "", "code": "INVALID_MESSAGE"}
+            "refused a message: %s", reason, extra={"job_id": job_id or "", "code": ErrorCode.INVALID_MESSAGE}
         )
 
     # --- one job ----------------------------------------------------------------------------
@@ -336,16 +328,16 @@ class WorkerService:
         try:
             params = parse_message(args, kwargs, self.profile)
         except BadMessage as error:
-            self.store.fail_unclaimed(job_id, "INVALID_INPUT", str(error), self.profile.name)
-            log.warning("rejected: %s", error, extra={"code": "INVALID_INPUT"})
-            metrics.JOBS.labels(self.profile.name, FAILED).inc()
-            return {"id": job_id, "state": FAILED}
+            self.store.fail_unclaimed(job_id, ErrorCode.INVALID_INPUT, str(error), self.profile.name)
+            log.warning("rejected: %s", error, extra={"code": ErrorCode.INVALID_INPUT})
+            metrics.JOBS.labels(self.profile.name, JobState.FAILED).inc()
+            return {"id": job_id, "state": JobState.FAILED}
         except Exception as error:  # a bug of ours: the caller learns of it, the worker serves on
             log.exception("reading the message failed")
             message = f"{type(error).__name__} while reading the message: {error}"[:1000]
-            self.store.fail_unclaimed(job_id, "INTERNAL_ERROR", message, self.profile.name)
-            metrics.JOBS.labels(self.profile.name, FAILED).inc()
-            return {"id": job_id, "state": FAILED}
+            self.store.fail_unclaimed(job_id, ErrorCode.INTERNAL_ERROR, message, self.profile.name)
+            metrics.JOBS.labels(self.profile.name, JobState.FAILED).inc()
+            return {"id": job_id, "state": JobState.FAILED}
 
         if self.store.get(job_id) is None:  # a message pushed by another producer, without a record
             self.store.create(job_id, self.profile.name, params.to_dict(), priority)
@@ -427,27 +419,31 @@ class WorkerService:
                     raise
                 return self.park(job_id, video_path, digest, out, seconds, error)
             seconds["upload"] = time.perf_counter() - start
-            return self._finish(job_id, SUCCEEDED, seconds, result={**stored.to_dict(), **out})
+            return self._finish(job_id, JobState.SUCCEEDED, seconds, result={**stored.to_dict(), **out})
         except JobCancelled as how:
             return self._finish(
                 job_id,
-                CANCELLED,
+                JobState.CANCELLED,
                 seconds,
-                error_code="CANCELLED",
+                error_code=ErrorCode.CANCELLED,
                 error_message=f"{how} during {stage['name']}",
             )
         except HandBack:
             if self.store.hand_back(job_id, self.worker_id):
                 self.send(job_id)
                 log.info("handed back on shutdown")
-            return "QUEUED"
+            return JobState.QUEUED
         except OwnershipLost:
             log.warning("lease lost during %s; another worker owns the job now", stage["name"])
             return "LOST"
         except StorageError as error:
-            return self._finish(job_id, FAILED, seconds, error_code="STORAGE_ERROR", error_message=str(error))
+            return self._finish(
+                job_id, JobState.FAILED, seconds, error_code=ErrorCode.STORAGE_ERROR, error_message=str(error)
+            )
         except WouldNotFit as error:
-            return self._finish(job_id, FAILED, seconds, error_code="WOULD_NOT_FIT", error_message=str(error))
+            return self._finish(
+                job_id, JobState.FAILED, seconds, error_code=ErrorCode.WOULD_NOT_FIT, error_message=str(error)
+            )
         except Exception as error:
             import torch
 
@@ -455,17 +451,17 @@ class WorkerService:
                 torch.cuda.empty_cache()
                 return self._finish(
                     job_id,
-                    FAILED,
+                    JobState.FAILED,
                     seconds,
-                    error_code="GPU_OUT_OF_MEMORY",
+                    error_code=ErrorCode.GPU_OUT_OF_MEMORY,
                     error_message=oom_advice(stage["name"], params, self.profile.low_mem_level),
                 )
             log.exception("job failed in %s", stage["name"])
             return self._finish(
                 job_id,
-                FAILED,
+                JobState.FAILED,
                 seconds,
-                error_code="INTERNAL_ERROR",
+                error_code=ErrorCode.INTERNAL_ERROR,
                 error_message=f"{type(error).__name__} during {stage['name']}: {error}"[:1000],
             )
         finally:
@@ -523,7 +519,7 @@ class WorkerService:
             entry = json.loads(kept.with_suffix(".json").read_text())
             job_id = entry["job_id"]
             record = self.store.get(job_id)
-            if record is None or record.state != "RUNNING" or not record.upload_pending:
+            if record is None or record.state != JobState.RUNNING or not record.upload_pending:
                 self._drop_parked(kept)  # ended otherwise (expired, or taken over): nothing to do
                 continue
             token = current_job.set(job_id)
@@ -540,10 +536,10 @@ class WorkerService:
         """The job's final state if it ended now, else "" (the storage is still away)."""
         if cancelled:
             fields = {
-                "error_code": "CANCELLED",
+                "error_code": ErrorCode.CANCELLED,
                 "error_message": "cancelled while its video waited for the storage",
             }
-            state = CANCELLED
+            state = JobState.CANCELLED
         else:
             start = time.perf_counter()
             try:
@@ -551,11 +547,14 @@ class WorkerService:
             except StorageError as error:
                 if error.transient:
                     return ""
-                state, fields = FAILED, {"error_code": "STORAGE_ERROR", "error_message": str(error)}
+                state, fields = (
+                    JobState.FAILED,
+                    {"error_code": ErrorCode.STORAGE_ERROR, "error_message": str(error)},
+                )
             else:
                 seconds = {**entry["seconds"], "upload": round(time.perf_counter() - start, 4)}
                 state, fields = (
-                    SUCCEEDED,
+                    JobState.SUCCEEDED,
                     {"seconds": seconds, "result": {**stored.to_dict(), **entry["result"]}},
                 )
         if self.store.finish_parked(job_id, state, **fields):
