@@ -27,6 +27,14 @@ SEP = "\x06\x16"  # kombu's Redis separator between a queue's name and its prior
 UNACKED_HASH, UNACKED_INDEX = "unacked", "unacked_index"
 
 
+def broker_client(broker_url: str) -> redis.Redis | None:
+    """A client of the broker's Redis, where the queues and kombu's bookkeeping are (the job records
+    may live elsewhere, SMARTDIFF_REDIS_URL); None for a broker that is not Redis."""
+    if not broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return redis.Redis.from_url(broker_url, decode_responses=True)
+
+
 def priority_list(queue: str, priority: int) -> str:
     """The Redis list that holds ``queue``'s messages of one priority."""
     return f"{queue}{SEP}{priority}" if priority else queue

@@ -25,6 +25,7 @@ from smartdiff.farm.wire import (
     DEFAULT_PRIORITY,
     MAX_PRIORITY,
     TASK_NAME,
+    broker_client,
     find_queued,
     task_kwargs,
     transport_priority,
@@ -51,6 +52,7 @@ class Client:
         client = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
         self.store = JobStore(client, self.settings.record_ttl_seconds)
         self.registry = WorkerRegistry(client, self.settings.worker_ttl_seconds)
+        self.broker = broker_client(self.settings.broker_url)  # the queues (records: self.store)
         self._app = None
         self._video_store = None
 
@@ -133,7 +135,8 @@ class Client:
         until a worker takes it: one is made from its waiting message, so status and cancel see it
         from the moment it is queued."""
         record = self.store.get(job_id)
-        if record is None and (found := find_queued(self.store.redis, list_profile_names(), job_id)):
+        broker = self.broker
+        if record is None and broker and (found := find_queued(broker, list_profile_names(), job_id)):
             queue, envelope = found
             params = (task_kwargs(envelope) or {}).get("params")
             priority = transport_priority(envelope.get("properties", {}).get("priority"))

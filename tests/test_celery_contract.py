@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -239,3 +240,24 @@ def test_flower_shows_the_live_workers_and_their_tasks(farm):
     finally:
         flower.terminate()
         flower.wait(10)
+
+
+def test_records_in_another_database_than_the_queues(farm):
+    """SMARTDIFF_REDIS_URL apart from the broker: the queues are still read where they are."""
+    from smartdiff.producer import Client
+
+    records = farm.redis_server.url.rsplit("/", 1)[0] + "/3"
+    farm.env["SMARTDIFF_REDIS_URL"] = records
+    client = farm.client = Client(farm.settings.model_copy(update={"redis_url": records}))
+    farm.worker()  # serves tiny; its reaper looks after every queued job
+    ours = client.submit("tiny-cfg2", prompt="a red ball", queue_anyway=True)  # no worker serves it
+    plain = Celery(broker=farm.redis_server.url)
+    theirs = plain.send_task(
+        TASK_NAME, kwargs={"profile": "tiny-cfg2", "params": {"prompt": "x"}}, queue="tiny-cfg2"
+    )
+    assert client.record(theirs.id)["state"] == "QUEUED"  # found in the broker, recorded in db 3
+    assert farm.redis.exists(f"smartdiff:job:{ours.id}") == 0  # not in the broker's database
+    time.sleep(3 * farm.settings.lease_seconds + 6 * farm.settings.reaper_seconds)  # past two sweeps
+    assert {client.record(job_id)["state"] for job_id in (ours.id, theirs.id)} == {"QUEUED"}
+    assert celery(farm, "purge", "-f", "-Q", "tiny-cfg2").returncode == 0
+    wait_for(lambda: client.record(ours.id)["error_code"] == "PURGED", 90, "the purge to be noticed")

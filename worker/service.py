@@ -36,7 +36,7 @@ from smartdiff.farm.logs import current_job
 from smartdiff.farm.records import JobStore, OwnershipLost, job_key, record_rejection
 from smartdiff.farm.settings import FarmSettings
 from smartdiff.farm.storage import StorageError, VideoStore
-from smartdiff.farm.wire import REQUEUE_PRIORITY, TASK_NAME, drop_unacked, waiting_ids
+from smartdiff.farm.wire import REQUEUE_PRIORITY, TASK_NAME, broker_client, drop_unacked, waiting_ids
 from smartdiff.farm.workers import WorkerRegistry
 from smartdiff.pipeline.config import ProfileConfig
 from smartdiff.pipeline.params import ParamError, validate_params
@@ -142,6 +142,7 @@ class WorkerService:
         client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
         self.store = JobStore(client, settings.record_ttl_seconds)
         self.registry = WorkerRegistry(client, settings.worker_ttl_seconds)
+        self.broker = broker_client(settings.broker_url)
         # Uploads retry on the settings' budget, so a storage restart costs no compute.
         self.video_store = video_store or VideoStore(
             settings, upload_budget_seconds=settings.upload_budget_seconds
@@ -248,9 +249,9 @@ class WorkerService:
         requeued = []
         for job_id in self.store.expired_jobs():
             outcome = self.store.requeue_if_expired(job_id)
-            if outcome:
+            if outcome and self.broker is not None:
                 # The dead worker's delivery would come back when kombu's visibility timeout ends.
-                drop_unacked(self.store.redis, job_id)
+                drop_unacked(self.broker, job_id)
             if outcome == JobState.QUEUED:
                 self.send(job_id)
                 requeued.append(job_id)
@@ -263,11 +264,11 @@ class WorkerService:
     def mark_purged(self) -> list[str]:
         """Jobs QUEUED for a while whose message is in no queue and no worker's hands, at two sweeps
         in a row (``celery purge``, or a queue deleted by hand): their records end PURGED."""
+        if self.broker is None:  # the queues are not in Redis: nothing to compare with
+            return []
         grace = 2 * self.settings.reaper_seconds + self.settings.lease_seconds
         queued = set(self.store.queued_jobs(time.time() - grace))
-        missing = (
-            queued - waiting_ids(self.store.redis, sorted(self._profiles_of(queued))) if queued else set()
-        )
+        missing = queued - waiting_ids(self.broker, sorted(self._profiles_of(queued))) if queued else set()
         purged = sorted(missing & self.purge_suspects)
         self.purge_suspects = missing - set(purged)
         for job_id in purged:
