@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,14 @@ from typing import Any, Protocol
 import torch
 from safetensors import safe_open
 
-from smartdiff.pipeline.config import DiTConfig, ModelConfig, VAEConfig, list_model_names, load_model_config
+from smartdiff.pipeline.config import (
+    DiTConfig,
+    LoraConfig,
+    ModelConfig,
+    VAEConfig,
+    list_model_names,
+    load_model_config,
+)
 from smartdiff.pipeline.dit import FP32_PARAMETERS, WanDiT, diffusers_dit_key_to_official
 from smartdiff.pipeline.loading import (
     CheckpointError,
@@ -33,6 +41,7 @@ from smartdiff.pipeline.loading import (
     rename_keys,
     require_file,
 )
+from smartdiff.pipeline.lora import merge_loras
 from smartdiff.pipeline.text_encoder import (
     PreTrainedTokenizerBase,
     TextEncoder,
@@ -283,6 +292,7 @@ class ModelWeights(Protocol):
 
     model: ModelConfig
     origin: str  # said in reports: a checkpoint folder, or random weights drawn in memory
+    loras: Sequence[LoraConfig]  # merged into the DiT(s) as they are built
 
     def dit(self, index: int, dtype: torch.dtype, device: torch.device) -> WanDiT: ...
 
@@ -294,14 +304,16 @@ class ModelWeights(Protocol):
 class CheckpointWeights:
     """The weights of a checkpoint folder (official or Diffusers layout)."""
 
-    def __init__(self, checkpoint: Checkpoint):
+    def __init__(self, checkpoint: Checkpoint, loras: Sequence[LoraConfig] = ()):
         self.checkpoint = checkpoint
         self.model = checkpoint.model
+        self.loras = tuple(loras)
         self.origin = f"checkpoint {checkpoint.root} ({checkpoint.layout} layout)"
 
     def dit(self, index: int, dtype: torch.dtype, device: torch.device) -> WanDiT:
         folder = self.checkpoint.expert_dirs[index]
-        return load_dit(folder, self.checkpoint.layout, self.model.dit, dtype, device)
+        experts = (index, len(self.model.experts))
+        return load_dit(folder, self.checkpoint.layout, self.model.dit, dtype, device, self.loras, experts)
 
     def text_encoder(self, dtype: torch.dtype, device: torch.device) -> TextEncoder:
         return load_text_encoder(self.checkpoint, dtype, device)
@@ -322,7 +334,11 @@ def dit_from_state(
     source: Path | str,
     dtype: torch.dtype,
     device: torch.device,
+    loras: Sequence[LoraConfig] = (),
+    expert: tuple[int, int] = (0, 1),
 ) -> WanDiT:
+    """``loras`` are merged into ``state`` first (those for expert ``expert[0]`` of ``expert[1]``)."""
+    merge_loras(state, loras, *expert)
     with torch.device("meta"):
         dit = WanDiT(config)
     assign_weights(dit, state, source, dtype, device, keep_fp32=FP32_PARAMETERS)
@@ -357,13 +373,19 @@ def text_encoder_from_state(
 
 
 def load_dit(
-    folder: Path, layout: str, config: DiTConfig, dtype: torch.dtype, device: torch.device
+    folder: Path,
+    layout: str,
+    config: DiTConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    loras: Sequence[LoraConfig] = (),
+    expert: tuple[int, int] = (0, 1),
 ) -> WanDiT:
     path = find_model_weights(folder)
     state = read_safetensors(path)
     if layout == "diffusers":
         state = rename_keys(state, diffusers_dit_key_to_official)
-    return dit_from_state(config, state, path, dtype, device)
+    return dit_from_state(config, state, path, dtype, device, loras, expert)
 
 
 def load_vae(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> WanVAE:

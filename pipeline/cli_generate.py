@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from smartdiff.pipeline.config import load_profile
+from smartdiff.pipeline.config import LoraConfig, load_profile
 from smartdiff.pipeline.params import ParamError, add_request_arguments, request_from_args, validate_params
 
 
@@ -17,6 +17,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model-dir", type=Path, help="checkpoint folder (official or Diffusers layout)")
     parser.add_argument("--model", help="model name the checkpoint must hold (default: detected)")
     add_request_arguments(parser)
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:STRENGTH[:EXPERT]]",
+        help="a LoRA merged into the DiT at load (strength default 1; expert high, low or both for "
+        "Wan2.2); repeat to stack, after the profile's own",
+    )
     parser.add_argument("--attn", help="attention backend (default: the profile's, else sdpa)")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: auto")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
@@ -56,15 +64,15 @@ def run(args: argparse.Namespace) -> int:
             attention, dtype = args.attn or "sdpa", args.dtype or "auto"
             allowed = None  # a checkpoint folder on this machine: every strategy is allowed
             level = args.low_mem_level or 0
+        loras = (*(profile.loras if args.profile else ()), *map(LoraConfig.parse, args.lora))
         model = open_checkpoint(root, model_name).model
         params = validate_params(request_from_args(args), model, allowed)
+        pipe = WanPipeline.from_checkpoint(
+            root, model.name, args.device, loras, dtype=dtype, attention=attention, low_mem_level=level
+        )
     except (ParamError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-
-    pipe = WanPipeline.from_checkpoint(
-        root, model.name, args.device, dtype=dtype, attention=attention, low_mem_level=level
-    )
     bar = tqdm(total=params.steps, unit="step", file=sys.stderr)
 
     def progress(stage: str, step: int, total: int) -> None:
@@ -80,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "out": str(args.out),
         "model": model.name,
         "attention": result.attention,
+        "loras": result.loras,
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
         **params.to_dict(),
     }

@@ -5,13 +5,14 @@ Torch-free: the producer reads these to validate requests.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import ConfigDict, ValidationError
@@ -254,6 +255,58 @@ class ParallelConfig:
             )
 
 
+def model_path(text: str) -> Path:
+    """A checkpoint or LoRA path as profiles write it: absolute, ``{weights}/...`` (what the project
+    ships), or relative to $SMARTDIFF_CHECKPOINT_ROOT (default ./checkpoints)."""
+    path = Path(os.path.expandvars(text.replace("{weights}", str(shipped_weights_dir())))).expanduser()
+    if path.is_absolute():
+        return path
+    return Path(os.environ.get("SMARTDIFF_CHECKPOINT_ROOT", "checkpoints")) / path
+
+
+LORA_EXPERTS = ("both", "high", "low")
+
+
+@dataclass(frozen=True, config=CHECKED)
+class LoraConfig:
+    """A LoRA merged into the DiT at load (pipeline/lora.py): its file, strength and, for Wan2.2,
+    the expert it is for (high: the high-noise one, low, or both)."""
+
+    path: str
+    strength: float = 1.0
+    expert: Literal["both", "high", "low"] = "both"
+
+    @property
+    def file(self) -> Path:
+        return model_path(self.path)
+
+    def applies_to(self, expert_index: int, experts: int) -> bool:
+        if experts == 1 or self.expert == "both":
+            return True
+        return (self.expert == "high") == (expert_index == 0)
+
+    def describe(self) -> dict[str, Any]:
+        """What a job's result says of it: the file's name, the start of its sha256, how it applies."""
+        digest = hashlib.sha256(self.file.read_bytes()).hexdigest()
+        return {
+            "file": self.file.name,
+            "sha256": digest[:16],
+            "strength": self.strength,
+            "expert": self.expert,
+        }
+
+    @classmethod
+    def parse(cls, text: str) -> LoraConfig:
+        """``PATH[:STRENGTH[:EXPERT]]``, as ``smartdiff generate --lora`` takes it."""
+        path, _, rest = text.partition(":")
+        strength, _, expert = rest.partition(":")
+        where = str(Path(path).expanduser().resolve())  # on a command line: from the working folder
+        try:
+            return cls(path=where, strength=float(strength) if strength else 1.0, expert=expert or "both")
+        except (ValueError, ValidationError) as error:
+            raise ValueError(f"--lora {text!r}: PATH[:STRENGTH[:high|low|both]] ({error})") from None
+
+
 @dataclass(frozen=True, config=CHECKED)
 class ProfileConfig:
     """What a worker pins: one model, its weights and how to run it (``configs/profiles/<name>.yaml``)."""
@@ -277,14 +330,12 @@ class ProfileConfig:
     low_mem_level: int = 0
     # Processes one job runs on: ``parallel: {cfg: 1, ulysses: 1, ring: 1}`` (the default, one GPU).
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # LoRAs merged into the DiT at load: ``loras: [{path: ..., strength: 1.0, expert: both}]``.
+    loras: tuple[LoraConfig, ...] = ()
 
     @property
     def checkpoint_dir(self) -> Path:
-        path = Path(os.path.expandvars(self.checkpoint.replace("{weights}", str(shipped_weights_dir()))))
-        path = path.expanduser()
-        if path.is_absolute():
-            return path
-        return Path(os.environ.get("SMARTDIFF_CHECKPOINT_ROOT", "checkpoints")) / path
+        return model_path(self.checkpoint)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -296,7 +347,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 
 def parse_profile(raw: dict[str, Any]) -> ProfileConfig:
     parallel = _build(ParallelConfig, raw.get("parallel"), "parallel")
-    return _build(ProfileConfig, {**raw, "parallel": parallel}, "profile")
+    loras = tuple(_build(LoraConfig, lora, f"loras[{i}]") for i, lora in enumerate(raw.get("loras") or ()))
+    return _build(ProfileConfig, {**raw, "parallel": parallel, "loras": loras}, "profile")
 
 
 @cache

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from smartdiff.pipeline.checkpoint import (
     text_encoder_from_state,
     vae_from_state,
 )
-from smartdiff.pipeline.config import ModelConfig, load_model_config
+from smartdiff.pipeline.config import LoraConfig, ModelConfig, load_model_config
 from smartdiff.pipeline.dit import WanDiT
 from smartdiff.pipeline.text_encoder import (
     TINY_VOCABULARY,
@@ -95,15 +96,23 @@ class RandomWeights:
     builds (``checkpoint.*_from_state``): no file is written or read, so a benchmark can run a model
     larger than any disk it has. A seed gives the weights ``write_random_checkpoint`` writes."""
 
-    def __init__(self, model: ModelConfig, seed: int = 0, draw_device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model: ModelConfig,
+        seed: int = 0,
+        draw_device: torch.device | str = "cpu",
+        loras: Sequence[LoraConfig] = (),
+    ):
         self.model = model
         self.seed = seed
+        self.loras = tuple(loras)
         self.draw_device = torch.device(draw_device)
         self.origin = f"random (seed {seed}), drawn in memory on {self.draw_device}: no checkpoint file"
 
     def dit(self, index: int, dtype: torch.dtype, device: torch.device) -> WanDiT:
         state = random_dit_state(self.model, index, self.seed, self.draw_device, dtype)
-        return dit_from_state(self.model.dit, state, self.origin, dtype, device)
+        experts = (index, len(self.model.experts))
+        return dit_from_state(self.model.dit, state, self.origin, dtype, device, self.loras, experts)
 
     def text_encoder(self, dtype: torch.dtype, device: torch.device) -> TextEncoder:
         state = random_t5_state(self.model, self.seed, self.draw_device, dtype)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +15,7 @@ import torch
 from smartdiff.kernels import AttentionBackend, get_backend
 from smartdiff.kernels.sparge import SparsityStats
 from smartdiff.pipeline.checkpoint import CheckpointWeights, ModelWeights, open_checkpoint
-from smartdiff.pipeline.config import ModelConfig, ProfileConfig
+from smartdiff.pipeline.config import LoraConfig, ModelConfig, ProfileConfig
 from smartdiff.pipeline.dit import WanDiT
 from smartdiff.pipeline.flexcache import COND, UNCOND, FlexCache
 from smartdiff.pipeline.memory import BlockStreamer, MemoryPlan, estimate_job_bytes
@@ -86,6 +86,8 @@ class GenerationResult:
     peak_memory: dict[str, int] = field(default_factory=dict)  # GPU bytes per stage (GPU only)
     # sparge (our kernel): attention calls and the fraction of key blocks computed.
     attention_sparsity: dict | None = None
+    # The LoRAs merged into the DiT: file name, sha256 prefix, strength, expert.
+    loras: list[dict] = field(default_factory=list)
 
 
 class WanPipeline:
@@ -101,6 +103,7 @@ class WanPipeline:
         attention: AttentionBackend,
         plan: MemoryPlan | None = None,
         sparsity: SparsityStats | None = None,
+        loras: list[dict] | None = None,
     ):
         if len(experts) != len(model.experts):
             raise ValueError(f"{model.name} needs {len(model.experts)} DiT(s), got {len(experts)}")
@@ -120,6 +123,7 @@ class WanPipeline:
         self.active_expert: int | None = None
         # Block-sparse attention's statistics (our sparge kernel only), reset for every job.
         self.sparsity = sparsity
+        self.loras = loras or []  # described (LoraConfig.describe), for every job's result
         if self.plan.stream_dit:
             self.activate_expert(0)
 
@@ -129,10 +133,13 @@ class WanPipeline:
         root: Path | str,
         model_name: str | None = None,
         device: torch.device | str | None = None,
+        loras: Sequence[LoraConfig] = (),
         **options: Any,
     ) -> WanPipeline:
-        """Load a checkpoint folder; ``options`` are ``from_weights``'s (dtype, attention, ...)."""
-        return cls.from_weights(CheckpointWeights(open_checkpoint(root, model_name)), device, **options)
+        """Load a checkpoint folder, ``loras`` merged into its DiT; ``options`` are ``from_weights``'s
+        (dtype, attention, ...)."""
+        weights = CheckpointWeights(open_checkpoint(root, model_name), loras)
+        return cls.from_weights(weights, device, **options)
 
     @classmethod
     def from_weights(
@@ -169,7 +176,8 @@ class WanPipeline:
         if compile:
             for dit in experts:
                 dit.compile_token_ops()
-        return cls(model, experts, vae, text_encoder, device, backend, plan, sparsity)
+        loras = [lora.describe() for lora in weights.loras]
+        return cls(model, experts, vae, text_encoder, device, backend, plan, sparsity, loras)
 
     @classmethod
     def from_profile(
@@ -180,7 +188,7 @@ class WanPipeline:
     ) -> WanPipeline:
         """Run as ``profile`` says, on its checkpoint unless ``weights`` are given (a benchmark's)."""
         if weights is None:
-            weights = CheckpointWeights(open_checkpoint(profile.checkpoint_dir, profile.model))
+            weights = CheckpointWeights(open_checkpoint(profile.checkpoint_dir, profile.model), profile.loras)
         elif weights.model.name != profile.model:
             raise ValueError(
                 f"profile {profile.name} runs {profile.model}, the weights are {weights.model.name}"
@@ -330,6 +338,7 @@ class WanPipeline:
             params=params,
             fps=self.model.sampling.fps,
             attention=self.attention.implementation,
+            loras=self.loras,
         )
         if self.sparsity is not None:
             self.sparsity.reset()

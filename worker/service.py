@@ -410,6 +410,7 @@ class WorkerService:
                 "attention": result.attention,
                 "cache": result.cache,
                 "attention_sparsity": result.attention_sparsity,
+                "loras": result.loras,
             }
             progress("upload", 0, 1)
             start = time.perf_counter()
