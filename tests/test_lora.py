@@ -221,3 +221,16 @@ def test_generate_command_merges_a_lora_from_the_working_folder(tiny_checkpoint,
         [*common, "--lora", "gone.safetensors"], cwd=tmp_path, capture_output=True, text=True
     )
     assert missing.returncode == 2 and "gone.safetensors" in missing.stderr
+
+
+def test_streamed_levels_stream_the_merged_weights(tiny_checkpoint, tmp_path):
+    down, up = pair(64, 64, 17)
+    key = "diffusion_model.blocks.0.self_attn.v"
+    lora = write(tmp_path, "style", {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up})
+    params = validate_params({"prompt": "a red ball", "seed": 2, "steps": 3}, TINY)
+    resident = WanPipeline.from_checkpoint(tiny_checkpoint, "tiny", "cpu", [lora]).generate(params)
+    streamed = WanPipeline.from_checkpoint(tiny_checkpoint, "tiny", "cpu", [lora], low_mem_level=3)
+    assert streamed.streamers[0] is not None
+    assert np.array_equal(streamed.generate(params).frames, resident.frames)
+    plain = WanPipeline.from_checkpoint(tiny_checkpoint, "tiny", "cpu", low_mem_level=3).generate(params)
+    assert not np.array_equal(plain.frames, resident.frames)
