@@ -47,12 +47,12 @@ def run(args: argparse.Namespace) -> int:
     from smartdiff.pipeline.video import write_mp4
     from smartdiff.pipeline.wan import WanPipeline
 
+    profile = None  # a checkpoint folder on this machine: every strategy, the model's defaults
     try:
         if args.profile:
             profile = load_profile(args.profile)
             root, model_name = profile.checkpoint_dir, profile.model
             attention, dtype = args.attn or profile.attention, args.dtype or profile.dtype
-            allowed = profile.flexcache
             level = profile.low_mem_level if args.low_mem_level is None else args.low_mem_level
             if profile.model == "tiny" and not root.exists():
                 from smartdiff.pipeline.tiny import write_tiny_checkpoint
@@ -62,11 +62,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             root, model_name = args.model_dir, args.model
             attention, dtype = args.attn or "sdpa", args.dtype or "auto"
-            allowed = None  # a checkpoint folder on this machine: every strategy is allowed
             level = args.low_mem_level or 0
-        loras = (*(profile.loras if args.profile else ()), *map(LoraConfig.parse, args.lora))
+        loras = (*(profile.loras if profile else ()), *map(LoraConfig.parse, args.lora))
         model = open_checkpoint(root, model_name).model
-        params = validate_params(request_from_args(args), model, allowed)
+        params = validate_params(request_from_args(args), model, profile)
         pipe = WanPipeline.from_checkpoint(
             root, model.name, args.device, loras, dtype=dtype, attention=attention, low_mem_level=level
         )

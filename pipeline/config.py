@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
-from dataclasses import field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -99,6 +99,9 @@ class SamplingConfig:
     # Wan2.2 mixture of experts: the high-noise expert runs for timesteps >= boundary * 1000.
     boundary: float | None = None
     guidance_low_noise: float | None = None
+    # The distill solvers' training timesteps (pipeline/schedulers.py), e.g. [1000, 750, 500, 250];
+    # unset: evenly spaced over ``steps``.
+    timesteps: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, config=CHECKED)
@@ -332,6 +335,12 @@ class ProfileConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     # LoRAs merged into the DiT at load: ``loras: [{path: ..., strength: 1.0, expert: both}]``.
     loras: tuple[LoraConfig, ...] = ()
+    # Sampling defaults over the model's (``configs/models``): any of its ``sampling`` settings, e.g.
+    # ``{solver: distill, steps: 4, shift: 5.0, timesteps: [1000, 750, 500, 250]}``.
+    sampling: dict[str, Any] = field(default_factory=dict)
+    # false: a CFG-distilled model, run without classifier-free guidance (one DiT forward per step);
+    # requests may not set guidance or a negative prompt.
+    cfg: bool = True
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -340,6 +349,13 @@ class ProfileConfig:
     @property
     def model_config(self) -> ModelConfig:
         return load_model_config(self.model)
+
+    def sampling_for(self, model: ModelConfig) -> SamplingConfig:
+        """``model``'s sampling defaults with this profile's overrides; guidance 1 without CFG."""
+        merged = {**asdict(model.sampling), **self.sampling}
+        if not self.cfg:
+            merged.update(guidance=1.0, guidance_low_noise=1.0 if model.is_moe else None)
+        return _build(SamplingConfig, merged, "sampling")
 
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -371,9 +387,39 @@ def load_profile(name: str) -> ProfileConfig:
     try:
         # The world size is checked when the process group is built (pipeline/parallel.py).
         profile.parallel.validate(model)
+        check_profile_sampling(profile, model)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     return profile
+
+
+def check_profile_sampling(profile: ProfileConfig, model: ModelConfig) -> None:
+    """ValueError unless the profile's sampling overrides make a valid schedule for ``model``."""
+    sampling = profile.sampling_for(model)  # an unknown setting or a wrong type is an error here
+    if not profile.cfg:
+        for name in ("guidance", "guidance_low_noise"):
+            if profile.sampling.get(name, 1.0) != 1.0:
+                value = profile.sampling[name]
+                raise ValueError(f"cfg: false runs without guidance, but sampling.{name} is {value}")
+        if profile.parallel.cfg != 1:
+            raise ValueError("parallel.cfg 2 splits the guidance branches; this profile has cfg: false")
+    if sampling.timesteps is not None:
+        check_timesteps(sampling.timesteps, "sampling.timesteps")
+        if len(sampling.timesteps) != sampling.steps:
+            count, steps = len(sampling.timesteps), sampling.steps
+            raise ValueError(f"sampling.timesteps lists {count} timesteps, sampling.steps is {steps}")
+
+
+def check_timesteps(timesteps: Sequence[int], name: str = "timesteps") -> None:
+    """ValueError unless ``timesteps`` (a distill solver's list) are integers in 1..1000, strictly
+    decreasing."""
+    listed = list(timesteps)
+    if not listed or not all(isinstance(t, int) and not isinstance(t, bool) for t in listed):
+        raise ValueError(f"{name} must be a non-empty list of integers, got {listed!r}")
+    if not all(1 <= t <= 1000 for t in listed) or any(
+        a <= b for a, b in zip(listed, listed[1:], strict=False)
+    ):
+        raise ValueError(f"{name} must decrease strictly within 1..1000, got {listed}")
 
 
 def list_profile_names() -> list[str]:

@@ -73,8 +73,8 @@ decodes them (and uploads) while the others wait for the next job. On one GPU th
 a 1.3B job (docs/PERFORMANCE.md), so it only matters at high degrees (about 15% of the job at 8x);
 then the tiled decode's tiles could be spread over the ranks and gathered on rank 0.
 
-``ParallelDenoiser.denoise`` runs ``WanPipeline.denoise``'s own loop, with the two branch evaluations
-and the guidance of each step done by ``ParallelDenoiser.guided_velocity``.
+A pipeline built with ``velocity_model=ParallelGuidance(layout)`` runs ``WanPipeline.denoise``'s own
+loop, the branch evaluations and the guidance of each step done over the group.
 """
 
 from __future__ import annotations
@@ -92,12 +92,11 @@ from smartdiff.kernels import AttentionBackend
 from smartdiff.pipeline.config import ModelConfig, ParallelConfig
 from smartdiff.pipeline.dit import AttentionReuse, DiTInputs, WanDiT
 from smartdiff.pipeline.flexcache import COND, UNCOND, FlexCache
-from smartdiff.pipeline.params import GenerationParams
-from smartdiff.pipeline.wan import GenerationResult, ProgressFn, WanPipeline, apply_guidance
+from smartdiff.pipeline.wan import DenoiseStep, apply_guidance
 
 __all__ = [
     "ParallelConfig",
-    "ParallelDenoiser",
+    "ParallelGuidance",
     "ParallelLayout",
     "ShardedDiT",
     "attention_with_lse",
@@ -428,53 +427,26 @@ def exchange_branches(velocity: torch.Tensor, layout: ParallelLayout) -> tuple[t
     return both[COND], both[UNCOND]
 
 
-class ParallelDenoiser:
-    """``WanPipeline.denoise`` over a process group. Every rank of the layout calls ``denoise`` with
-    the same arguments (same latents, text states and parameters) and gets the same latents back."""
+class ParallelGuidance:
+    """The pipeline's velocity model on a process group (``WanPipeline(velocity_model=...)``): every
+    rank of the layout runs the same denoising loop on the same latents, text states and parameters,
+    and gets the same velocity at every step. ``result.cache`` then counts this rank's evaluations
+    only (one branch per step under CFG parallel)."""
 
-    def __init__(self, pipeline: WanPipeline, layout: ParallelLayout):
-        self.pipeline = pipeline
+    def __init__(self, layout: ParallelLayout):
         self.layout = layout
-        self.dits = [ShardedDiT(dit, layout, pipeline.attention) for dit in pipeline.experts]
 
-    def denoise(
-        self,
-        latents: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
-        params: GenerationParams,
-        progress: ProgressFn | None = None,
-        result: GenerationResult | None = None,
-    ) -> torch.Tensor:
-        """WanPipeline.denoise's loop, the branches evaluated by ``guided_velocity``.
+    def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor:
+        sharded = ShardedDiT(dit, self.layout, dit.attention)
 
-        ``result.cache`` counts this rank's evaluations only (one branch per step under CFG parallel).
-        """
-        return self.pipeline.denoise(
-            latents, cond, uncond, params, progress, result, guided_velocity=self.guided_velocity
-        )
+        def branch_velocity(branch: int) -> torch.Tensor:
+            context = step.cond if branch == COND else step.uncond
+            return cache.forward(sharded, step.expert, branch, step.index, step.latents, step.t, context)
 
-    def guided_velocity(
-        self,
-        cache: FlexCache,
-        expert: int,
-        step: int,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
-        guidance: float,
-    ) -> torch.Tensor:
-        """The guided velocity of one step, the same on every rank."""
-        dit = self.dits[expert]
-        if guidance == 1.0:  # the conditional prediction alone, as in WanPipeline.denoise
-            return cache.forward(dit, expert, COND, step, latents, t, cond)
+        if step.guidance == 1.0:  # the conditional prediction alone, as in Guidance
+            return branch_velocity(COND)
         if self.layout.config.cfg == 1:
-            velocity = cache.forward(dit, expert, COND, step, latents, t, cond)
-            velocity_uncond = cache.forward(dit, expert, UNCOND, step, latents, t, uncond)
-        else:
-            branch = self.layout.cfg_rank  # COND on CFG rank 0, UNCOND on 1
-            context = cond if branch == COND else uncond
-            mine = cache.forward(dit, expert, branch, step, latents, t, context)
-            velocity, velocity_uncond = exchange_branches(mine, self.layout)
-        return apply_guidance(velocity, velocity_uncond, guidance)
+            velocity, velocity_uncond = branch_velocity(COND), branch_velocity(UNCOND)
+        else:  # COND on CFG rank 0, UNCOND on 1
+            velocity, velocity_uncond = exchange_branches(branch_velocity(self.layout.cfg_rank), self.layout)
+        return apply_guidance(velocity, velocity_uncond, step.guidance)

@@ -13,14 +13,16 @@ from __future__ import annotations
 import argparse
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from smartdiff.pipeline.config import ModelConfig
+from smartdiff.pipeline.config import ModelConfig, ProfileConfig, SamplingConfig, check_timesteps
 
-SOLVERS = ("unipc", "dpm++", "euler")
+SOLVERS = ("unipc", "dpm++", "euler", "distill", "distill-ode")
+DISTILL_SOLVERS = ("distill", "distill-ode")  # few-step samplers of step-distilled models
 FLEXCACHE = ("none", "teacache", "pab")
 # PAB's published schedule for full 3D attention: broadcast while 100 < t < 850; self-attention
 # recomputed every 2nd step, cross-attention every 6th.
@@ -121,6 +123,17 @@ def parse_size(value: Any) -> tuple[int, int]:
     return int(parts[0]), int(parts[1])
 
 
+def _timesteps(value: Any) -> Any:
+    if value is not None:
+        if not isinstance(value, (list, tuple)):
+            raise ParamError("timesteps", f"must be a list of integers, got {type(value).__name__}")
+        try:
+            check_timesteps(value)
+        except ValueError as error:
+            raise ParamError("timesteps", str(error).removeprefix("timesteps ")) from None
+    return value
+
+
 def _size(value: Any) -> Any:
     if value is not None:
         parse_size(value)
@@ -174,6 +187,15 @@ class GenerationRequest(BaseModel):
     seed: _int("seed", 0, MAX_SEED, description="default: random (recorded, so the video can be made again)")
     solver: Annotated[
         Literal[SOLVERS] | None, _choice("solver", "solver", SOLVERS), Field(None, description="the sampler")
+    ]
+    timesteps: Annotated[
+        list[Annotated[int, Field(ge=1, le=1000)]] | None,
+        BeforeValidator(_timesteps),
+        Field(
+            None,
+            description="distill solvers only: the training timesteps to run, strictly decreasing within "
+            "1..1000 (default: the profile's list, else evenly spaced over steps)",
+        ),
     ]
     flexcache: Annotated[
         Literal[FLEXCACHE] | None,
@@ -230,6 +252,8 @@ class GenerationParams:
     shift: float
     seed: int
     solver: str
+    # The distill solvers' training timesteps (None for the others).
+    timesteps: tuple[int, ...] | None = None
     # Wan2.2 only: guidance of the low-noise expert (the high-noise one uses ``guidance``).
     guidance_low_noise: float | None = None
     # Feature caching across steps: "none", "teacache" or "pab", with that strategy's knobs.
@@ -281,18 +305,20 @@ def _flexcache(request: GenerationRequest, model: ModelConfig, allowed: tuple[st
 
 
 def validate_params(
-    raw: dict[str, Any] | GenerationRequest,
-    model: ModelConfig,
-    allowed_flexcache: tuple[str, ...] | None = None,
+    raw: dict[str, Any] | GenerationRequest, model: ModelConfig, profile: ProfileConfig | None = None
 ) -> GenerationParams:
     """Check a request against ``model`` and fill in its defaults; raise ``ParamError`` if it is bad.
 
     ``raw`` may hold ``size`` ("WxH") or ``width`` and ``height``; ``seed`` may be omitted or
     None for a random one (the chosen seed is part of the returned parameters, so the video can be
-    reproduced). ``allowed_flexcache`` is the profile's list of caching strategies (None: any).
+    reproduced). A worker's ``profile`` adds its rules: the caching strategies it allows, its sampling
+    defaults, and, with ``cfg: false``, no guidance and no negative prompt. Without one (a checkpoint
+    folder on this machine) every strategy is allowed and the model's defaults apply.
     """
     request = raw if isinstance(raw, GenerationRequest) else parse_request(raw)
-    sampling = model.sampling
+    sampling = model.sampling if profile is None else profile.sampling_for(model)
+    if profile is not None and not profile.cfg:
+        _refuse_guidance(request, profile)
 
     if request.size is not None and (request.width is not None or request.height is not None):
         raise ParamError("size", "give either size or width and height, not both")
@@ -313,7 +339,8 @@ def validate_params(
     if frames < 1 or (frames - 1) % 4:
         raise ParamError("frames", f"must be 4n+1 (1, 5, 9, ..., 81), got {frames}")
     _within("frames", frames, 1, sampling.max_frames)
-    steps = sampling.steps if request.steps is None else request.steps
+    solver = request.solver or sampling.solver
+    steps, timesteps = _schedule(request, sampling, solver)
     _within("steps", steps, 1, sampling.max_steps)
     guidance = sampling.guidance if request.guidance is None else request.guidance
     guidance_low = None
@@ -328,10 +355,12 @@ def validate_params(
     if not 0.0 < shift <= MAX_SHIFT:
         raise ParamError("shift", f"must be greater than 0 and at most {MAX_SHIFT}, got {shift}")
     seed = secrets.randbelow(2**31) if request.seed is None else request.seed
+    cfg = profile is None or profile.cfg
 
     return GenerationParams(
         prompt=request.prompt,
-        negative_prompt=request.negative_prompt or DEFAULT_NEGATIVE_PROMPT,
+        # Without CFG nothing reads a negative prompt: none is recorded.
+        negative_prompt=(request.negative_prompt or DEFAULT_NEGATIVE_PROMPT) if cfg else "",
         width=width,
         height=height,
         frames=frames,
@@ -339,18 +368,68 @@ def validate_params(
         guidance=guidance,
         shift=shift,
         seed=seed,
-        solver=request.solver or sampling.solver,
+        solver=solver,
+        timesteps=timesteps,
         guidance_low_noise=guidance_low,
-        **_flexcache(request, model, allowed_flexcache),
+        **_flexcache(request, model, None if profile is None else profile.flexcache),
     )
+
+
+def _refuse_guidance(request: GenerationRequest, profile: ProfileConfig) -> None:
+    """A CFG-distilled profile computes no unconditional branch: guidance and a negative prompt would
+    be silently ignored, so asking for them is an error (guidance 1, the profile's own, is allowed)."""
+    why = f"profile {profile.name} runs a CFG-distilled model without classifier-free guidance (cfg: false)"
+    for name in ("guidance", "guidance_low_noise"):
+        value = getattr(request, name)
+        if value is not None and value != 1.0:
+            raise ParamError(name, f"{why}; it cannot be set (got {value})")
+    if request.negative_prompt:
+        raise ParamError("negative_prompt", f"{why}; a negative prompt would have no effect")
+
+
+def _schedule(
+    request: GenerationRequest, sampling: SamplingConfig, solver: str
+) -> tuple[int, tuple[int, ...] | None]:
+    """(steps, distill timesteps or None). A distill solver runs the request's list, else the
+    profile's or model's list when the step count is its length, else evenly spaced timesteps."""
+    if solver not in DISTILL_SOLVERS:
+        if request.timesteps is not None:
+            raise ParamError("timesteps", f"only applies with solver {' or '.join(DISTILL_SOLVERS)}")
+        return (sampling.steps if request.steps is None else request.steps), None
+    listed = request.timesteps
+    if listed is not None:
+        if request.steps is not None and request.steps != len(listed):
+            raise ParamError("steps", f"is {request.steps}, but timesteps lists {len(listed)}")
+        return len(listed), tuple(listed)
+    default = sampling.timesteps
+    if default is not None and request.steps in (None, len(default)):
+        return len(default), tuple(default)
+    steps = sampling.steps if request.steps is None else request.steps
+    return steps, distill_timesteps(steps)
+
+
+def distill_timesteps(steps: int) -> tuple[int, ...]:
+    """The evenly spaced training timesteps a distill solver runs by default: 1000 down in ``steps``
+    equal strides (4 steps: LightX2V's ``[1000, 750, 500, 250]``)."""
+    return tuple(round(1000 * (steps - i) / steps) for i in range(steps))
 
 
 # --- the command line ------------------------------------------------------------------------
 
 
-def _option_type(annotation: Any) -> type:
-    """int, float or str: the type a request field's command-line option parses to."""
+def _int_list(text: str) -> list[int]:
+    """``1000,750,500,250`` -> [1000, 750, 500, 250]: a list field on the command line."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+
+
+def _option_type(annotation: Any) -> Callable[[str], Any]:
+    """int, float, a comma-separated int list or str: what a request field's option parses to."""
     members = get_args(annotation) or (annotation,)  # int | None -> int, None
+    if any(get_origin(m) is list for m in members):
+        return _int_list
     kinds = {get_args(m)[0] if get_origin(m) is Annotated else m for m in members}
     return next((kind for kind in (int, float) if kind in kinds), str)
 

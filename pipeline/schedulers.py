@@ -1,4 +1,5 @@
-"""Flow-matching samplers for Wan: UniPC (the default), DPM++ 2M and Euler.
+"""Flow-matching samplers for Wan: UniPC (the default), DPM++ 2M, Euler, and the few-step samplers of
+step-distilled models.
 
 Schedules, as the official code has them: UniPC and Euler run the shifted ``linspace(0.999, 0)``
 (``FlowUniPCMultistepScheduler``'s; the official code has no Euler), DPM++ the shifted
@@ -16,18 +17,37 @@ A scheduler is made fresh for every request and stepped once per entry of ``time
 
 Only what Wan uses is implemented (order 2, data prediction, final sigma 0). The numbers follow the
 official Wan schedulers and diffusers' equivalents; tests/test_schedulers.py checks them step by step.
+
+Step-distilled models (LightX2V's 4-step Wan LoRAs and models, our own students) are sampled on an
+explicit list of training timesteps, LightX2V's ``[1000, 750, 500, 250]`` for 4 steps. Timestep
+``t`` of the list has the sigma of entry ``1000 - t`` of the shifted 1000-entry training table (in
+float32, as LightX2V builds it), ``sigma = shift * s / (1 + (shift - 1) * s)`` with ``s = t / 1000``,
+and the DiT receives ``sigma * 1000`` unrounded (937.5 for t = 750 at shift 5). Each step predicts
+``x0 = x - sigma * v`` and moves to the next listed sigma ``s'`` as ``(1 - s') * x0 + s' * noise``:
+
+- ``distill``: ``noise`` is fresh Gaussian noise (LightX2V's Wan2.1 step-distill rule, the way
+  DMD-style students are trained to be sampled), drawn on the CPU from a generator seeded from the
+  request's seed, so a seed gives the same video everywhere;
+- ``distill-ode``: ``noise`` is the one the model predicts, ``x0 + v``, which makes the step
+  ``x + (s' - sigma) * v``: Euler on the listed sigmas (LightX2V's Wan2.2 step-distill rule).
+
+After the last listed timestep the sample is ``x0``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 import torch
 
-SOLVERS = ("unipc", "dpm++", "euler")
+from smartdiff.pipeline.config import check_timesteps
+from smartdiff.pipeline.params import DISTILL_SOLVERS, SOLVERS, distill_timesteps
+
 NUM_TRAIN_TIMESTEPS = 1000
 # 1 - 1/1000 as the official schedulers see it: they read sigma_max back from their float32 training
 # table (0.9990000128746033). With the plain float 0.999, sigma * 1000 lands just below an integer for
@@ -38,7 +58,9 @@ SIGMA_MAX = float(np.float32(1.0 - 1.0 / NUM_TRAIN_TIMESTEPS))
 class FlowScheduler(Protocol):
     steps: int
     sigmas: torch.Tensor  # float32, steps + 1 values on the CPU, decreasing, last one 0
-    timesteps: torch.Tensor  # int64, steps values: what the DiT receives
+    # What the DiT receives, ``steps`` values: int64 (truncated, as the official code does) for the
+    # multistep solvers, float32 ``sigma * 1000`` for the distill ones (as LightX2V passes them).
+    timesteps: torch.Tensor
 
     def step(self, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor: ...
 
@@ -216,6 +238,45 @@ class UniPCScheduler(_FlowSolver):
         return base - ((1.0 - t) * phi) * correction
 
 
+def _renoise_seed(seed: int) -> int:
+    """The seed of the distill solver's fresh noise: derived from the request's seed, so it is a
+    stream of its own (not the initial noise again) and the same on every machine and rank."""
+    digest = hashlib.sha256(f"smartdiff-distill-renoise:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class DistillScheduler(_FlowSolver):
+    """Few-step sampling of a step-distilled model on a list of training timesteps (module docstring)."""
+
+    def __init__(self, timesteps: Sequence[int], shift: float, seed: int, fresh_noise: bool) -> None:
+        check_timesteps(timesteps)
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a positive number, got {shift!r}")
+        # LightX2V's table: linspace(1, 0, 1001)[:-1], shifted, in float32; entry 1000 - t is timestep t.
+        table = torch.linspace(1.0, 0.0, NUM_TRAIN_TIMESTEPS + 1, dtype=torch.float32)[:-1]
+        table = shift * table / (1 + (shift - 1) * table)
+        picked = table[[NUM_TRAIN_TIMESTEPS - t for t in timesteps]]
+        self.steps = len(timesteps)
+        self.shift = float(shift)
+        self.timesteps = picked * NUM_TRAIN_TIMESTEPS
+        self.sigmas = torch.cat([picked, torch.zeros(1)])
+        self._sig = self.sigmas.tolist()
+        self.step_index = 0
+        self.fresh_noise = fresh_noise
+        self._generator = torch.Generator("cpu").manual_seed(_renoise_seed(seed)) if fresh_noise else None
+
+    def _step(self, i: int, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        sigma, following = self._sig[i], self._sig[i + 1]
+        x0 = x - sigma * v
+        if following == 0.0:
+            return x0
+        if self._generator is None:
+            noise = x0 + v  # the noise the model predicts: an Euler step on the listed sigmas
+        else:
+            noise = torch.randn(x.shape, generator=self._generator, dtype=torch.float32).to(x.device)
+        return (1.0 - following) * x0 + following * noise
+
+
 _SCHEDULERS: dict[str, type[_FlowSolver]] = {
     "unipc": UniPCScheduler,
     "dpm++": DPMSolverPlusPlusScheduler,
@@ -223,8 +284,20 @@ _SCHEDULERS: dict[str, type[_FlowSolver]] = {
 }
 
 
-def make_scheduler(solver: str, steps: int, shift: float) -> FlowScheduler:
-    """A fresh scheduler (one per request: it holds the step counter and past model outputs)."""
+def make_scheduler(
+    solver: str, steps: int, shift: float, seed: int = 0, timesteps: Sequence[int] | None = None
+) -> FlowScheduler:
+    """A fresh scheduler (one per request: it holds the step counter and past model outputs).
+
+    The distill solvers run ``timesteps`` (default ``distill_timesteps(steps)``; its length must be
+    ``steps``) and ``distill`` draws its fresh noise from ``seed``; the others take neither."""
+    if solver in DISTILL_SOLVERS:
+        listed = distill_timesteps(steps) if timesteps is None else tuple(timesteps)
+        if len(listed) != steps:
+            raise ValueError(f"{solver}: {len(listed)} timesteps {list(listed)} for {steps} steps")
+        return DistillScheduler(listed, shift, seed, fresh_noise=solver == "distill")
+    if timesteps is not None:
+        raise ValueError(f"an explicit timestep list is for the distill solvers, not {solver!r}")
     cls = _SCHEDULERS.get(solver)
     if cls is None:
         raise ValueError(f"unknown solver {solver!r}; known solvers: {', '.join(SOLVERS)}")

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,10 +28,6 @@ from smartdiff.pipeline.video import to_uint8_frames
 ProgressFn = Callable[[str, int, int], None]
 # denoise(latents, cond, uncond, params, progress, result) -> latents, as WanPipeline.denoise.
 DenoiseFn = Callable[..., torch.Tensor]
-# guided_velocity(cache, expert, step, latents, t_batch, cond, uncond, guidance) -> velocity.
-GuidedVelocityFn = Callable[
-    [FlexCache, int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
-]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -49,6 +45,38 @@ def apply_guidance(
     """Classifier-free guidance: the unconditional velocity moved ``guidance`` times towards the
     conditional one."""
     return uncond_velocity + guidance * (cond_velocity - uncond_velocity)
+
+
+@dataclass(frozen=True)
+class DenoiseStep:
+    """One step of the denoising loop, as a velocity model sees it."""
+
+    index: int
+    expert: int
+    t: torch.Tensor  # [1], on the device: what the DiT receives
+    guidance: float
+    latents: torch.Tensor
+    cond: torch.Tensor  # the prompt's text states
+    uncond: torch.Tensor  # the negative prompt's
+
+
+class VelocityModel(Protocol):
+    """What the denoising loop asks for at every step: the guided velocity. Chosen when the pipeline
+    is built: ``Guidance`` (both branches here), ``parallel.ParallelGuidance`` (over a process group)."""
+
+    def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor: ...
+
+
+class Guidance:
+    """Classifier-free guidance in this process. Guidance 1 is the conditional prediction alone, so
+    the unconditional branch is never computed: one DiT forward per step (CFG-distilled models)."""
+
+    def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor:
+        velocity = cache.forward(dit, step.expert, COND, step.index, step.latents, step.t, step.cond)
+        if step.guidance == 1.0:
+            return velocity
+        uncond = cache.forward(dit, step.expert, UNCOND, step.index, step.latents, step.t, step.uncond)
+        return apply_guidance(velocity, uncond, step.guidance)
 
 
 def dit_tokens(model: ModelConfig, frames: int, height: int, width: int) -> int:
@@ -104,6 +132,7 @@ class WanPipeline:
         plan: MemoryPlan | None = None,
         sparsity: SparsityStats | None = None,
         loras: list[dict] | None = None,
+        velocity_model: VelocityModel | None = None,
     ):
         if len(experts) != len(model.experts):
             raise ValueError(f"{model.name} needs {len(model.experts)} DiT(s), got {len(experts)}")
@@ -124,6 +153,7 @@ class WanPipeline:
         # Block-sparse attention's statistics (our sparge kernel only), reset for every job.
         self.sparsity = sparsity
         self.loras = loras or []  # described (LoraConfig.describe), for every job's result
+        self.velocity_model = velocity_model or Guidance()
         if self.plan.stream_dit:
             self.activate_expert(0)
 
@@ -151,10 +181,12 @@ class WanPipeline:
         low_mem_level: int = 0,
         attention_options: dict | None = None,
         compile: bool = False,
+        velocity_model: VelocityModel | None = None,
     ) -> WanPipeline:
         """Build the pipeline from ``weights`` (a checkpoint's, or random ones drawn in memory), each
         module where the memory level puts it. ``attention_options`` go to the backend; ``compile``
-        fuses the DiT's token-wise work with torch.compile (``pipeline.fused``)."""
+        fuses the DiT's token-wise work with torch.compile (``pipeline.fused``); ``velocity_model``
+        evaluates each step (default ``Guidance``: both branches in this process)."""
         device = torch.device(device) if device is not None else default_device()
         plan = MemoryPlan(low_mem_level)
         model = weights.model
@@ -177,7 +209,7 @@ class WanPipeline:
             for dit in experts:
                 dit.compile_token_ops()
         loras = [lora.describe() for lora in weights.loras]
-        return cls(model, experts, vae, text_encoder, device, backend, plan, sparsity, loras)
+        return cls(model, experts, vae, text_encoder, device, backend, plan, sparsity, loras, velocity_model)
 
     @classmethod
     def from_profile(
@@ -185,6 +217,7 @@ class WanPipeline:
         profile: ProfileConfig,
         device: torch.device | str | None = None,
         weights: ModelWeights | None = None,
+        velocity_model: VelocityModel | None = None,
     ) -> WanPipeline:
         """Run as ``profile`` says, on its checkpoint unless ``weights`` are given (a benchmark's)."""
         if weights is None:
@@ -201,6 +234,7 @@ class WanPipeline:
             profile.low_mem_level,
             profile.attention_options,
             profile.compile,
+            velocity_model,
         )
 
     @torch.no_grad()
@@ -247,7 +281,7 @@ class WanPipeline:
             self.plan.level, tokens, self.model.dit.dim, params.width * params.height, params.frames
         )
 
-    def expert_for(self, timestep: int) -> int:
+    def expert_for(self, timestep: float) -> int:
         """Index of the expert for a timestep: Wan2.2 uses the high-noise one while t >= boundary."""
         boundary = self.model.sampling.boundary
         if not self.model.is_moe:
@@ -269,25 +303,6 @@ class WanPipeline:
         pad = self.experts[0].pad_context
         return pad([cond]).to(self.device), pad([uncond]).to(self.device)
 
-    def guided_velocity(
-        self,
-        cache: FlexCache,
-        expert: int,
-        step: int,
-        latents: torch.Tensor,
-        t_batch: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
-        guidance: float,
-    ) -> torch.Tensor:
-        """The guided velocity of one step: both branches in this process."""
-        dit = self.experts[expert]
-        velocity = cache.forward(dit, expert, COND, step, latents, t_batch, cond)
-        if guidance == 1.0:  # guidance 1 is the conditional prediction alone: skip the second pass
-            return velocity
-        velocity_uncond = cache.forward(dit, expert, UNCOND, step, latents, t_batch, uncond)
-        return apply_guidance(velocity, velocity_uncond, guidance)
-
     @torch.no_grad()
     def denoise(
         self,
@@ -297,12 +312,9 @@ class WanPipeline:
         params: GenerationParams,
         progress: ProgressFn | None = None,
         result: GenerationResult | None = None,
-        guided_velocity: GuidedVelocityFn | None = None,
     ) -> torch.Tensor:
-        """The solver loop. ``guided_velocity`` evaluates the branches of one step (default: both
-        here, ``self.guided_velocity``; pipeline.parallel spreads them over a process group)."""
-        guided_velocity = guided_velocity or self.guided_velocity
-        scheduler = make_scheduler(params.solver, params.steps, params.shift)
+        """The solver loop; the pipeline's velocity model evaluates each step."""
+        scheduler = make_scheduler(params.solver, params.steps, params.shift, params.seed, params.timesteps)
         timesteps = scheduler.timesteps.tolist()
         cache = FlexCache(params, self.model, timesteps)
         for i, t in enumerate(timesteps):
@@ -310,7 +322,8 @@ class WanPipeline:
             guidance = self.guidance_for(expert, params)
             self.activate_expert(expert)
             t_batch = torch.tensor([t], device=self.device)
-            velocity = guided_velocity(cache, expert, i, latents, t_batch, cond, uncond, guidance)
+            step = DenoiseStep(i, expert, t_batch, guidance, latents, cond, uncond)
+            velocity = self.velocity_model.velocity(self.experts[expert], cache, step)
             latents = scheduler.step(velocity, latents)
             if result is not None:
                 result.expert_per_step.append(expert)

@@ -93,9 +93,8 @@ class Client:
         except ValueError as error:
             raise FarmError(ErrorCode.UNKNOWN_PROFILE, str(error)) from None
         try:
-            validated = validate_params(
-                {"prompt": prompt, **params}, profile_config.model_config, profile_config.flexcache
-            )
+            request = {"prompt": prompt, **params}
+            validated = validate_params(request, profile_config.model_config, profile_config)
         except ParamError as error:
             raise FarmError(ErrorCode.INVALID_INPUT, str(error)) from None
         if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= MAX_PRIORITY:

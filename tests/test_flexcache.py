@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from smartdiff.pipeline.config import load_model_config
+from smartdiff.pipeline.config import ProfileConfig, load_model_config
 from smartdiff.pipeline.dit import WanBlock
 from smartdiff.pipeline.flexcache import COND, UNCOND
 from smartdiff.pipeline.params import ParamError, validate_params
@@ -159,15 +159,19 @@ def test_wan22_gives_each_expert_its_own_state(tmp_path):
     assert result.cache["reused"] > 0
 
 
+def tiny_profile(flexcache: tuple[str, ...]) -> ProfileConfig:
+    return ProfileConfig(name="t", model="tiny", checkpoint="tiny", flexcache=flexcache)
+
+
 def test_flexcache_validation():
     with pytest.raises(ParamError, match="unknown strategy 'magic'"):
         validate_params({"prompt": "x", "flexcache": "magic"}, TINY)
     with pytest.raises(ParamError, match="teacache_threshold: must be between 0.0 and 1.0"):
         validate_params({"prompt": "x", "flexcache": "teacache", "teacache_threshold": 3}, TINY)
     with pytest.raises(ParamError, match="'pab' is not allowed on this profile \\(allowed: teacache\\)"):
-        validate_params({"prompt": "x", "flexcache": "pab"}, TINY, ("teacache",))
+        validate_params({"prompt": "x", "flexcache": "pab"}, TINY, tiny_profile(("teacache",)))
     with pytest.raises(ParamError, match="'teacache' is not allowed on this profile \\(allowed: none\\)"):
-        validate_params({"prompt": "x", "flexcache": "teacache"}, TINY, ())
+        validate_params({"prompt": "x", "flexcache": "teacache"}, TINY, tiny_profile(()))
     with pytest.raises(ParamError, match="teacache_threshold: only applies with flexcache=teacache"):
         validate_params({"prompt": "x", "teacache_threshold": 0.1}, TINY)
     with pytest.raises(ParamError, match="pab_self_interval: must be between 1 and 20"):

@@ -24,7 +24,7 @@ from smartdiff.kernels import get_backend
 from smartdiff.pipeline.config import DiTConfig, ModelConfig, ParallelConfig, load_model_config, load_profile
 from smartdiff.pipeline.dit import WanDiT
 from smartdiff.pipeline.parallel import (
-    ParallelDenoiser,
+    ParallelGuidance,
     ParallelLayout,
     ShardedDiT,
     attention_with_lse,
@@ -38,7 +38,7 @@ from smartdiff.pipeline.parallel import (
 )
 from smartdiff.pipeline.params import validate_params
 from smartdiff.pipeline.tiny import random_state
-from smartdiff.pipeline.wan import GenerationResult, WanPipeline
+from smartdiff.pipeline.wan import GenerationResult, Guidance, WanPipeline
 
 TOLERANCE = {"attention": 1e-5, "dit": 1e-5, "denoise": 1e-4}
 
@@ -172,6 +172,7 @@ class Case:
     heads: int = 2  # 4: a random 4-head DiT instead of the tiny checkpoint's 2-head one
     flexcache: str = "none"
     guidance: float = 5.0
+    solver: str = "unipc"
 
 
 # Latent grids with patch (1, 2, 2): 2*4*4 = 32 tokens (divisible by 2 and 4), 3*3*5 = 45 (padded).
@@ -203,6 +204,8 @@ WORLDS = {
         *mode_cases("ring2", RING2, ["attention", "dit", "denoise"]),
         Case("cfg2-denoise-guidance1", "denoise", CFG2, PADDED, guidance=1.0),  # one branch only
         Case("ring2-denoise-pab", "denoise", RING2, PADDED, flexcache="pab"),
+        # Fresh noise at every step: the same on every rank, drawn from the request's seed.
+        Case("ulysses2-denoise-distill", "denoise", ULYSSES2, PADDED, guidance=1.0, solver="distill"),
         Case("ulysses2-unmasked", "unmasked", ULYSSES2, PADDED),
         Case("ring2-unmasked", "unmasked", RING2, PADDED),
     ],
@@ -276,16 +279,21 @@ def check_unmasked(case: Case, layout: ParallelLayout, pipeline: WanPipeline, di
 
 
 def check_denoise(case: Case, layout: ParallelLayout, pipeline: WanPipeline, dit: WanDiT) -> dict:
-    request = {"prompt": "x", "seed": 0, "steps": 6, "guidance": case.guidance, "flexcache": case.flexcache}
+    request = {"prompt": "x", "seed": 0, "steps": 6, "guidance": case.guidance, "solver": case.solver}
+    request["flexcache"] = case.flexcache
     if case.flexcache == "teacache":
         request["teacache_threshold"] = 0.5  # the tiny model's scale: some steps reuse
     params = validate_params(request, pipeline.model)
     g = torch.Generator().manual_seed(sum(case.shape))
     latents = torch.randn(1, 16, *case.shape, generator=g)
     cond, uncond = torch.randn(2, 1, 64, 32, generator=g)
-    expected = pipeline.denoise(latents, cond, uncond, params)
+    expected = pipeline.denoise(latents, cond, uncond, params)  # Guidance: one process
     result = GenerationResult(frames=np.empty(0), params=params, fps=16)
-    got = ParallelDenoiser(pipeline, layout).denoise(latents, cond, uncond, params, result=result)
+    pipeline.velocity_model = ParallelGuidance(layout)
+    try:
+        got = pipeline.denoise(latents, cond, uncond, params, result=result)
+    finally:
+        pipeline.velocity_model = Guidance()
     return {"error": max_error(got, expected), "cache": result.cache}
 
 

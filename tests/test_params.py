@@ -72,7 +72,7 @@ def test_width_height_and_size_are_equivalent():
             WAN13,
             {"prompt": "x", "solver": "ddim"},
             "solver",
-            "unknown solver 'ddim' (known: unipc, dpm++, euler)",
+            "unknown solver 'ddim' (known: unipc, dpm++, euler, distill, distill-ode)",
         ),
         (WAN13, {"prompt": "x", "guidance_low_noise": 3.0}, "guidance_low_noise", "two-expert"),
         (A14B, {"prompt": "x", "guidance_low_noise": 99}, "guidance_low_noise", "between"),

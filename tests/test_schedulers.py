@@ -113,7 +113,10 @@ def test_wan22_boundary_split_at_40_steps_shift_12():
     assert int((timesteps < 875).sum()) == 14
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+MULTISTEP = ("unipc", "dpm++", "euler")  # the solvers of the official schedule
+
+
+@pytest.mark.parametrize("solver", MULTISTEP)
 def test_sigmas_shape_and_values(solver):
     scheduler = make_scheduler(solver, 50, 5.0)
     sigmas = scheduler.sigmas
@@ -194,7 +197,7 @@ def test_euler_matches_diffusers_and_hand_loop(steps, shift):
         assert torch.equal(got, x)
 
 
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", [*MULTISTEP, "distill-ode"])  # distill leaves the path: fresh noise
 @pytest.mark.parametrize(("steps", "shift"), [(1, 5.0), (2, 5.0), (10, 5.0), (40, 12.0)])
 def test_straight_path_is_followed_exactly(solver, steps, shift):
     # With the true velocity of one noise/data pair, x0 = x - sigma * v is exact at every step, so each
@@ -265,6 +268,70 @@ def test_buffer_reuse_does_not_change_unipc():
         got.append(out)
         x = out.clone()
     assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
+
+
+# --- the distill solvers -------------------------------------------------------------------------
+
+
+def test_distill_schedule_is_lightx2vs_four_step_table():
+    # Timestep t is entry 1000 - t of the shifted linspace(1, 0, 1001)[:-1]: sigma = 5s / (1 + 4s),
+    # s = t / 1000, so 750 -> 3.75 / 4 = 0.9375, 500 -> 2.5 / 3, 250 -> 1.25 / 2.
+    scheduler = make_scheduler("distill", 4, 5.0)
+    expected = [1.0, 0.9375, 2.5 / 3, 0.625, 0.0]
+    torch.testing.assert_close(scheduler.sigmas, torch.tensor(expected), rtol=0, atol=1e-7)
+    assert scheduler.timesteps.dtype == torch.float32  # sigma * 1000, unrounded, as LightX2V feeds it
+    torch.testing.assert_close(scheduler.timesteps, torch.tensor(expected[:-1]) * 1000, rtol=1e-7, atol=0)
+    listed = make_scheduler("distill-ode", 3, 1.0, timesteps=[1000, 600, 100])
+    torch.testing.assert_close(listed.sigmas, torch.tensor([1.0, 0.6, 0.1, 0.0]), rtol=0, atol=1e-7)
+
+
+def test_distill_ode_two_steps_by_hand():
+    # Timesteps [1000, 500] at shift 1: sigmas 1, 0.5, 0. Step 0: x0 = x - v, then
+    # 0.5 * x0 + 0.5 * (x0 + v) = x0 + 0.5 v. Step 1: x0 = x1 - 0.5 v1, the result.
+    field = velocity_field(2)
+    x = initial_noise(3)
+    scheduler = make_scheduler("distill-ode", 2, 1.0, timesteps=[1000, 500])
+    v0 = field(x)
+    x1 = scheduler.step(v0, x)
+    torch.testing.assert_close(x1, (x - v0) + 0.5 * v0, rtol=0, atol=1e-6)
+    v1 = field(x1)
+    torch.testing.assert_close(scheduler.step(v1, x1), x1 - 0.5 * v1, rtol=0, atol=1e-6)
+
+
+def test_distill_renoises_with_fresh_noise_from_the_seed():
+    # Same two steps; step 0 is 0.5 * x0 + 0.5 * n with n fresh standard noise (not the initial
+    # noise, not the predicted one), the same for the same seed and another for another seed.
+    x = torch.randn(1, 16, 8, 32, 32, generator=torch.Generator().manual_seed(4))
+
+    def big_field(y: torch.Tensor) -> torch.Tensor:  # a linear stand-in, at a shape big enough for statistics
+        return 0.3 * y + 0.1
+
+    fresh = []
+    for seed in (7, 7, 8):
+        scheduler = make_scheduler("distill", 2, 1.0, seed=seed, timesteps=[1000, 500])
+        v0 = big_field(x)
+        x1 = scheduler.step(v0, x)
+        fresh.append((x1 - 0.5 * (x - v0)) / 0.5)
+        v1 = big_field(x1)
+        torch.testing.assert_close(scheduler.step(v1, x1), x1 - 0.5 * v1, rtol=0, atol=1e-6)
+    noise = fresh[0]
+    assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1.0) < 0.02
+    assert torch.equal(fresh[0], fresh[1]) and not torch.allclose(fresh[0], fresh[2])
+    assert abs(torch.corrcoef(torch.stack([noise.flatten(), x.flatten()]))[0, 1].item()) < 0.02
+
+
+@pytest.mark.parametrize(
+    ("solver", "steps", "timesteps", "message"),
+    [
+        ("distill", 2, [500, 1000], "decrease strictly"),
+        ("distill", 2, [1000, 0], "within 1..1000"),
+        ("distill", 3, [1000, 500], "2 timesteps"),
+        ("unipc", 2, [1000, 500], "for the distill solvers"),
+    ],
+)
+def test_bad_distill_timesteps_rejected(solver, steps, timesteps, message):
+    with pytest.raises(ValueError, match=message):
+        make_scheduler(solver, steps, 5.0, timesteps=timesteps)
 
 
 def test_unknown_solver_names_the_known_ones():

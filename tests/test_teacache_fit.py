@@ -7,8 +7,7 @@ import math
 import pytest
 
 from smartdiff.pipeline.config import load_profile
-from smartdiff.pipeline.wan import WanPipeline
-from smartdiff.world.teacache_fit import change_pairs, fit
+from smartdiff.world.teacache_fit import change_pairs, fit, recording_pipeline
 
 
 def test_fit_recovers_a_polynomial_and_scores_it() -> None:
@@ -21,10 +20,11 @@ def test_fit_recovers_a_polynomial_and_scores_it() -> None:
 
 
 def test_change_pairs_cover_every_step_after_the_first_of_both_branches() -> None:
-    pipeline = WanPipeline.from_profile(load_profile("wan-world"), "cpu")
-    pairs = change_pairs(pipeline, prompts=1)
+    pipeline, recorder = recording_pipeline(load_profile("wan-world"), "cpu")
+    pairs = change_pairs(pipeline, recorder, prompts=2)
     steps = pipeline.model.sampling.steps
-    assert len(pairs) == 2 * (steps - 1)  # conditional and unconditional branch
+    assert len(pairs) == 2 * 2 * (steps - 1)  # two videos, each with two branches, no pair across videos
     assert all(math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0 for x, y in pairs)
+    first = pairs[: 2 * (steps - 1)]
     # The timestep embedding changes most near the end of sampling, where sigma falls fastest.
-    assert max(x for x, _ in pairs[-4:]) > min(x for x, _ in pairs[:4])
+    assert max(x for x, _ in first[-4:]) > min(x for x, _ in first[:4])

@@ -7,8 +7,9 @@
   ``--gpus none``), loads the model and builds the parallel layout;
 - rank 0 is an ordinary farm worker (``WorkerService`` under Celery: claim, lease, progress, cancel,
   decode, upload) whose pipeline call is ``Leader.generate``: after its text encode it broadcasts
-  the job (validated parameters, initial noise, text states) and every rank denoises through
-  ``ParallelDenoiser``; rank 0 alone decodes and uploads while the others wait for the next job;
+  the job (validated parameters, initial noise, text states) and every rank denoises with its
+  pipeline's ``ParallelGuidance``; rank 0 alone decodes and uploads while the others wait for the
+  next job;
 - after every denoising step rank 0 broadcasts a stop flag (cancelled, lease lost, handed back on
   shutdown), so all ranks leave the loop at the same step and none is left in a collective;
 - shutdown: when rank 0's Celery worker stops, rank 0 broadcasts ``None`` instead of a job.
@@ -42,7 +43,6 @@ if TYPE_CHECKING:  # the launcher process stays free of torch
 
     from smartdiff.farm.settings import FarmSettings
     from smartdiff.pipeline.config import ProfileConfig
-    from smartdiff.pipeline.parallel import ParallelLayout
     from smartdiff.pipeline.params import GenerationParams
     from smartdiff.pipeline.wan import GenerationResult, ProgressFn, WanPipeline
 
@@ -154,12 +154,9 @@ class Job:
 class Group:
     """This rank's model and process groups."""
 
-    def __init__(self, rank: int, pipeline: WanPipeline, layout: ParallelLayout, control: dist.ProcessGroup):
-        from smartdiff.pipeline.parallel import ParallelDenoiser
-
+    def __init__(self, rank: int, pipeline: WanPipeline, control: dist.ProcessGroup):
         self.rank = rank
-        self.pipeline = pipeline
-        self.denoiser = ParallelDenoiser(pipeline, layout)
+        self.pipeline = pipeline  # built with velocity_model=ParallelGuidance(layout)
         self.control = control  # gloo, long timeout: job announcements
 
     def announce(self, job: Job | None) -> Job | None:
@@ -182,7 +179,7 @@ class Group:
     def denoise(self, job: Job, progress: ProgressFn, result: GenerationResult | None = None) -> torch.Tensor:
         device = self.pipeline.device
         latents, cond, uncond = (t.to(device) for t in (job.latents, job.cond, job.uncond))
-        return self.denoiser.denoise(latents, cond, uncond, job.params, progress, result)
+        return self.pipeline.denoise(latents, cond, uncond, job.params, progress, result)
 
 
 class Leader:
@@ -247,7 +244,7 @@ def join_group(profile: ProfileConfig, rank: int, world: int, port: int, device:
     import torch
     import torch.distributed as dist
 
-    from smartdiff.pipeline.parallel import build_layout
+    from smartdiff.pipeline.parallel import ParallelGuidance, build_layout
     from smartdiff.pipeline.wan import WanPipeline
 
     if device != "cpu":
@@ -260,10 +257,10 @@ def join_group(profile: ProfileConfig, rank: int, world: int, port: int, device:
         timeout=COLLECTIVE_TIMEOUT,
     )
     control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    pipeline = WanPipeline.from_profile(profile, device)
-    layout = build_layout(profile.parallel, pipeline.model, timeout=COLLECTIVE_TIMEOUT)
+    layout = build_layout(profile.parallel, profile.model_config, timeout=COLLECTIVE_TIMEOUT)
+    pipeline = WanPipeline.from_profile(profile, device, velocity_model=ParallelGuidance(layout))
     log.info("rank %d of %d ready on %s", rank, world, device)
-    return Group(rank, pipeline, layout, control)
+    return Group(rank, pipeline, control)
 
 
 def lead(

@@ -84,7 +84,7 @@ def parse_message(args: Any, kwargs: Any, profile: ProfileConfig):
     if not isinstance(kwargs.get("params"), dict):
         raise BadMessage("params: missing, or not a JSON object")
     try:
-        return validate_params(kwargs["params"], profile.model_config, profile.flexcache)
+        return validate_params(kwargs["params"], profile.model_config, profile)
     except ParamError as error:
         raise BadMessage(str(error)) from None
 

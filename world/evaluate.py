@@ -93,7 +93,7 @@ def run_variant(variant: Variant, scenes: list[Scene], device: str | None) -> di
     videos, denoise_seconds, hits = [], [], []
     for seed, scene in enumerate(scenes):
         request = {"prompt": caption(scene), "seed": seed, "flexcache": variant.flexcache}
-        params = validate_params(request, model, variant.profile.flexcache)
+        params = validate_params(request, model, variant.profile)
         start = time.perf_counter()
         result = pipeline.generate(params)
         denoise_seconds.append(result.seconds.get("denoise", time.perf_counter() - start))

@@ -21,58 +21,58 @@ import json
 import numpy as np
 import torch
 
-from smartdiff.pipeline.config import load_profile
+from smartdiff.pipeline.config import ProfileConfig, TeaCacheConfig, load_profile
+from smartdiff.pipeline.dit import WanDiT
 from smartdiff.pipeline.flexcache import COND, UNCOND, FlexCache, relative_l1, teacache_input
 from smartdiff.pipeline.params import validate_params
-from smartdiff.pipeline.wan import WanPipeline, apply_guidance
+from smartdiff.pipeline.wan import DenoiseStep, WanPipeline, apply_guidance
 from smartdiff.world.scenes import caption, prompt_set
 
 
 class ChangeRecorder:
-    """``WanPipeline.denoise``'s guided velocity (both CFG branches, no caching) that records, per
-    expert and branch, the change of the modulated input and of the block-stack residual from the
-    step before. One recorder per video."""
+    """A velocity model (both CFG branches, no caching) that records, per expert and branch, the
+    change of the modulated input and of the block-stack residual from the step before."""
 
-    def __init__(self, pipeline: WanPipeline, pairs: list[tuple[float, float]]) -> None:
-        self.pipeline = pipeline
-        self.pairs = pairs
+    def __init__(self, teacache: TeaCacheConfig) -> None:
+        self.teacache = teacache
+        self.pairs: list[tuple[float, float]] = []
         self.last: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(
-        self,
-        cache: FlexCache,
-        expert: int,
-        step: int,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
-        guidance: float,
-    ) -> torch.Tensor:
-        dit = self.pipeline.experts[expert]
+    def new_video(self) -> None:
+        self.last.clear()  # changes are taken between steps of one video
+
+    def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor:
         velocities = []
-        for branch, context in ((COND, cond), (UNCOND, uncond)):
-            inputs = dit.prepare(latents, t, context)
+        for branch, context in ((COND, step.cond), (UNCOND, step.uncond)):
+            inputs = dit.prepare(step.latents, step.t, context)
             out = dit.run_blocks(inputs)
-            modulated = teacache_input(inputs, self.pipeline.model.teacache)
+            modulated = teacache_input(inputs, self.teacache)
             residual = (out - inputs.x).float()
-            if (expert, branch) in self.last:
-                old_input, old_residual = self.last[expert, branch]
+            key = (step.expert, branch)
+            if key in self.last:
+                old_input, old_residual = self.last[key]
                 self.pairs.append((relative_l1(modulated, old_input), relative_l1(residual, old_residual)))
-            self.last[expert, branch] = (modulated, residual)
+            self.last[key] = (modulated, residual)
             velocities.append(dit.finish(out, inputs))
-        return apply_guidance(velocities[0], velocities[1], guidance)
+        return apply_guidance(velocities[0], velocities[1], step.guidance)
 
 
-def change_pairs(pipeline: WanPipeline, prompts: int) -> list[tuple[float, float]]:
+def recording_pipeline(
+    profile: ProfileConfig, device: str | None = None
+) -> tuple[WanPipeline, ChangeRecorder]:
+    """The profile's pipeline with a ChangeRecorder as its velocity model."""
+    recorder = ChangeRecorder(profile.model_config.teacache)
+    return WanPipeline.from_profile(profile, device, velocity_model=recorder), recorder
+
+
+def change_pairs(pipeline: WanPipeline, recorder: ChangeRecorder, prompts: int) -> list[tuple[float, float]]:
     """(input change, residual change) between consecutive steps, over the first ``prompts`` prompts."""
-    pairs: list[tuple[float, float]] = []
     for seed, scene in enumerate(prompt_set()[:prompts]):
+        recorder.new_video()
         params = validate_params({"prompt": caption(scene), "seed": seed}, pipeline.model)
         cond, uncond = pipeline.encode_text(params)
-        noise = pipeline.initial_noise(params)
-        pipeline.denoise(noise, cond, uncond, params, guided_velocity=ChangeRecorder(pipeline, pairs))
-    return pairs
+        pipeline.denoise(pipeline.initial_noise(params), cond, uncond, params)
+    return recorder.pairs
 
 
 def fit(pairs: list[tuple[float, float]], degree: int) -> dict:
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--degree", type=int, default=4)
     parser.add_argument("--device", help="default: CUDA when available, else the CPU")
     args = parser.parse_args(argv)
-    pipeline = WanPipeline.from_profile(load_profile(args.profile), args.device)
+    pipeline, recorder = recording_pipeline(load_profile(args.profile), args.device)
     with torch.no_grad():
-        pairs = change_pairs(pipeline, args.prompts)
+        pairs = change_pairs(pipeline, recorder, args.prompts)
     print(json.dumps({"profile": args.profile, "prompts": args.prompts, **fit(pairs, args.degree)}, indent=2))
 
 
