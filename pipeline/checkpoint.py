@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from smartdiff.pipeline.config import (
+    GEMMS,
     DiTConfig,
     LoraConfig,
     ModelConfig,
@@ -32,6 +33,7 @@ from smartdiff.pipeline.config import (
     load_model_config,
 )
 from smartdiff.pipeline.dit import FP32_PARAMETERS, WanDiT, diffusers_dit_key_to_official
+from smartdiff.pipeline.fp8 import dequantize_rows, quantize_rows, split_fp8_state, use_fp8_linears
 from smartdiff.pipeline.loading import (
     CheckpointError,
     assign_weights,
@@ -294,7 +296,7 @@ class ModelWeights(Protocol):
     origin: str  # said in reports: a checkpoint folder, or random weights drawn in memory
     loras: Sequence[LoraConfig]  # merged into the DiT(s) as they are built
 
-    def dit(self, index: int, dtype: torch.dtype, device: torch.device) -> WanDiT: ...
+    def dit(self, index: int, dtype: torch.dtype, device: torch.device, gemm: str = "dtype") -> WanDiT: ...
 
     def text_encoder(self, dtype: torch.dtype, device: torch.device) -> TextEncoder: ...
 
@@ -302,18 +304,34 @@ class ModelWeights(Protocol):
 
 
 class CheckpointWeights:
-    """The weights of a checkpoint folder (official or Diffusers layout)."""
+    """The weights of a checkpoint folder (official or Diffusers layout). ``dit_files`` (one per
+    expert) replace its DiT weights: single files as ComfyUI and LightX2V share them, bf16 or fp8."""
 
-    def __init__(self, checkpoint: Checkpoint, loras: Sequence[LoraConfig] = ()):
+    def __init__(
+        self, checkpoint: Checkpoint, loras: Sequence[LoraConfig] = (), dit_files: Sequence[Path] = ()
+    ):
+        if dit_files and len(dit_files) != len(checkpoint.model.experts):
+            experts = len(checkpoint.model.experts)
+            raise CheckpointError(
+                f"{checkpoint.model.name} has {experts} DiT(s), {len(dit_files)} DiT files given"
+            )
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.loras = tuple(loras)
+        self.dit_files = tuple(Path(f) for f in dit_files)
         self.origin = f"checkpoint {checkpoint.root} ({checkpoint.layout} layout)"
+        if self.dit_files:
+            self.origin += ", DiT from " + ", ".join(f.name for f in self.dit_files)
 
-    def dit(self, index: int, dtype: torch.dtype, device: torch.device) -> WanDiT:
-        folder = self.checkpoint.expert_dirs[index]
+    def dit(self, index: int, dtype: torch.dtype, device: torch.device, gemm: str = "dtype") -> WanDiT:
         experts = (index, len(self.model.experts))
-        return load_dit(folder, self.checkpoint.layout, self.model.dit, dtype, device, self.loras, experts)
+        if self.dit_files:
+            path = self.dit_files[index]
+            layout = None  # a single file says by its names
+        else:
+            path = find_model_weights(self.checkpoint.expert_dirs[index])
+            layout = self.checkpoint.layout
+        return load_dit(path, layout, self.model.dit, dtype, device, self.loras, experts, gemm)
 
     def text_encoder(self, dtype: torch.dtype, device: torch.device) -> TextEncoder:
         return load_text_encoder(self.checkpoint, dtype, device)
@@ -328,6 +346,10 @@ StateDict = dict[str, torch.Tensor]
 # construction whether the weights come from files or are drawn in memory.
 
 
+# Kept in fp32 whatever the DiT's dtype: the official fp32 parameters and the fp8 weights' scales.
+KEEP_FP32 = re.compile(rf"{FP32_PARAMETERS.pattern}|\.weight_scale$")
+
+
 def dit_from_state(
     config: DiTConfig,
     state: dict[str, torch.Tensor],
@@ -336,12 +358,35 @@ def dit_from_state(
     device: torch.device,
     loras: Sequence[LoraConfig] = (),
     expert: tuple[int, int] = (0, 1),
+    gemm: str = "dtype",
 ) -> WanDiT:
-    """``loras`` are merged into ``state`` first (those for expert ``expert[0]`` of ``expert[1]``)."""
-    merge_loras(state, loras, *expert)
+    """The DiT from its weights (official names; an fp8 checkpoint's scales and prefixes are read
+    here). ``loras`` for expert ``expert[0]`` of ``expert[1]`` are merged first. ``gemm`` "fp8" runs
+    the blocks' linear layers as e4m3 products (``pipeline.fp8``): an fp8 weight is kept as the file
+    has it, any other is quantised per output channel; "dtype" runs them in ``dtype`` (an fp8 file's
+    weights are dequantised)."""
+    if gemm not in GEMMS:
+        raise ValueError(f"gemm {gemm!r} is not one of {', '.join(GEMMS)}")
+    try:
+        scales = split_fp8_state(state)
+    except ValueError as error:
+        raise CheckpointError(f"{source}: {error}") from None
+    merge_loras(state, loras, *expert, fp8_scales=scales)
     with torch.device("meta"):
         dit = WanDiT(config)
-    assign_weights(dit, state, source, dtype, device, keep_fp32=FP32_PARAMETERS)
+    if gemm == "fp8":
+        for name in use_fp8_linears(dit):
+            weight = f"{name}.weight"
+            if weight not in state:
+                continue  # assign_weights names what is missing
+            if weight in scales:
+                scale = scales.pop(weight)
+            else:
+                state[weight], scale = quantize_rows(state[weight].to(device))
+            state[f"{name}.weight_scale"] = scale.reshape(-1)
+    for weight, scale in scales.items():  # fp8 weights that do not run in fp8: the model dtype
+        state[weight] = dequantize_rows(state[weight], scale)
+    assign_weights(dit, state, source, dtype, device, keep_fp32=KEEP_FP32)
     return dit.eval().requires_grad_(False)
 
 
@@ -373,19 +418,24 @@ def text_encoder_from_state(
 
 
 def load_dit(
-    folder: Path,
-    layout: str,
+    path: Path,
+    layout: str | None,
     config: DiTConfig,
     dtype: torch.dtype,
     device: torch.device,
     loras: Sequence[LoraConfig] = (),
     expert: tuple[int, int] = (0, 1),
+    gemm: str = "dtype",
 ) -> WanDiT:
-    path = find_model_weights(folder)
+    """The DiT of a weights file (or shard index, or a folder holding one) in ``layout`` "official"
+    or "diffusers"; None: Diffusers' names if the file has them (single files)."""
+    path = find_model_weights(path) if Path(path).is_dir() else Path(path)
     state = read_safetensors(path)
+    if layout is None:
+        layout = "diffusers" if any(key.startswith("condition_embedder.") for key in state) else "official"
     if layout == "diffusers":
         state = rename_keys(state, diffusers_dit_key_to_official)
-    return dit_from_state(config, state, path, dtype, device, loras, expert)
+    return dit_from_state(config, state, path, dtype, device, loras, expert, gemm)
 
 
 def load_vae(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> WanVAE:

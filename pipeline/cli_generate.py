@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from smartdiff.pipeline.config import LoraConfig, load_profile
+from smartdiff.pipeline.config import GEMMS, LoraConfig, ProfileConfig, load_profile
 from smartdiff.pipeline.params import ParamError, add_request_arguments, request_from_args, validate_params
 
 
@@ -25,6 +26,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a LoRA merged into the DiT at load (strength default 1; expert high, low or both for "
         "Wan2.2); repeat to stack, after the profile's own",
     )
+    parser.add_argument(
+        "--dit-weights",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="a single-file DiT in place of the checkpoint's (official or ComfyUI names, bf16 or "
+        "LightX2V/ComfyUI scaled fp8); once per expert",
+    )
+    parser.add_argument(
+        "--gemm", choices=GEMMS, help="the DiT blocks' linear layers (default: the profile's, else dtype)"
+    )
     parser.add_argument("--attn", help="attention backend (default: the profile's, else sdpa)")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], help="default: auto")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if present)")
@@ -38,6 +51,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output .mp4")
 
 
+def with_overrides(
+    profile: ProfileConfig,
+    args: argparse.Namespace,
+    loras: tuple[LoraConfig, ...],
+    dit_files: tuple[str, ...],
+) -> ProfileConfig:
+    """The profile with what the command line sets instead (its LoRAs stack after the profile's)."""
+    return replace(
+        profile,
+        attention=args.attn or profile.attention,
+        dtype=args.dtype or profile.dtype,
+        low_mem_level=profile.low_mem_level if args.low_mem_level is None else args.low_mem_level,
+        gemm=args.gemm or profile.gemm,
+        loras=profile.loras + loras,
+        dit_weights=dit_files or profile.dit_weights,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     # Imported here so that argument errors answer before torch loads.
     from tqdm import tqdm
@@ -49,26 +80,32 @@ def run(args: argparse.Namespace) -> int:
 
     profile = None  # a checkpoint folder on this machine: every strategy, the model's defaults
     try:
+        loras = tuple(map(LoraConfig.parse, args.lora))
+        dit_files = tuple(str(path.expanduser().resolve()) for path in args.dit_weights)
         if args.profile:
-            profile = load_profile(args.profile)
-            root, model_name = profile.checkpoint_dir, profile.model
-            attention, dtype = args.attn or profile.attention, args.dtype or profile.dtype
-            level = profile.low_mem_level if args.low_mem_level is None else args.low_mem_level
-            if profile.model == "tiny" and not root.exists():
+            profile = with_overrides(load_profile(args.profile), args, loras, dit_files)
+            if profile.model == "tiny" and not profile.checkpoint_dir.exists():
                 from smartdiff.pipeline.tiny import write_tiny_checkpoint
 
-                print(f"writing the tiny checkpoint to {root}", file=sys.stderr)
-                write_tiny_checkpoint(root)
+                print(f"writing the tiny checkpoint to {profile.checkpoint_dir}", file=sys.stderr)
+                write_tiny_checkpoint(profile.checkpoint_dir)
+            model = open_checkpoint(profile.checkpoint_dir, profile.model).model
+            params = validate_params(request_from_args(args), model, profile)
+            pipe = WanPipeline.from_profile(profile, args.device)
         else:
-            root, model_name = args.model_dir, args.model
-            attention, dtype = args.attn or "sdpa", args.dtype or "auto"
-            level = args.low_mem_level or 0
-        loras = (*(profile.loras if profile else ()), *map(LoraConfig.parse, args.lora))
-        model = open_checkpoint(root, model_name).model
-        params = validate_params(request_from_args(args), model, profile)
-        pipe = WanPipeline.from_checkpoint(
-            root, model.name, args.device, loras, dtype=dtype, attention=attention, low_mem_level=level
-        )
+            model = open_checkpoint(args.model_dir, args.model).model
+            params = validate_params(request_from_args(args), model)
+            pipe = WanPipeline.from_checkpoint(
+                args.model_dir,
+                model.name,
+                args.device,
+                loras,
+                dit_files,
+                dtype=args.dtype or "auto",
+                attention=args.attn or "sdpa",
+                low_mem_level=args.low_mem_level or 0,
+                gemm=args.gemm or "dtype",
+            )
     except (ParamError, CheckpointError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -87,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         "out": str(args.out),
         "model": model.name,
         "attention": result.attention,
+        "gemm": result.gemm,
         "loras": result.loras,
         "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
         **params.to_dict(),

@@ -341,6 +341,12 @@ class ProfileConfig:
     # false: a CFG-distilled model, run without classifier-free guidance (one DiT forward per step);
     # requests may not set guidance or a negative prompt.
     cfg: bool = True
+    # The DiT blocks' linear layers: "dtype" (the model's, bf16 on GPU) or "fp8" (e4m3 products with
+    # per-channel weight and per-token activation scales, pipeline/fp8.py; sm_89+).
+    gemm: str = "dtype"
+    # Single-file DiT weights in place of the checkpoint folder's, one per expert, paths as for
+    # ``checkpoint``: official or ComfyUI names, bf16 or fp8 (LightX2V's and ComfyUI's scaled fp8).
+    dit_weights: tuple[str, ...] = ()
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -349,6 +355,10 @@ class ProfileConfig:
     @property
     def model_config(self) -> ModelConfig:
         return load_model_config(self.model)
+
+    @property
+    def dit_files(self) -> tuple[Path, ...]:
+        return tuple(model_path(path) for path in self.dit_weights)
 
     def sampling_for(self, model: ModelConfig) -> SamplingConfig:
         """``model``'s sampling defaults with this profile's overrides; guidance 1 without CFG."""
@@ -359,6 +369,7 @@ class ProfileConfig:
 
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+GEMMS = ("dtype", "fp8")
 
 
 def parse_profile(raw: dict[str, Any]) -> ProfileConfig:
@@ -383,11 +394,15 @@ def load_profile(name: str) -> ProfileConfig:
         raise ValueError(f"{path}: low_mem_level must be 0 to 4, got {profile.low_mem_level}")
     if profile.dtype not in DTYPES:
         raise ValueError(f"{path}: dtype {profile.dtype!r} is not one of {', '.join(DTYPES)}")
+    if profile.gemm not in GEMMS:
+        raise ValueError(f"{path}: gemm {profile.gemm!r} is not one of {', '.join(GEMMS)}")
     model = load_model_config(profile.model)  # an unknown model is an error here, not at the first job
     try:
         # The world size is checked when the process group is built (pipeline/parallel.py).
         profile.parallel.validate(model)
         check_profile_sampling(profile, model)
+        if profile.dit_weights and len(profile.dit_weights) != len(model.experts):
+            raise ValueError(f"dit_weights: {len(profile.dit_weights)} files for {len(model.experts)} DiT(s)")
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     return profile

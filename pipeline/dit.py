@@ -73,8 +73,10 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(in_dim, hidden_dim), gelu, nn.Linear(hidden_dim, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, _, down = self
-        return down(linear_gelu(x, up.weight, up.bias))
+        up, gelu, down = self
+        if isinstance(up, nn.Linear):
+            return down(linear_gelu(x, up.weight, up.bias))
+        return down(gelu(up(x)))  # an fp8 product (pipeline.fp8) has no GELU epilogue
 
 
 class RMSNorm(nn.Module):

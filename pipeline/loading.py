@@ -92,7 +92,8 @@ def assign_weights(
     """Assign ``state`` to a module built on the meta device: strict names and shapes.
 
     ``state`` is consumed (emptied) as tensors move, so a weight is never held twice. Floating
-    tensors become ``dtype``, except names matching ``keep_fp32``. Buffers that are not in the
+    tensors become ``dtype``, except names matching ``keep_fp32`` and e4m3 weights (``pipeline.fp8``:
+    the module holds them as they are). Buffers that are not in the
     state dict (computed constants) must be re-created by the module afterwards.
     """
     expected = module.state_dict()
@@ -115,7 +116,9 @@ def assign_weights(
     for key in expected:
         tensor = state.pop(key)
         cast = dtype
-        if not tensor.is_floating_point() or (keep_fp32 is not None and keep_fp32.search(key)):
+        if tensor.dtype == torch.float8_e4m3fn:
+            cast = tensor.dtype
+        elif not tensor.is_floating_point() or (keep_fp32 is not None and keep_fp32.search(key)):
             cast = torch.float32 if tensor.is_floating_point() else tensor.dtype
         converted[key] = tensor.to(device=device, dtype=cast)
     module.load_state_dict(converted, strict=True, assign=True)

@@ -6,7 +6,8 @@ bias, as step-distill LoRAs carry for norms and biases too). Merged in fp32::
 
     W' = W + strength * (alpha / rank) * B @ A + strength * diff        b' = b + strength * diff_b
 
-(no ``alpha``: alpha = rank). Several LoRAs stack. Key formats users have:
+(no ``alpha``: alpha = rank; ``diff_m`` is a full delta of a block's or the head's modulation).
+Several LoRAs stack. Key formats users have:
 
 - official module names (ComfyUI, LightX2V's distill LoRAs, musubi), with or without a
   ``diffusion_model.`` prefix: ``blocks.0.self_attn.q.lora_down.weight`` / ``.lora_up.weight`` (or
@@ -32,6 +33,7 @@ import torch
 
 from smartdiff.pipeline.config import LoraConfig
 from smartdiff.pipeline.dit import diffusers_dit_key_to_official
+from smartdiff.pipeline.fp8 import dequantize_rows
 from smartdiff.pipeline.loading import CheckpointError, read_safetensors
 
 _PARTS = {
@@ -42,6 +44,7 @@ _PARTS = {
     "alpha": "alpha",
     "diff": "diff",
     "diff_b": "diff_b",
+    "diff_m": "diff_m",
 }
 _KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>" + "|".join(re.escape(part) for part in _PARTS) + r")$")
 
@@ -121,7 +124,8 @@ def lora_deltas(path: Path, strength: float, weights: dict[str, torch.Size]) -> 
                     f"{weight} {list(target)}"
                 )
             _add(deltas, weight, (up @ down).reshape(target) * (strength * alpha / rank))
-        for part, name in (("diff", weight), ("diff_b", _target(module, "diff_b", weights))):
+        for part in ("diff", "diff_b", "diff_m"):
+            name = weight if part == "diff" else _target(module, part, weights)
             if part in parts:
                 delta = parts[part].float()
                 if delta.shape != weights[name]:
@@ -135,10 +139,13 @@ def lora_deltas(path: Path, strength: float, weights: dict[str, torch.Size]) -> 
 
 
 def _target(module: str, part: str, weights: dict[str, torch.Size]) -> str:
-    """The parameter a part changes: the module's bias (diff_b), its weight, or the module itself
-    when it is a bare parameter (a block's modulation, which a full delta may change)."""
+    """The parameter a part changes: the module's bias (diff_b), the modulation of a block or the head
+    (diff_m, LightX2V's name), its weight, or the module itself when it is a bare parameter (a block's
+    modulation, which a plain ``diff`` may change too)."""
     if part == "diff_b":
         return f"{module}.bias"
+    if part == "diff_m":
+        return f"{module}.modulation"
     return f"{module}.weight" if f"{module}.weight" in weights or module not in weights else module
 
 
@@ -147,15 +154,22 @@ def _add(deltas: dict[str, torch.Tensor], name: str, delta: torch.Tensor) -> Non
 
 
 def merge_loras(
-    state: dict[str, torch.Tensor], loras: Sequence[LoraConfig], expert_index: int = 0, experts: int = 1
+    state: dict[str, torch.Tensor],
+    loras: Sequence[LoraConfig],
+    expert_index: int = 0,
+    experts: int = 1,
+    fp8_scales: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``state`` (a DiT's weights by official name) with the LoRAs for this expert merged in, in
-    fp32 (the loader casts to the DiT's dtype afterwards)."""
+    fp32 (the loader casts, or quantises, afterwards). An fp8 weight a LoRA changes is dequantised
+    first (its scale leaves ``fp8_scales``): LoRAs merge before quantisation."""
     chosen = [lora for lora in loras if lora.applies_to(expert_index, experts)]
     if not chosen:
         return state
+    scales = fp8_scales if fp8_scales is not None else {}
     weights = {name: tensor.shape for name, tensor in state.items()}
     for lora in chosen:
         for name, delta in lora_deltas(lora.file, lora.strength, weights).items():
-            state[name] = state[name].float() + delta
+            base = dequantize_rows(state[name], scales.pop(name)) if name in scales else state[name].float()
+            state[name] = base + delta
     return state

@@ -109,10 +109,10 @@ class RandomWeights:
         self.draw_device = torch.device(draw_device)
         self.origin = f"random (seed {seed}), drawn in memory on {self.draw_device}: no checkpoint file"
 
-    def dit(self, index: int, dtype: torch.dtype, device: torch.device) -> WanDiT:
+    def dit(self, index: int, dtype: torch.dtype, device: torch.device, gemm: str = "dtype") -> WanDiT:
         state = random_dit_state(self.model, index, self.seed, self.draw_device, dtype)
         experts = (index, len(self.model.experts))
-        return dit_from_state(self.model.dit, state, self.origin, dtype, device, self.loras, experts)
+        return dit_from_state(self.model.dit, state, self.origin, dtype, device, self.loras, experts, gemm)
 
     def text_encoder(self, dtype: torch.dtype, device: torch.device) -> TextEncoder:
         state = random_t5_state(self.model, self.seed, self.draw_device, dtype)

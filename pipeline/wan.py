@@ -18,6 +18,7 @@ from smartdiff.pipeline.checkpoint import CheckpointWeights, ModelWeights, open_
 from smartdiff.pipeline.config import LoraConfig, ModelConfig, ProfileConfig
 from smartdiff.pipeline.dit import WanDiT
 from smartdiff.pipeline.flexcache import COND, UNCOND, FlexCache
+from smartdiff.pipeline.fp8 import gemm_of, require_fp8_gemm
 from smartdiff.pipeline.memory import BlockStreamer, MemoryPlan, estimate_job_bytes
 from smartdiff.pipeline.params import GenerationParams, parse_size, validate_params
 from smartdiff.pipeline.schedulers import make_scheduler
@@ -116,6 +117,7 @@ class GenerationResult:
     attention_sparsity: dict | None = None
     # The LoRAs merged into the DiT: file name, sha256 prefix, strength, expert.
     loras: list[dict] = field(default_factory=list)
+    gemm: str = ""  # what the DiT blocks' linear layers ran in: "fp8" or the model dtype
 
 
 class WanPipeline:
@@ -153,6 +155,7 @@ class WanPipeline:
         # Block-sparse attention's statistics (our sparge kernel only), reset for every job.
         self.sparsity = sparsity
         self.loras = loras or []  # described (LoraConfig.describe), for every job's result
+        self.gemm = gemm_of(experts[0])  # "fp8" or the DiT's dtype: what its block linears run in
         self.velocity_model = velocity_model or Guidance()
         if self.plan.stream_dit:
             self.activate_expert(0)
@@ -164,11 +167,12 @@ class WanPipeline:
         model_name: str | None = None,
         device: torch.device | str | None = None,
         loras: Sequence[LoraConfig] = (),
+        dit_files: Sequence[Path | str] = (),
         **options: Any,
     ) -> WanPipeline:
-        """Load a checkpoint folder, ``loras`` merged into its DiT; ``options`` are ``from_weights``'s
-        (dtype, attention, ...)."""
-        weights = CheckpointWeights(open_checkpoint(root, model_name), loras)
+        """Load a checkpoint folder, ``loras`` merged into its DiT, ``dit_files`` (one per expert) in
+        place of its DiT weights; ``options`` are ``from_weights``'s (dtype, attention, ...)."""
+        weights = CheckpointWeights(open_checkpoint(root, model_name), loras, [Path(f) for f in dit_files])
         return cls.from_weights(weights, device, **options)
 
     @classmethod
@@ -182,11 +186,13 @@ class WanPipeline:
         attention_options: dict | None = None,
         compile: bool = False,
         velocity_model: VelocityModel | None = None,
+        gemm: str = "dtype",
     ) -> WanPipeline:
         """Build the pipeline from ``weights`` (a checkpoint's, or random ones drawn in memory), each
         module where the memory level puts it. ``attention_options`` go to the backend; ``compile``
         fuses the DiT's token-wise work with torch.compile (``pipeline.fused``); ``velocity_model``
-        evaluates each step (default ``Guidance``: both branches in this process)."""
+        evaluates each step (default ``Guidance``: both branches in this process); ``gemm`` "fp8" runs
+        the DiT blocks' linear layers as e4m3 products (``pipeline.fp8``; sm_89+ or the CPU)."""
         device = torch.device(device) if device is not None else default_device()
         plan = MemoryPlan(low_mem_level)
         model = weights.model
@@ -197,10 +203,12 @@ class WanPipeline:
         if attention == "sparge" and options.get("implementation") == "triton":
             sparsity = options["stats"] = SparsityStats()  # our kernel reports the blocks it computed
         backend = get_backend(attention, device, **options)  # an unavailable backend fails before loading
+        if gemm == "fp8":
+            require_fp8_gemm(device)
         torch_dtype = resolve_dtype(dtype, device)
         cpu = torch.device("cpu")
         dit_device = cpu if plan.stream_dit else device
-        experts = [weights.dit(index, torch_dtype, dit_device) for index in range(len(model.experts))]
+        experts = [weights.dit(index, torch_dtype, dit_device, gemm) for index in range(len(model.experts))]
         text_encoder = weights.text_encoder(torch_dtype, cpu if plan.stream_text_encoder else device)
         if plan.stream_text_encoder:
             text_encoder.stream_to(device)
@@ -221,7 +229,8 @@ class WanPipeline:
     ) -> WanPipeline:
         """Run as ``profile`` says, on its checkpoint unless ``weights`` are given (a benchmark's)."""
         if weights is None:
-            weights = CheckpointWeights(open_checkpoint(profile.checkpoint_dir, profile.model), profile.loras)
+            checkpoint = open_checkpoint(profile.checkpoint_dir, profile.model)
+            weights = CheckpointWeights(checkpoint, profile.loras, profile.dit_files)
         elif weights.model.name != profile.model:
             raise ValueError(
                 f"profile {profile.name} runs {profile.model}, the weights are {weights.model.name}"
@@ -235,6 +244,7 @@ class WanPipeline:
             profile.attention_options,
             profile.compile,
             velocity_model,
+            profile.gemm,
         )
 
     @torch.no_grad()
@@ -351,6 +361,7 @@ class WanPipeline:
             params=params,
             fps=self.model.sampling.fps,
             attention=self.attention.implementation,
+            gemm=self.gemm,
             loras=self.loras,
         )
         if self.sparsity is not None:

@@ -83,7 +83,8 @@ class JobOut(BaseModel):
     params: dict[str, Any] = Field(description="the generation parameters, every default filled in")
     result: dict[str, Any] = Field(
         description="when SUCCEEDED: bucket, key, size, sha256, width, height, frames, fps, seed, "
-        "profile, model, attention, cache, attention_sparsity, loras (file, sha256 prefix, strength, expert "
+        "profile, model, attention, gemm (fp8 or the model dtype), cache, attention_sparsity, "
+        "loras (file, sha256 prefix, strength, expert "
         "of each LoRA merged into the model) and url (presigned when this answer was made)"
     )
     seconds: dict[str, float] = Field(description="seconds per stage")

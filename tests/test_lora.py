@@ -59,6 +59,7 @@ def test_each_key_format_merges_exactly(tiny_checkpoint, tmp_path):
     norm = torch.randn(64)
     head = torch.randn(base["head.head.bias"].shape)
     modulation = torch.randn(base["blocks.1.modulation"].shape)
+    head_modulation = torch.randn(base["head.modulation"].shape)
     formats = {
         # ComfyUI: official names under diffusion_model., lora_down/lora_up with alpha.
         "comfy": (
@@ -100,6 +101,7 @@ def test_each_key_format_merges_exactly(tiny_checkpoint, tmp_path):
                 "diffusion_model.blocks.0.norm3.diff": norm,
                 "diffusion_model.head.head.diff_b": head,
                 "diffusion_model.blocks.1.modulation.diff": modulation,
+                "diffusion_model.head.diff_m": head_modulation,
             },
             {
                 "blocks.0.self_attn.o.weight": low_rank(o_down, o_up, 0.7),
@@ -107,6 +109,7 @@ def test_each_key_format_merges_exactly(tiny_checkpoint, tmp_path):
                 "blocks.0.norm3.weight": norm * 0.7,
                 "head.head.bias": head * 0.7,
                 "blocks.1.modulation": modulation * 0.7,
+                "head.modulation": head_modulation * 0.7,
             },
         ),
     }

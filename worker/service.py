@@ -410,6 +410,7 @@ class WorkerService:
                 "attention": result.attention,
                 "cache": result.cache,
                 "attention_sparsity": result.attention_sparsity,
+                "gemm": result.gemm,
                 "loras": result.loras,
             }
             progress("upload", 0, 1)
