@@ -7,8 +7,9 @@ token-wise work compiled, warmed up) and measured:
 
 - one DiT forward (median ms) and, from the profiler's table of that forward, the time of its linear
   layers: the matrix products (``aten::addmm``/``mm``/``_addmm_activation``/``_scaled_mm``) plus,
-  for fp8, the activations' quantisation and the GELU pass its product cannot fuse; the fp8
-  forward's output is compared with the bf16 one (relative L2 difference);
+  for fp8, the activations' quantisation (with the feed-forward's GELU in it; any separate GELU
+  pass is counted too); the fp8 forward's output is compared with the bf16 one (relative L2
+  difference);
 - one whole 4-step CFG-free video (``distill``, timesteps 1000/750/500/250, shift 5, guidance 1):
   seconds per stage, end to end, and peak GPU memory;
 - the 50-step CFG video of the same pipeline, projected from what was measured: its text encode
@@ -77,6 +78,21 @@ def linear_time(fn, device: torch.device, gemm: str) -> dict:
 
     parts = {key: round(ms(key), 2) for key in LINEAR_OPS + (FP8_EXTRA if gemm == "fp8" else ()) if ms(key)}
     return {"ms": round(sum(parts.values()), 2), "parts": parts}
+
+
+def quantiser_matches_reference(device: torch.device) -> bool:
+    """Whether the GPU's fused activation quantisation gives PyTorch's bytes and scales exactly."""
+    from smartdiff.kernels.triton_fp8 import quantize_rows_fused
+    from smartdiff.pipeline.fp8 import quantize_rows
+
+    x = torch.randn(4096, 5120, device=device, generator=torch.Generator(device).manual_seed(1))
+    x = (x * torch.logspace(-3, 2, 4096, device=device)[:, None]).to(torch.bfloat16)
+    values, scale = quantize_rows_fused(x)
+    expected_values, expected_scale = quantize_rows(x)
+    return bool(
+        torch.equal(scale, expected_scale)
+        and torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    )
 
 
 def build(weights: RandomWeights, device: torch.device, gemm: str, args: argparse.Namespace) -> WanPipeline:
@@ -155,6 +171,8 @@ def main() -> None:
     report: dict = {"model": model.name, "torch": torch.__version__, "weights": weights.origin}
     if device.type == "cuda":
         report["gpu"] = torch.cuda.get_device_name(device)
+    if device.type == "cuda" and "fp8" in args.gemms:
+        report["fp8_quantiser_matches_reference"] = quantiser_matches_reference(device)
     outputs = {}
     for gemm in args.gemms.split(","):
         start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Our Triton attention kernels compiled for Hopper (sm_90) on any machine, no GPU needed.
+"""Our Triton kernels (attention, fp8 quantisation) compiled for Hopper (sm_90) on any machine, no GPU needed.
 
 Triton's whole pipeline runs, down to a cubin (ptxas included): a kernel that would not build on
 the GPU fails here, and what the compiler made of a config (its shared memory) can be read. Used by
@@ -13,6 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from smartdiff.kernels.triton_fp8 import _quantize_rows_kernel, launch_shape
 from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
 from smartdiff.kernels.triton_sparge import (
     MAP_BLOCK_Q,
@@ -59,6 +60,15 @@ def compile_selection_for_hopper(n_pad: int, use_cdf: bool, use_sim: bool):
     }
     constexprs = {"USE_CDF": use_cdf, "USE_SIM": use_sim, "N_PAD": n_pad}
     return _compile(_select_kernel, operands, constexprs, num_warps=4, num_stages=1)
+
+
+def compile_fp8_quantize_for_hopper(cols: int, gelu: bool):
+    """The per-token e4m3 quantisation of bf16 rows of ``cols`` (kernels/triton_fp8.py), for sm_90."""
+    block, warps = launch_shape(cols)
+    operands = {"x_ptr": "*bf16", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+    return _compile(
+        _quantize_rows_kernel, operands, {"BLOCK": block, "GELU": gelu}, num_warps=warps, num_stages=1
+    )
 
 
 def _compile(kernel, operands: dict, constexprs: dict, num_warps: int, num_stages: int):

@@ -19,6 +19,7 @@ from torch import nn
 
 from smartdiff.kernels import AttentionBackend, get_backend
 from smartdiff.pipeline.config import DiTConfig
+from smartdiff.pipeline.fp8 import linear_outputs
 from smartdiff.pipeline.fused import EAGER, TokenOps, linear_gelu
 from smartdiff.pipeline.fused import compiled as compiled_token_ops
 from smartdiff.pipeline.loading import CheckpointError
@@ -73,10 +74,10 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(in_dim, hidden_dim), gelu, nn.Linear(hidden_dim, out_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        up, gelu, down = self
+        up, _, down = self
         if isinstance(up, nn.Linear):
             return down(linear_gelu(x, up.weight, up.bias))
-        return down(gelu(up(x)))  # an fp8 product (pipeline.fp8) has no GELU epilogue
+        return down(up(x), gelu=True)  # fp8 (pipeline.fp8): the GELU runs in down's quantisation
 
 
 class RMSNorm(nn.Module):
@@ -115,10 +116,13 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         chunks: int = 1,
     ) -> torch.Tensor:
-        q = self._heads(ops, self.q(x), self.norm_q, rope, chunks)
-        k = self._heads(ops, self.k(context), self.norm_k, rope, chunks)
-        v = self.v(context).unflatten(2, (self.num_heads, -1))
-        return self.o(attention(q, k, v).flatten(2))
+        if x is context:  # self-attention: q, k and v read the same tokens
+            q, k, v = linear_outputs((self.q, self.k, self.v), x)
+        else:
+            q, (k, v) = self.q(x), linear_outputs((self.k, self.v), context)
+        q = self._heads(ops, q, self.norm_q, rope, chunks)
+        k = self._heads(ops, k, self.norm_k, rope, chunks)
+        return self.o(attention(q, k, v.unflatten(2, (self.num_heads, -1))).flatten(2))
 
     def _heads(
         self,

@@ -11,7 +11,9 @@ every element within half a unit in the last place: a relative error of at most 
 elements at or above e4m3's smallest normal times the scale (2^-6 * scale), and an absolute error of
 at most 2^-10 * scale below it (the subnormal spacing 2^-9, halved). ``FP8Linear`` runs the product
 as one ``torch._scaled_mm`` with row-wise scales (Hopper's fp8 tensor cores on CUDA; torch's
-reference kernel on the CPU, for tests).
+reference kernel on the CPU, for tests). On CUDA the activations are quantised by one Triton pass
+(kernels/triton_fp8.py), which also applies the feed-forward's GELU; q, k and v quantise their shared
+input once.
 
 fp8 checkpoints users share, read by ``split_fp8_state``:
 
@@ -28,7 +30,10 @@ Keys may carry ComfyUI's ``model.diffusion_model.`` or ``diffusion_model.`` pref
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FP8 = torch.float8_e4m3fn
@@ -53,24 +58,37 @@ def dequantize_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return values.float() * scale.float().reshape(-1, *([1] * (values.dim() - 1)))
 
 
-_compiled_quantize_rows = None
+@dataclass(frozen=True)
+class QuantizedRows:
+    """A linear layer's input, quantised per token: e4m3 rows [tokens, in], fp32 scales [tokens, 1],
+    and the input's leading shape and dtype (for the product's output)."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
-def _quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_rows`` as one fused kernel on CUDA (one read of x, one write of the fp8 copy)."""
-    global _compiled_quantize_rows
-    if not x.is_cuda:
-        return quantize_rows(x)
-    if _compiled_quantize_rows is None:
-        _compiled_quantize_rows = torch.compile(quantize_rows, fullgraph=True, dynamic=True)
-    return _compiled_quantize_rows(x)
+def quantize_activations(x: torch.Tensor, gelu: bool = False) -> QuantizedRows:
+    """x [..., in] per token to e4m3, through the tanh GELU first if ``gelu``. On CUDA one Triton
+    pass (kernels/triton_fp8.py: one read of x, one write of the e4m3 copy); elsewhere PyTorch's."""
+    rows = x.reshape(-1, x.shape[-1])
+    with torch.profiler.record_function("fp8.quantize_activations"):  # named in profiles
+        if x.is_cuda:
+            from smartdiff.kernels.triton_fp8 import quantize_rows_fused
+
+            values, scale = quantize_rows_fused(rows, gelu)
+        else:
+            values, scale = quantize_rows(F.gelu(rows, approximate="tanh") if gelu else rows)
+    return QuantizedRows(values, scale, tuple(x.shape[:-1]), x.dtype)
 
 
 class FP8Linear(nn.Module):
     """``nn.Linear``'s product with e4m3 weights (per-channel scales) and per-token e4m3 activations.
 
     State: ``weight`` [out, in] e4m3, ``weight_scale`` [out] fp32, ``bias`` [out] in the model dtype,
-    so a block streams and moves like any other module.
+    so a block streams and moves like any other module. ``gelu=True`` applies the tanh GELU to the
+    input first, inside the quantisation (the feed-forward's second layer).
     """
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None):
@@ -80,22 +98,37 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        with torch.profiler.record_function("fp8.quantize_activations"):  # named in profiles
-            values, scale = _quantize_activations(rows)
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        return self.product(quantize_activations(x, gelu))
+
+    def product(self, x: QuantizedRows) -> torch.Tensor:
+        """The layer's output for an input already quantised (shared by layers that read one input).
+
+        Fast accumulation: Hopper's fp8 tensor cores keep each tile's partial sums at their own
+        reduced precision before they reach the fp32 accumulator (the inference kernels' usual
+        setting; bench/distill_fp8_gpu.py reports the whole forward's difference to bf16)."""
         out = torch._scaled_mm(
-            values,
+            x.values,
             self.weight.t(),  # column-major [in, out], as the fp8 kernels want their second operand
-            scale_a=scale,
+            scale_a=x.scale,
             scale_b=self.weight_scale.view(1, -1),
             bias=self.bias.to(x.dtype),
             out_dtype=x.dtype,
+            use_fast_accum=True,
         )
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.view(*x.shape, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3"
+
+
+def linear_outputs(layers: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """``layer(x)`` for each layer; fp8 layers quantise their shared input once (the self-attention's
+    q, k and v read the same tokens)."""
+    if all(isinstance(layer, FP8Linear) for layer in layers):
+        shared = quantize_activations(x)
+        return [layer.product(shared) for layer in layers]
+    return [layer(x) for layer in layers]
 
 
 def block_linear_names(dit: nn.Module) -> list[str]:

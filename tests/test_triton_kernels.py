@@ -246,6 +246,7 @@ def _check_kernels_compile_for_hopper() -> None:
     cannot show, without a GPU."""
     from smartdiff.kernels.triton_build import (
         compile_for_hopper,
+        compile_fp8_quantize_for_hopper,
         compile_selection_for_hopper,
         default_configs,
     )
@@ -257,6 +258,36 @@ def _check_kernels_compile_for_hopper() -> None:
     # The block map's selection: 1.3B and 14B rows (512 and 1,182 key blocks), both cuts.
     for n_pad, use_cdf in ((512, False), (2048, True)):
         assert len(compile_selection_for_hopper(n_pad, use_cdf, use_sim=True).asm["cubin"]) > 1000
+    # fp8 activations: the 1.3B and 14B widths and the 14B feed-forward's hidden, with the GELU.
+    for cols, gelu in ((1536, False), (5120, False), (13824, True)):
+        assert len(compile_fp8_quantize_for_hopper(cols, gelu).asm["cubin"]) > 1000
+
+
+def _check_fp8_row_quantiser_matches_the_reference() -> None:
+    import torch.nn.functional as F
+
+    from smartdiff.kernels.triton_fp8 import quantize_rows_fused
+    from smartdiff.pipeline.fp8 import dequantize_rows, quantize_rows
+
+    g = torch.Generator().manual_seed(5)
+    # Rows of very different ranges, a width that is no power of two (the masked tail), one zero row.
+    x = torch.randn(7, 300, generator=g) * torch.logspace(-3, 2, 7)[:, None]
+    x[3] = 0.0
+    x = x.to(torch.bfloat16)
+    values, scale = quantize_rows_fused(x)
+    expected_values, expected_scale = quantize_rows(x)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
+    # With the GELU in fp32 first: the same up to the tanh's last bits (one e4m3 step at most).
+    values, scale = quantize_rows_fused(x, gelu=True)
+    expected_values, expected_scale = quantize_rows(F.gelu(x.float(), approximate="tanh"))
+    torch.testing.assert_close(scale, expected_scale, rtol=1e-5, atol=0)
+    step = 2.0**-3 * dequantize_rows(expected_values, expected_scale).abs() + 2.0**-9 * expected_scale
+    assert bool(
+        (
+            (dequantize_rows(values, scale) - dequantize_rows(expected_values, expected_scale)).abs() <= step
+        ).all()
+    )
 
 
 def _check_sage_rejects_what_it_cannot_run() -> None:
@@ -464,6 +495,10 @@ def test_the_fp8_casts_of_the_test_interpreter_round_like_the_gpu():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_int8_quantiser_matches_the_reference(dtype):
     _in_interpreter(_check_quantiser_matches_reference, dtype=dtype)
+
+
+def test_fp8_row_quantiser_matches_the_reference():
+    _in_interpreter(_check_fp8_row_quantiser_matches_the_reference)
 
 
 def test_v_is_scaled_per_channel_to_fp8_and_transposed():
