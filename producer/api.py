@@ -264,8 +264,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 def example_job(profile: str) -> dict[str, Any]:
-    """A request that the profile's model accepts, with its own defaults spelled out."""
-    sampling = load_profile(profile).model_config.sampling
+    """A request that the profile accepts, with its own sampling defaults spelled out."""
+    config = load_profile(profile)
+    sampling = config.sampling_for(config.model_config)
     return {
         "profile": profile,
         "prompt": "a red ball moving left on a white background",

@@ -55,11 +55,12 @@ def test_the_wheel_installs_exactly_one_import_name(wheel):
         assert installed in names, f"{module.relative_to(REPO)} is not in the wheel"
 
 
-def test_the_wheel_carries_every_config_and_the_shipped_model(wheel):
+def test_the_wheel_carries_every_config_and_the_shipped_models(wheel):
     names = set(wheel.namelist())
-    for path in sorted((REPO / "configs").rglob("*.yaml")) + sorted(
-        (REPO / "weights" / "wan-world").rglob("*")
-    ):
+    # wan-world and its student wan-world-distill4
+    shipped = sorted(p for p in (REPO / "weights").glob("*/**/*") if "__pycache__" not in p.parts)
+    assert {p.relative_to(REPO / "weights").parts[0] for p in shipped} >= {"wan-world", "wan-world-distill4"}
+    for path in sorted((REPO / "configs").rglob("*.yaml")) + shipped:
         if path.is_file():
             assert f"smartdiff/{path.relative_to(REPO).as_posix()}" in names, (
                 f"{path.relative_to(REPO)} is missing"
