@@ -14,6 +14,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from smartdiff.kernels.triton_fp8 import _quantize_rows_kernel, launch_shape
+from smartdiff.kernels.triton_norm import BLOCK as NORM_BLOCK
+from smartdiff.kernels.triton_norm import _rms_norm_channels_kernel
 from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
 from smartdiff.kernels.triton_sparge import (
     MAP_BLOCK_Q,
@@ -69,6 +71,13 @@ def compile_fp8_quantize_for_hopper(cols: int, gelu: bool):
     return _compile(
         _quantize_rows_kernel, operands, {"BLOCK": block, "GELU": gelu}, num_warps=warps, num_stages=1
     )
+
+
+def compile_vae_norm_for_hopper(silu: bool):
+    """The VAE's fused channel norm (and SiLU) of bf16 tensors (kernels/triton_norm.py), for sm_90."""
+    operands = {"x_ptr": "*bf16", "gamma_ptr": "*bf16", "out_ptr": "*bf16", "scale": "fp32"}
+    constexprs = {"BLOCK": NORM_BLOCK, "SILU": silu}
+    return _compile(_rms_norm_channels_kernel, operands, constexprs, num_warps=4, num_stages=1)
 
 
 def _compile(kernel, operands: dict, constexprs: dict, num_warps: int, num_stages: int):

@@ -4,9 +4,12 @@ Module and parameter names follow the official ``Wan2.1_VAE.pth`` exactly, so th
 plain strict ``load_state_dict``; ``diffusers_vae_key_to_official`` renames the Diffusers layout.
 
 Video runs through the model causally, in chunks, as in the official implementation: the encoder sees
-the first frame alone and then groups of four frames, the decoder one latent frame at a time. Each
-causal convolution keeps the trailing frames of its input from one chunk to the next in a cache that
-belongs to a single ``encode``/``decode`` call, so calls share no state and the module stays reentrant.
+the first frame alone and then groups of four frames; the decoder sees the first latent frame alone
+and then groups of ``decode_chunk`` latent frames (the official implementation decodes one at a time;
+the result is the same, since every layer is causal in time or works frame by frame, and larger
+chunks give the GPU larger convolutions). Each causal convolution keeps the trailing frames of its
+input from one chunk to the next in a cache that belongs to a single ``encode``/``decode`` call, so
+calls share no state and the module stays reentrant.
 """
 
 from __future__ import annotations
@@ -83,10 +86,20 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        """The norm, then the SiLU if ``silu``. Inference on CUDA runs both in one Triton pass
+        (kernels/triton_norm.py); training and the CPU take PyTorch's path."""
+        if x.is_cuda and not torch.is_grad_enabled():
+            from smartdiff.kernels.triton_norm import rms_norm_channels
+
+            return rms_norm_channels(x, self.gamma, silu)
+        return self.reference(x, silu)
+
+    def reference(self, x: Tensor, silu: bool = False) -> Tensor:
+        """The norm (and SiLU) in PyTorch: differentiable, any device."""
         # The sum of squares over hundreds of channels is taken in fp32 (a no-op for fp32 input).
-        normalized = F.normalize(x.float(), dim=1).to(x.dtype)
-        return normalized * self.scale * self.gamma
+        normalized = F.normalize(x.float(), dim=1).to(x.dtype) * self.scale * self.gamma
+        return F.silu(normalized) if silu else normalized
 
 
 class ResidualBlock(nn.Module):
@@ -108,9 +121,9 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
         skip = self.shortcut(x)
-        for layer in self.residual:
-            x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
-        return x + skip
+        norm1, _, conv1, norm2, _, dropout, conv2 = self.residual  # the SiLUs run inside the norms
+        x = conv1(norm1(x, silu=True), cache)
+        return conv2(dropout(norm2(x, silu=True)), cache) + skip
 
 
 class AttentionBlock(nn.Module):
@@ -221,8 +234,8 @@ class Encoder(nn.Module):
         x = self.conv1(x, cache)
         for block in (*self.downsamples, *self.middle):
             x = block(x, cache)
-        norm, act, conv = self.head
-        return conv(act(norm(x)), cache)
+        norm, _, conv = self.head
+        return conv(norm(x, silu=True), cache)
 
 
 class Decoder(nn.Module):
@@ -249,8 +262,8 @@ class Decoder(nn.Module):
         x = self.conv1(x, cache)
         for block in (*self.middle, *self.upsamples):
             x = block(x, cache)
-        norm, act, conv = self.head
-        return conv(act(norm(x)), cache)
+        norm, _, conv = self.head
+        return conv(norm(x, silu=True), cache)
 
 
 class WanVAE(nn.Module):
@@ -268,6 +281,11 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
         self.decoder = Decoder(config, dropout)
+        self.decode_chunk = self.DECODE_CHUNK
+
+    # Latent frames per decoder pass after the first. Activation memory grows with it (at 480p each
+    # latent frame of a chunk holds about 0.3 GB of full-resolution bf16 activations in flight).
+    DECODE_CHUNK = 1
 
     @property
     def dtype(self) -> torch.dtype:
@@ -324,7 +342,9 @@ class WanVAE(nn.Module):
         z = (latents.to(device=self.device, dtype=torch.float32) * std + mean).to(self.dtype)
         x = self.conv2(z)
         cache: FeatureCache = {}
-        return torch.cat([self.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])], dim=2)
+        # Latent frame 0 alone (it decodes to one video frame, the others to four), then chunks.
+        bounds = [(0, 1)] + [(s, s + self.decode_chunk) for s in range(1, x.shape[2], self.decode_chunk)]
+        return torch.cat([self.decoder(x[:, :, s:e], cache) for s, e in bounds], dim=2)
 
     # Tiles of 32 latents (256 pixels) overlapping by 8 latents (64 pixels), like diffusers' default.
     TILE_LATENTS = 32

@@ -248,6 +248,7 @@ def _check_kernels_compile_for_hopper() -> None:
         compile_for_hopper,
         compile_fp8_quantize_for_hopper,
         compile_selection_for_hopper,
+        compile_vae_norm_for_hopper,
         default_configs,
     )
 
@@ -261,6 +262,8 @@ def _check_kernels_compile_for_hopper() -> None:
     # fp8 activations: the 1.3B and 14B widths and the 14B feed-forward's hidden, with the GELU.
     for cols, gelu in ((1536, False), (5120, False), (13824, True)):
         assert len(compile_fp8_quantize_for_hopper(cols, gelu).asm["cubin"]) > 1000
+    for silu in (False, True):  # the VAE's channel norm
+        assert len(compile_vae_norm_for_hopper(silu).asm["cubin"]) > 1000
 
 
 def _check_fp8_row_quantiser_matches_the_reference() -> None:
@@ -288,6 +291,35 @@ def _check_fp8_row_quantiser_matches_the_reference() -> None:
             (dequantize_rows(values, scale) - dequantize_rows(expected_values, expected_scale)).abs() <= step
         ).all()
     )
+
+
+def _check_vae_norm_matches_pytorch() -> None:
+    import torch.nn.functional as F
+
+    from smartdiff.kernels.triton_norm import rms_norm_channels
+    from smartdiff.pipeline.vae import RMSNorm
+
+    g = torch.Generator().manual_seed(6)
+    # Two batch entries, 5 channels, positions that are no multiple of the block (the masked tail),
+    # one position all zero (the epsilon), and a 2-D norm's input (the VAE's attention block).
+    for shape in ((2, 5, 3, 7, 50), (3, 5, 9, 11)):
+        x = torch.randn(shape, generator=g)
+        x[0, :, 0] = 0.0
+        norm = RMSNorm(5, spatial_dims=len(shape) - 2)
+        with torch.no_grad():
+            norm.gamma.uniform_(0.5, 1.5, generator=g)
+            for silu in (False, True):
+                expected = norm.reference(x, silu)
+                got = rms_norm_channels(x, norm.gamma, silu)
+                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+                assert got.abs().max() > 0.5  # not a zero output passing
+            # bf16 in, bf16 out: fp32 inside, one rounding, within one bf16 step (2^-7 relative): the
+            # interpreter's fp32 -> bf16 cast truncates (1.0 + 2^-7 - 2^-12 -> 1.0, measured) where the
+            # GPU's rounds to nearest.
+            got = rms_norm_channels(x.bfloat16(), norm.gamma.bfloat16(), silu=True)
+            assert got.dtype == torch.bfloat16
+            exact = F.silu(F.normalize(x.bfloat16().float(), dim=1) * 5**0.5 * norm.gamma.bfloat16().float())
+            torch.testing.assert_close(got.float(), exact, rtol=2**-7, atol=1e-6)
 
 
 def _check_sage_rejects_what_it_cannot_run() -> None:
@@ -501,6 +533,10 @@ def test_fp8_row_quantiser_matches_the_reference():
     _in_interpreter(_check_fp8_row_quantiser_matches_the_reference)
 
 
+def test_the_vae_norm_kernel_matches_pytorch():
+    _in_interpreter(_check_vae_norm_matches_pytorch)
+
+
 def test_v_is_scaled_per_channel_to_fp8_and_transposed():
     _in_interpreter(_check_v_is_scaled_per_channel_and_transposed)
 
@@ -671,3 +707,19 @@ def test_compiled_kernels_on_gpu(pv_fp8):
     everything = torch.ones_like(mask)
     same_tiles = sage_attention(q, k, v, pv_fp8=pv_fp8, config=sparse_config(128, q.device))
     assert torch.equal(block_sparse_sage_attention(q, k, v, everything, pv_fp8=pv_fp8), same_tiles)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
+def test_compiled_vae_norm_on_gpu():
+    from smartdiff.pipeline.vae import RMSNorm
+
+    x = torch.randn(2, 96, 5, 60, 104, device="cuda")
+    norm = RMSNorm(96).cuda()
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5)
+        for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2**-8)):
+            norm.to(dtype)
+            fused, reference = norm(x.to(dtype), silu=True), norm.reference(x.to(dtype), silu=True)
+            assert fused.dtype == dtype
+            # bf16: the reference rounds after the norm and after each multiply, the kernel once.
+            assert relative_error(fused.float(), reference.float()) < tolerance

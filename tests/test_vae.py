@@ -165,6 +165,20 @@ def test_decode_is_causal(pair: tuple[AutoencoderKLWan, WanVAE]) -> None:
     assert not torch.allclose(ours.decode(changed)[:, :, 5:], full[:, :, 5:])
 
 
+@pytest.mark.parametrize("chunk", [2, 3, 6])
+def test_decoding_in_chunks_gives_the_frame_by_frame_video(pair, chunk: int) -> None:
+    _, ours = pair
+    latents = torch.randn(1, 16, 6, 8, 8, generator=torch.Generator().manual_seed(4))
+    one_by_one = ours.decode(latents)
+    ours.decode_chunk = chunk  # 5 frames after the first: the last chunk may be shorter
+    try:
+        chunked = ours.decode(latents)
+    finally:
+        ours.decode_chunk = WanVAE.DECODE_CHUNK
+    assert chunked.shape == one_by_one.shape == (1, 3, 21, 64, 64)
+    torch.testing.assert_close(chunked, one_by_one, rtol=0, atol=1e-5)
+
+
 def test_encode_is_causal(pair: tuple[AutoencoderKLWan, WanVAE]) -> None:
     _, ours = pair
     clip = torch.rand(1, 3, 9, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
