@@ -325,7 +325,7 @@ class ProfileConfig:
     # Run the DiT's token-wise work through torch.compile (pipeline/fused.py): fused kernels on CUDA.
     compile: bool = False
     # "auto": bf16 on GPU, fp32 on CPU.
-    dtype: str = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     # Feature-caching strategies a request may ask for on this worker ("teacache", "pab").
     flexcache: tuple[str, ...] = ()
     # 0 all on the GPU, 1 tiled VAE, 2 + streamed T5, 3 + streamed DiT, 4 + chunked FFN

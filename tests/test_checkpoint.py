@@ -146,3 +146,6 @@ def test_model_and_profile_yaml_values_are_type_checked(config_dir):
     (config_dir / "profiles" / "p.yaml").write_text("name: p\nmodel: tiny\ncheckpoint: x\ncompile: 'yes'\n")
     with pytest.raises(ValueError, match="profile.compile: input should be a valid boolean, got 'yes'"):
         load_profile("p")
+    (config_dir / "profiles" / "p.yaml").write_text("name: p\nmodel: tiny\ncheckpoint: x\ndtype: float32\n")
+    with pytest.raises(ValueError, match="profile.dtype: input should be 'auto', 'bf16', 'fp16' or 'fp32'"):
+        load_profile("p")
