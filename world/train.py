@@ -62,6 +62,7 @@ MODEL = "wan-world"
 class Recipe:
     seed: int = 0
     clips: int = 16000  # distinct training clips: item i is world clip (seed, i)
+    detail_fraction: float = 0.0  # share of clips that are detail scenes (bars, small objects, pairs)
     frames: int = 17
     size: int = 64
     vae_steps: int = 4000
@@ -88,7 +89,7 @@ class Recipe:
 
 def render_clips(recipe: Recipe, workers: int) -> tuple[np.ndarray, list[str]]:
     """Every training clip, uint8 [N, F, H, W, 3], and its caption (rendered in ``workers`` processes)."""
-    jobs = [(recipe.seed, i, recipe.frames, recipe.size) for i in range(recipe.clips)]
+    jobs = [(recipe.seed, i, recipe.frames, recipe.size, recipe.detail_fraction) for i in range(recipe.clips)]
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             items = pool.starmap(clip, jobs, chunksize=64)
@@ -228,7 +229,9 @@ def train_vae(
 @torch.no_grad()
 def reconstruction_check(vae: WanVAE, recipe: Recipe, count: int = 32) -> dict:
     """PSNR, latent scale and probe agreement of the VAE's reconstructions of clips it never saw."""
-    items = [clip(recipe.seed + 1, i, recipe.frames, recipe.size) for i in range(count)]
+    items = [
+        clip(recipe.seed + 1, i, recipe.frames, recipe.size, recipe.detail_fraction) for i in range(count)
+    ]
     clips = np.stack([v for _, v, _ in items])
     latents = vae.encode(to_video(torch.from_numpy(clips).to(vae.device)))
     frames = np.stack([to_uint8_frames(v) for v in vae.decode(latents)])
