@@ -22,8 +22,8 @@ BLOCK = 1024
 def _rms_norm_channels_kernel(
     x_ptr, gamma_ptr, out_ptr, channels, positions, scale, BLOCK: tl.constexpr, SILU: tl.constexpr
 ):
-    batch = tl.program_id(0).to(tl.int64)
-    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    batch = tl.program_id(1).to(tl.int64)
     mask = offsets < positions
     start = batch * channels * positions + offsets  # int64: a chunk at 720p passes 2^31 elements
     squares = tl.zeros([BLOCK], dtype=tl.float32)
@@ -51,7 +51,9 @@ def rms_norm_channels(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False) 
     batch, channels = x.shape[:2]
     positions = x[0, 0].numel()
     out = torch.empty_like(x)
-    grid = (batch, triton.cdiv(positions, BLOCK))
+    # Position blocks on grid axis 0 (up to 2^31 - 1): a 720p chunk of 20 latent frames has 72,000
+    # of them, past axis 1's limit of 65,535.
+    grid = (triton.cdiv(positions, BLOCK), batch)
     _rms_norm_channels_kernel[grid](
         x, gamma.reshape(-1), out, channels, positions, channels**0.5, BLOCK=BLOCK, SILU=silu, num_warps=4
     )

@@ -53,9 +53,10 @@ class MemoryPlan:
 # with bench/memory_gpu.py (2026-11-29): 34 (1.3B) and 26 (14B) at levels 0-3, 23.5 and 22.5 at
 # level 4. Rounded up so the estimate errs on the side of refusing.
 DIT_BYTES_PER_ELEMENT = {0: 40, 1: 40, 2: 40, 3: 40, 4: 30}
-# VAE decode working memory per output pixel-frame: about 3.3 GB for 832x480x81 untiled; tiles of
-# 256x256 pixels bound it by the tile, not the frame.
-VAE_BYTES_PER_PIXEL_FRAME = 110
+# VAE decode working memory per output pixel-frame at its decode chunk of 2 latent frames: 6.5 GB for
+# 832x480x81 untiled (201 bytes, bench/vae_gpu.py on an H100); tiles of 256x256 pixels bound it by
+# the tile, not the frame.
+VAE_BYTES_PER_PIXEL_FRAME = 220
 VAE_TILE_PIXELS = 256 * 256
 
 
