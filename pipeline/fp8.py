@@ -2,8 +2,8 @@
 
 Quantisation is symmetric and per output channel for weights, per token for activations:
 
-    weight:      scale_w[o] = max_i |W[o, i]| / 448      W8 = e4m3(W / scale_w)
-    activation:  scale_x[t] = max_i |x[t, i]| / 448      x8 = e4m3(x / scale_x)
+    weight:      scale_w[o] = max_i |W[o, i]| / 448      W8 = e4m3(W * (1 / scale_w))
+    activation:  scale_x[t] = max_i |x[t, i]| / 448      x8 = e4m3(x * (1 / scale_x))
     product:     y = (x8 @ W8^T) * scale_x[t] * scale_w[o] + bias      (fp32 accumulate, bf16 out)
 
 448 is e4m3's largest finite value. Rounding to e4m3 (3 mantissa bits, round to nearest even) puts
@@ -49,7 +49,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 values, fp32 scales [rows, 1]) of a 2-D tensor, one scale per row (module docstring)."""
     x32 = x.float()
     scale = (x32.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-    return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    # A multiply by the reciprocal, as the GPU's quantiser does it (cheaper than a division per element).
+    return (x32 * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def dequantize_rows(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

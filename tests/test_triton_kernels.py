@@ -273,8 +273,10 @@ def _check_fp8_row_quantiser_matches_the_reference() -> None:
     from smartdiff.pipeline.fp8 import dequantize_rows, quantize_rows
 
     g = torch.Generator().manual_seed(5)
-    # Rows of very different ranges, a width that is no power of two (the masked tail), one zero row.
-    x = torch.randn(7, 300, generator=g) * torch.logspace(-3, 2, 7)[:, None]
+    # Rows of very different ranges, one zero row, and a width of three chunks of 1,024 columns, the
+    # last one masked (its largest value in the tail for some rows).
+    x = torch.randn(7, 2600, generator=g) * torch.logspace(-3, 2, 7)[:, None]
+    x[::2, 2599] = 30.0
     x[3] = 0.0
     x = x.to(torch.bfloat16)
     values, scale = quantize_rows_fused(x)
