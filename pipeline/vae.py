@@ -283,9 +283,8 @@ class WanVAE(nn.Module):
         self.decoder = Decoder(config, dropout)
         self.decode_chunk = self.DECODE_CHUNK
 
-    # Latent frames per decoder pass after the first. Measured with bench/vae_gpu.py (H100, bf16,
-    # 832x480x81, cuDNN autotuned): chunk 1 1.52 s and 4.5 GB, 2 1.25 s and 6.5 GB, 4 1.19 s and
-    # 10.5 GB, 10 1.19 s and 22.5 GB. Two takes most of the gain for 2 GB more.
+    # Latent frames per decoder pass after the first: 2 takes most of the speed of larger chunks for
+    # 2 GB more than 1 at 480p (bench/vae_gpu.py; the table is in docs/PERFORMANCE.md).
     DECODE_CHUNK = 2
 
     @property
