@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from smartdiff.pipeline.checkpoint import load_dit, open_checkpoint
 from smartdiff.pipeline.config import load_model_config
 from smartdiff.pipeline.dit import WanDiT
-from smartdiff.world.train import MODEL, Recipe, lr_at, new_text_encoder, text_context, train
+from smartdiff.world.train import MODEL, Recipe, edge_error, lr_at, new_text_encoder, text_context, train
 
 TOY = Recipe(
     clips=16,
@@ -24,6 +24,7 @@ TOY = Recipe(
     decoder_steps=2,
     dit_steps=3,
     dit_batch=4,
+    check_clips=4,
 )
 
 
@@ -58,6 +59,17 @@ def test_recipe_writes_a_loadable_checkpoint_and_warm_starts_from_it(tmp_path) -
     a = load_file(first / "diffusion_pytorch_model.safetensors")
     b = load_file(second / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_edge_error_sees_a_rounded_corner_and_ignores_a_flat_offset() -> None:
+    square = torch.zeros(1, 3, 1, 16, 16)
+    square[..., 4:12, 4:12] = 1.0
+    rounded = square.clone()
+    for y, x in ((4, 4), (4, 11), (11, 4), (11, 11)):
+        rounded[..., y, x] = 0.0
+    assert edge_error(square + 0.3, square) < 1e-6  # a colour shift moves no edge
+    # Four corner pixels: the edge error sees each of them twice along each axis.
+    assert edge_error(rounded, square) > 1.9 * (rounded - square).abs().mean()
 
 
 def test_recipe_rejects_more_vae_frames_than_a_clip_has() -> None:
