@@ -1,7 +1,7 @@
 """Memory levels: what lives on the GPU, and block streaming for what does not.
 
 0  everything resident on the GPU.
-1  + the VAE decodes (and encodes) in overlapping spatial tiles with blended seams.
+1  + the VAE decodes (and encodes) in overlapping full-width strips with blended seams.
 2  + the T5 encoder's weights stay in CPU memory; its 24 blocks are streamed to the GPU one by one
      for each encode (GPU speed, about two blocks of GPU memory; CPU compute of a 5.7B encoder would
      take seconds per prompt). Its output is cached per prompt text in every level.
@@ -54,17 +54,19 @@ class MemoryPlan:
 # level 4. Rounded up so the estimate errs on the side of refusing.
 DIT_BYTES_PER_ELEMENT = {0: 40, 1: 40, 2: 40, 3: 40, 4: 30}
 # VAE decode working memory per output pixel-frame at its decode chunk of 2 latent frames: 6.5 GB for
-# 832x480x81 untiled (201 bytes, bench/vae_gpu.py on an H100); tiles of 256x256 pixels bound it by
-# the tile, not the frame.
+# 832x480x81 untiled (201 bytes, bench/vae_gpu.py on an H100); the tiled decode's full-width strips
+# of at most 256 rows bound it by the strip, not the frame.
 VAE_BYTES_PER_PIXEL_FRAME = 220
-VAE_TILE_PIXELS = 256 * 256
+VAE_STRIP_ROWS = 256
 
 
-def estimate_job_bytes(level: int, tokens: int, width: int, pixels_per_frame: int, frames: int) -> int:
+def estimate_job_bytes(
+    level: int, tokens: int, model_width: int, frame_height: int, frame_width: int, frames: int
+) -> int:
     """GPU memory a job needs beyond the resident weights: the larger of its DiT and VAE peaks."""
-    dit = DIT_BYTES_PER_ELEMENT[level] * tokens * width
-    pixels = min(pixels_per_frame, 2 * VAE_TILE_PIXELS) if level >= 1 else pixels_per_frame
-    vae = VAE_BYTES_PER_PIXEL_FRAME * pixels * frames
+    dit = DIT_BYTES_PER_ELEMENT[level] * tokens * model_width
+    rows = min(frame_height, VAE_STRIP_ROWS) if level >= 1 else frame_height
+    vae = VAE_BYTES_PER_PIXEL_FRAME * rows * frame_width * frames
     return max(dit, vae)
 
 

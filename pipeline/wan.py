@@ -288,7 +288,7 @@ class WanPipeline:
         """Device memory this job needs on top of what is resident (see pipeline.memory)."""
         tokens = dit_tokens(self.model, params.frames, params.height, params.width)
         return estimate_job_bytes(
-            self.plan.level, tokens, self.model.dit.dim, params.width * params.height, params.frames
+            self.plan.level, tokens, self.model.dit.dim, params.height, params.width, params.frames
         )
 
     def expert_for(self, timestep: float) -> int:
