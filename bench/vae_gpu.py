@@ -31,7 +31,14 @@ from common import GB, emit, report_header
 
 from smartdiff.pipeline.config import VAEConfig, load_model_config
 from smartdiff.pipeline.tiny import RandomWeights
-from smartdiff.pipeline.vae import LATENTS_MEAN, LATENTS_STD, RMSNorm, WanVAE, diffusers_vae_key_to_official
+from smartdiff.pipeline.vae import (
+    LATENTS_MEAN,
+    LATENTS_STD,
+    RMSNorm,
+    WanVAE,
+    diffusers_vae_arguments,
+    diffusers_vae_key_to_official,
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -41,13 +48,7 @@ def diffusers_vae(ours: WanVAE, config: VAEConfig, dtype: torch.dtype):
     from diffusers import AutoencoderKLWan
 
     with torch.device("cuda"):
-        theirs = AutoencoderKLWan(
-            base_dim=config.base_dim,
-            z_dim=config.z_dim,
-            dim_mult=list(config.dim_mult),
-            num_res_blocks=config.num_res_blocks,
-            temperal_downsample=list(config.temporal_downsample),
-        )
+        theirs = AutoencoderKLWan(**diffusers_vae_arguments(config))
     state = ours.state_dict()
     theirs.load_state_dict({k: state[diffusers_vae_key_to_official(k, config)] for k in theirs.state_dict()})
     return theirs.to(dtype).eval().requires_grad_(False)

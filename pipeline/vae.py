@@ -457,6 +457,17 @@ _RESAMPLE_LEAVES = ("resample.1.weight", "resample.1.bias", "time_conv.weight", 
 _CONV_LEAVES = ("weight", "bias")
 
 
+def diffusers_vae_arguments(config: VAEConfig) -> dict:
+    """The keyword arguments of diffusers' ``AutoencoderKLWan`` for the same architecture."""
+    return {
+        "base_dim": config.base_dim,
+        "z_dim": config.z_dim,
+        "dim_mult": list(config.dim_mult),
+        "num_res_blocks": config.num_res_blocks,
+        "temperal_downsample": list(config.temporal_downsample),  # diffusers' spelling
+    }
+
+
 def diffusers_vae_key_to_official(key: str, config: VAEConfig | None = None) -> str:
     """The official ``Wan2.1_VAE.pth`` name of a key of diffusers' ``AutoencoderKLWan`` state dict.
 

@@ -11,7 +11,13 @@ from diffusers import AutoencoderKLWan
 
 from smartdiff.pipeline.config import VAEConfig
 from smartdiff.pipeline.loading import CheckpointError
-from smartdiff.pipeline.vae import LATENTS_MEAN, LATENTS_STD, WanVAE, diffusers_vae_key_to_official
+from smartdiff.pipeline.vae import (
+    LATENTS_MEAN,
+    LATENTS_STD,
+    WanVAE,
+    diffusers_vae_arguments,
+    diffusers_vae_key_to_official,
+)
 
 # Fidelity bound against diffusers, fp32 on CPU: max |ours - theirs| <= TOLERANCE * max(1, max |theirs|).
 TOLERANCE = 1e-4
@@ -24,13 +30,7 @@ def _tiny_config(num_res_blocks: int) -> VAEConfig:
 def _diffusers_vae(config: VAEConfig, seed: int) -> AutoencoderKLWan:
     """A diffusers VAE of ``config`` with random weights everywhere, gammas and biases included."""
     torch.manual_seed(seed)
-    model = AutoencoderKLWan(
-        base_dim=config.base_dim,
-        z_dim=config.z_dim,
-        dim_mult=list(config.dim_mult),
-        num_res_blocks=config.num_res_blocks,
-        temperal_downsample=list(config.temporal_downsample),
-    )
+    model = AutoencoderKLWan(**diffusers_vae_arguments(config))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
