@@ -12,6 +12,7 @@ from smartdiff.pipeline.config import load_model_config
 from smartdiff.pipeline.params import validate_params
 from smartdiff.pipeline.schedulers import SIGMA_MAX
 from smartdiff.pipeline.text_encoder import TINY_VOCABULARY, load_tokenizer, write_tiny_tokenizer
+from smartdiff.pipeline.vae import diffusers_vae_arguments
 from smartdiff.pipeline.wan import WanPipeline
 
 TINY = load_model_config("tiny")
@@ -55,13 +56,7 @@ def pair(tmp_path_factory):
         num_layers=d.num_layers,
     )
     randomise(transformer, 1.0)
-    vae = AutoencoderKLWan(
-        base_dim=TINY.vae.base_dim,
-        z_dim=16,
-        dim_mult=list(TINY.vae.dim_mult),
-        num_res_blocks=TINY.vae.num_res_blocks,
-        temperal_downsample=[False, True, True],
-    )
+    vae = AutoencoderKLWan(**diffusers_vae_arguments(TINY.vae))
     randomise(vae, 1.0)
     text_encoder = UMT5EncoderModel(
         UMT5Config(
