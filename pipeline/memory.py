@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from smartdiff.pipeline.vae import WanVAE
+
 LEVELS = (0, 1, 2, 3, 4)
 TOKEN_CHUNKS_AT_LEVEL_4 = 8
 
@@ -57,7 +59,7 @@ DIT_BYTES_PER_ELEMENT = {0: 40, 1: 40, 2: 40, 3: 40, 4: 30}
 # 832x480x81 untiled (201 bytes, bench/vae_gpu.py on an H100); the tiled decode's full-width strips
 # of at most 256 rows bound it by the strip, not the frame.
 VAE_BYTES_PER_PIXEL_FRAME = 220
-VAE_STRIP_ROWS = 256
+VAE_STRIP_ROWS = WanVAE.STRIP_LATENTS * 8  # the Wan VAEs' spatial stride
 
 
 def estimate_job_bytes(

@@ -397,22 +397,21 @@ def run_in_strips(fn, x: Tensor, most: int, overlap: int, up: int, down: int) ->
 
     Strips are laid out in latent rows (``most`` and ``overlap``); ``x`` has ``down`` rows per latent
     row and the output ``up`` (decode: 1 and 8, encode: 8 and 1). Each strip runs the whole chunked
-    pass with its own causal cache.
+    pass with its own causal cache; the blend weights of every output row sum to one.
     """
     height, starts = strip_layout(x.shape[-2] // down, most, overlap)
-    ends = [s + height for s in starts]
-    out = weight = None
+    out = None
     for i, start in enumerate(starts):
-        part = fn(x[..., start * down : ends[i] * down, :]).float()
+        end = start + height
+        part = fn(x[..., start * down : end * down, :]).float()
         if out is None:
             out = part.new_zeros(*part.shape[:-2], x.shape[-2] // down * up, part.shape[-1])
-            weight = part.new_zeros(out.shape[-2], 1)
-        fade_in = (ends[i - 1] - start) * up if i > 0 else 0
-        fade_out = (ends[i] - starts[i + 1]) * up if i + 1 < len(starts) else 0
-        w = _ramp(part.shape[-2], fade_in, fade_out, part.device)[:, None]
-        out[..., start * up : ends[i] * up, :] += part * w
-        weight[start * up : ends[i] * up] += w
-    return out / weight
+        fade_in = (starts[i - 1] + height - start) * up if i > 0 else 0
+        fade_out = (end - starts[i + 1]) * up if i + 1 < len(starts) else 0
+        out[..., start * up : end * up, :] += (
+            part * _ramp(part.shape[-2], fade_in, fade_out, part.device)[:, None]
+        )
+    return out
 
 
 def _check_config(config: VAEConfig) -> None:

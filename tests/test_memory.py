@@ -71,7 +71,7 @@ def test_strip_blend_weights_sum_to_one_on_every_row():
     torch.testing.assert_close(run_in_strips(lambda t: t[..., ::8, ::8], upsample(x), 10, 3, 1, 8), x)
 
 
-def test_one_tile_is_exactly_the_untiled_decode():
+def test_one_strip_is_exactly_the_untiled_decode():
     vae = tiny_vae()
     latents = torch.randn(1, 16, 2, 8, 8)
     assert torch.equal(vae.tiled_decode(latents), vae.decode(latents))
