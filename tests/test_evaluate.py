@@ -7,8 +7,8 @@ import pytest
 
 from smartdiff.pipeline.checkpoint import open_checkpoint
 from smartdiff.pipeline.config import load_profile
-from smartdiff.world.evaluate import evaluate, markdown, psnr, run_variant, ssim, variants_of
-from smartdiff.world.scenes import MOTIONS, Scene, prompt_set, render
+from smartdiff.world.evaluate import ATTRIBUTES, evaluate, markdown, psnr, run_variant, ssim, variants_of
+from smartdiff.world.scenes import DETAIL_KINDS, MOTIONS, Scene, prompt_set, render
 
 
 def _clip(seed: int = 0) -> np.ndarray:
@@ -65,13 +65,15 @@ def test_shipped_model_follows_its_prompts() -> None:
     profile: the probe reads the prompt's colour, motion and background in every video."""
     scenes = prompt_set()[:8]
     assert sorted(scene.motion for scene in scenes) == sorted(MOTIONS)
-    run = run_variant(variants_of("wan-world")[0], scenes, device="cpu")
-    assert run["adherence"]["colour"] == run["adherence"]["background"] == 1.0
-    assert run["motion_by_kind"] == {motion: 1.0 for motion in MOTIONS}
+    run = run_variant(variants_of("wan-world")[0], {"prompts": scenes}, device="cpu")["sets"]["prompts"]
+    assert run["adherence"]["colour"] == run["adherence"]["background"] == run["adherence"]["motion"] == 1.0
+    assert set(run["by_kind"]) == set(MOTIONS)
 
 
 def test_yardstick_on_the_shipped_model() -> None:
-    report = evaluate("wan-world", prompts=2, device="cpu", only=["wan-world+pab", "wan-world-sage"])
+    report = evaluate(
+        "wan-world", prompts=2, device="cpu", only=["wan-world+pab", "wan-world-sage"], detail_prompts=3
+    )
     rows = {row["variant"]: row for row in report["rows"]}
     assert list(rows) == ["wan-world", "wan-world+pab", "wan-world-sage"]
     reference, pab = rows["wan-world"], rows["wan-world+pab"]
@@ -81,9 +83,13 @@ def test_yardstick_on_the_shipped_model() -> None:
     # PAB reuses attention outputs: close to the reference, not equal to it.
     assert 15 < pab["psnr_db"] < 99.0 and 0.5 < pab["ssim"] < 1.0
     for row in (reference, pab):
-        assert set(row["adherence"]) == {"colour", "shape", "motion", "background"}
-        assert all(0.0 <= v <= 1.0 for v in row["adherence"].values())
+        assert set(row["adherence"]) == {"prompts", "detail"}
+        detail = row["adherence"]["detail"]
+        assert set(detail["by_kind"]) == set(DETAIL_KINDS)  # the first three detail prompts: one of each
+        for rates in (row["adherence"]["prompts"], detail, *detail["by_kind"].values()):
+            assert all(0.0 <= rates[k] <= 1.0 for k in ATTRIBUTES)
     # No CUDA here: the 8-bit profile is reported, with the reason, not silently dropped.
     assert "CUDA" in rows["wan-world-sage"]["unavailable"]
     table = markdown(report)
     assert table.count("\n| wan-world") == 3 and "unavailable" in table
+    assert "| detail shape |" in table and table.count("%") == 2 * 2 * len(ATTRIBUTES)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 
 from smartdiff.pipeline.config import ProfileConfig, list_profile_names, load_profile
 from smartdiff.world.probe import adherence, probe
-from smartdiff.world.scenes import Scene, caption, prompt_set
+from smartdiff.world.scenes import Scene, caption, detail_prompt_set, prompt_set
 
 ATTRIBUTES = ("colour", "shape", "motion", "background")
 
@@ -79,8 +80,25 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(index.mean())
 
 
-def run_variant(variant: Variant, scenes: list[Scene], device: str | None) -> dict:
-    """Load the variant's pipeline and generate every prompt; frames, timings and probe readings."""
+def detail_kind(scene: Scene) -> str:
+    """The kind of a detail scene (DETAIL_KINDS): two objects, one small object, or one bar."""
+    return "pair" if scene.second is not None else "small" if scene.small else "bar"
+
+
+# The prompt sets the yardstick reads: name -> (the scenes, what a scene's adherence is broken down by).
+PROMPT_SETS: dict[str, tuple[Callable[[], list[Scene]], Callable[[Scene], str]]] = {
+    "prompts": (prompt_set, lambda scene: scene.motion),
+    "detail": (detail_prompt_set, detail_kind),
+}
+
+
+def _rates(hits: list[dict[str, bool]]) -> dict[str, float]:
+    return {k: float(np.mean([h[k] for h in hits])) for k in ATTRIBUTES}
+
+
+def run_variant(variant: Variant, scene_sets: dict[str, list[Scene]], device: str | None) -> dict:
+    """Load the variant's pipeline and generate every prompt of every set (seed = index in its set);
+    per set the frames, mean denoising time, adherence and adherence by kind."""
     from smartdiff.kernels.registry import BackendUnavailable
     from smartdiff.pipeline.params import validate_params
     from smartdiff.pipeline.wan import WanPipeline
@@ -90,30 +108,45 @@ def run_variant(variant: Variant, scenes: list[Scene], device: str | None) -> di
     except BackendUnavailable as error:
         return {"unavailable": str(error)}
     model = variant.profile.model_config
-    videos, denoise_seconds, hits = [], [], []
-    for seed, scene in enumerate(scenes):
-        request = {"prompt": caption(scene), "seed": seed, "flexcache": variant.flexcache}
-        params = validate_params(request, model, variant.profile)
-        start = time.perf_counter()
-        result = pipeline.generate(params)
-        denoise_seconds.append(result.seconds.get("denoise", time.perf_counter() - start))
-        videos.append(result.frames)
-        hits.append(adherence(probe(result.frames), scene))
-    motions = sorted({scene.motion for scene in scenes})
-    return {
-        "attention": pipeline.attention.implementation,
-        "videos": videos,
-        "denoise_s": float(np.mean(denoise_seconds)),
-        "adherence": {k: float(np.mean([h[k] for h in hits])) for k in ATTRIBUTES},
-        "motion_by_kind": {
-            m: float(np.mean([h["motion"] for h, s in zip(hits, scenes) if s.motion == m])) for m in motions
-        },
-    }
+    sets = {}
+    for set_name, scenes in scene_sets.items():
+        videos, denoise_seconds, hits = [], [], []
+        for seed, scene in enumerate(scenes):
+            request = {"prompt": caption(scene), "seed": seed, "flexcache": variant.flexcache}
+            params = validate_params(request, model, variant.profile)
+            start = time.perf_counter()
+            result = pipeline.generate(params)
+            denoise_seconds.append(result.seconds.get("denoise", time.perf_counter() - start))
+            videos.append(result.frames)
+            hits.append(adherence(probe(result.frames), scene))
+        kind_of = PROMPT_SETS[set_name][1]
+        kinds = sorted({kind_of(scene) for scene in scenes})
+        sets[set_name] = {
+            "videos": videos,
+            "denoise_s": float(np.mean(denoise_seconds)),
+            "adherence": _rates(hits),
+            "by_kind": {
+                kind: _rates([h for h, s in zip(hits, scenes) if kind_of(s) == kind]) for kind in kinds
+            },
+        }
+    return {"attention": pipeline.attention.implementation, "sets": sets}
 
 
-def evaluate(model: str, prompts: int = 48, device: str | None = None, only: list[str] | None = None) -> dict:
-    """The yardstick table for ``model`` over the first ``prompts`` prompts of the prompt set."""
-    scenes = prompt_set()[:prompts]
+def _rounded(rates: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 4) for k, v in rates.items()}
+
+
+def evaluate(
+    model: str,
+    prompts: int = 48,
+    device: str | None = None,
+    only: list[str] | None = None,
+    detail_prompts: int = 48,
+) -> dict:
+    """The yardstick table for ``model`` over the first ``prompts`` prompts of the prompt set and the
+    first ``detail_prompts`` of the detail prompt set."""
+    counts = {"prompts": prompts, "detail": detail_prompts}
+    scene_sets = {name: PROMPT_SETS[name][0]()[:count] for name, count in counts.items() if count > 0}
     variants = variants_of(model)
     if only:
         unknown = set(only) - {v.name for v in variants}
@@ -122,45 +155,62 @@ def evaluate(model: str, prompts: int = 48, device: str | None = None, only: lis
         variants = [v for v in variants if v.name in only or v is variants[0]]
     rows, reference = [], None
     for variant in variants:
-        run = run_variant(variant, scenes, device)
+        run = run_variant(variant, scene_sets, device)
         row = {"variant": variant.name, "profile": variant.profile.name, "flexcache": variant.flexcache}
         if "unavailable" in run:
             rows.append({**row, "unavailable": run["unavailable"]})
             continue
         if reference is None:
             reference = run
-        pairs = list(zip(run["videos"], reference["videos"]))
+        pairs = [
+            pair
+            for name, result in run["sets"].items()
+            for pair in zip(result["videos"], reference["sets"][name]["videos"])
+        ]
+        seconds = np.mean([result["denoise_s"] for result in run["sets"].values()])
+        reference_seconds = np.mean([result["denoise_s"] for result in reference["sets"].values()])
         rows.append(
             {
                 **row,
                 "attention": run["attention"],
-                "denoise_s_per_video": round(run["denoise_s"], 3),
-                "speedup": round(reference["denoise_s"] / run["denoise_s"], 3),
-                "adherence": {k: round(v, 4) for k, v in run["adherence"].items()},
-                "motion_by_kind": {k: round(v, 4) for k, v in run["motion_by_kind"].items()},
+                "denoise_s_per_video": round(float(seconds), 3),
+                "speedup": round(float(reference_seconds / seconds), 3),
+                "adherence": {
+                    name: {
+                        **_rounded(result["adherence"]),
+                        "by_kind": {kind: _rounded(rates) for kind, rates in result["by_kind"].items()},
+                    }
+                    for name, result in run["sets"].items()
+                },
                 "psnr_db": round(float(np.mean([min(psnr(a, b), 99.0) for a, b in pairs])), 2),
                 "ssim": round(float(np.mean([ssim(a, b) for a, b in pairs])), 4),
             }
         )
-    return {"model": model, "prompts": len(scenes), "seeds": "prompt index", "rows": rows}
+    return {"model": model, "prompts": counts, "seeds": "prompt index within its set", "rows": rows}
 
 
 def markdown(report: dict) -> str:
-    """The table: one row per variant (PSNR is capped at 99 dB, which identical videos reach)."""
+    """The table: one row per variant, adherence per set and attribute (PSNR is capped at 99 dB, which
+    identical videos reach)."""
+    sets = [name for name, count in report["prompts"].items() if count > 0]
+    counts = ", ".join(f"{report['prompts'][name]} {name}" for name in sets)
+    heads = [f"{name} {attribute}" for name in sets for attribute in ATTRIBUTES]
     lines = [
-        f"Model {report['model']}, {report['prompts']} prompts, seed = prompt index.",
+        f"Model {report['model']}; {counts} prompts, seed = prompt index within its set.",
         "",
-        "| variant | denoise s/video | speed-up | colour | shape | motion | background | PSNR dB | SSIM |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | denoise s/video | speed-up | " + " | ".join(heads) + " | PSNR dB | SSIM |",
+        "|---|---|---|" + "---|" * len(heads) + "---|---|",
     ]
     for row in report["rows"]:
         if "unavailable" in row:
-            lines.append(f"| {row['variant']} | unavailable: {row['unavailable'][:80]} ||||||||")
+            lines.append(
+                f"| {row['variant']} | unavailable: {row['unavailable'][:80]} |" + " |" * (len(heads) + 3)
+            )
             continue
-        a = row["adherence"]
+        rates = [row["adherence"][name][attribute] for name in sets for attribute in ATTRIBUTES]
         lines.append(
             f"| {row['variant']} | {row['denoise_s_per_video']} | {row['speedup']}x | "
-            + " | ".join(f"{100 * a[k]:.0f}%" for k in ATTRIBUTES)
+            + " | ".join(f"{100 * r:.0f}%" for r in rates)
             + f" | {row['psnr_db']} | {row['ssim']} |"
         )
     return "\n".join(lines) + "\n"
@@ -172,13 +222,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--model", default="wan-world")
     parser.add_argument("--prompts", type=int, default=48, help="the first N prompts of the prompt set")
+    parser.add_argument(
+        "--detail-prompts", type=int, default=48, help="the first N prompts of the detail set (0: none)"
+    )
     parser.add_argument("--device", help="default: CUDA when available, else the CPU")
     parser.add_argument("--variants", help="comma-separated variant names (default: all)")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--markdown-out", type=Path)
     args = parser.parse_args(argv)
     only = args.variants.split(",") if args.variants else None
-    report = evaluate(args.model, args.prompts, args.device, only)
+    report = evaluate(args.model, args.prompts, args.device, only, args.detail_prompts)
     text = json.dumps(report, indent=2)
     print(text)
     table = markdown(report)
