@@ -4,7 +4,9 @@ Builds the model's DiT directly on the GPU with random bf16 weights (the speed o
 depend on weight values; no checkpoint is written), then times one forward at the model's default
 shape for each variant: token-wise work eager or compiled (``pipeline.fused``), attention ``sdpa``,
 our 8-bit ``sage`` and our block-sparse ``sparge``; and diffusers' WanTransformer3DModel holding the
-same weights. Each variant's output is compared with diffusers'. A profiler table of the busiest CUDA
+same weights. Each variant's output is compared with diffusers'. With ``--cfg-batch`` each variant
+also times both guidance branches as one batch-2 forward (a profile's ``cfg_batch``) against two
+forwards of batch 1. A profiler table of the busiest CUDA
 kernels shows where the time of the exact variants goes. Prints one JSON object.
 
     python bench/dit_forward_gpu.py --model wan2.1-t2v-1.3b --json-out dit_forward.json
@@ -62,6 +64,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--variants", default="eager-sdpa,compiled-sdpa,compiled-sage,compiled-sparge")
+    parser.add_argument(
+        "--cfg-batch", action="store_true", help="also time both CFG branches as one batch-2 forward"
+    )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
 
@@ -74,7 +79,9 @@ def main() -> None:
     latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, device="cuda", generator=generator)
     latents = latents.to(torch.bfloat16)
     context = torch.randn(1, 512, model.dit.text_dim, device="cuda", generator=generator).to(torch.bfloat16)
+    uncond = torch.randn(1, 512, model.dit.text_dim, device="cuda", generator=generator).to(torch.bfloat16)
     t = torch.tensor([999], device="cuda")
+    pair = (torch.cat([latents, latents]), t.expand(2), torch.cat([context, uncond]))
     report["shape"] = f"{width}x{height}x{args.frames}"
     report["tokens"] = dit_tokens(model, args.frames, height, width)
 
@@ -116,6 +123,15 @@ def main() -> None:
             continue
         out = result.pop("output")
         result["attention"] = backend.implementation
+        if args.cfg_batch:
+            with torch.no_grad():
+                batched = time_forward(lambda: dit(*pair), args.repeats)
+            both = batched.pop("output")
+            result["cfg_batch"] = {
+                **batched,
+                "speedup_vs_two_forwards": round(2 * result["ms"] / batched["ms"], 3),
+                "relative_difference_cond": relative_difference(both[:1], out),
+            }
         if reference is not None:
             result["relative_difference_to_diffusers"] = relative_difference(out, reference)
             result["speedup_vs_diffusers"] = round(report["diffusers"]["ms"] / result["ms"], 3)

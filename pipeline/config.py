@@ -341,6 +341,9 @@ class ProfileConfig:
     # false: a CFG-distilled model, run without classifier-free guidance (one DiT forward per step);
     # requests may not set guidance or a negative prompt.
     cfg: bool = True
+    # Run the two guidance branches as one batch-2 DiT forward: one pass over the weights and half the
+    # kernel launches per step. Not with a feature cache (its decisions are per branch) or parallel.
+    cfg_batch: bool = False
     # The DiT blocks' linear layers: "dtype" (the model's, bf16 on GPU) or "fp8" (e4m3 products with
     # per-channel weight and per-token activation scales, pipeline/fp8.py; sm_89+).
     gemm: str = "dtype"
@@ -401,6 +404,14 @@ def load_profile(name: str) -> ProfileConfig:
         # The world size is checked when the process group is built (pipeline/parallel.py).
         profile.parallel.validate(model)
         check_profile_sampling(profile, model)
+        if profile.cfg_batch and profile.flexcache:
+            raise ValueError(
+                "cfg_batch runs both branches in one forward; a feature cache decides per branch"
+            )
+        if profile.cfg_batch and profile.parallel != ParallelConfig():
+            raise ValueError(
+                "cfg_batch runs both branches in one forward on one GPU; this profile is parallel"
+            )
         if profile.dit_weights and len(profile.dit_weights) != len(model.experts):
             raise ValueError(f"dit_weights: {len(profile.dit_weights)} files for {len(model.experts)} DiT(s)")
     except ValueError as e:
@@ -418,6 +429,8 @@ def check_profile_sampling(profile: ProfileConfig, model: ModelConfig) -> None:
                 raise ValueError(f"cfg: false runs without guidance, but sampling.{name} is {value}")
         if profile.parallel.cfg != 1:
             raise ValueError("parallel.cfg 2 splits the guidance branches; this profile has cfg: false")
+        if profile.cfg_batch:
+            raise ValueError("cfg_batch batches the guidance branches; this profile has cfg: false")
     if sampling.timesteps is not None:
         check_timesteps(sampling.timesteps, "sampling.timesteps")
         if len(sampling.timesteps) != sampling.steps:

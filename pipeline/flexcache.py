@@ -77,6 +77,27 @@ class FlexCache:
         self.peak_bytes = max(self.peak_bytes, self._impl.held_bytes())
         return dit.finish(tokens, inputs)
 
+    def forward_both(
+        self,
+        dit: WanDiT,
+        expert: int,
+        step: int,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both guidance branches at ``step`` as one batch-2 DiT evaluation; no feature cache (its
+        decisions are per branch)."""
+        if self._impl is not None:
+            raise ValueError(f"feature cache {self.strategy} decides per branch: it cannot batch them")
+        self.log += [
+            StepRecord(step, expert, COND, computed=True),
+            StepRecord(step, expert, UNCOND, computed=True),
+        ]
+        both = dit(torch.cat([latents, latents]), t.expand(2), torch.cat([cond, uncond]))
+        return both[:1], both[1:]
+
     def stats(self) -> dict:
         computed = sum(r.computed for r in self.log)
         out = {

@@ -63,7 +63,8 @@ class DenoiseStep:
 
 class VelocityModel(Protocol):
     """What the denoising loop asks for at every step: the guided velocity. Chosen when the pipeline
-    is built: ``Guidance`` (both branches here), ``parallel.ParallelGuidance`` (over a process group)."""
+    is built: ``Guidance`` (both branches here), ``BatchedGuidance`` (both in one forward),
+    ``parallel.ParallelGuidance`` (over a process group)."""
 
     def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor: ...
 
@@ -78,6 +79,17 @@ class Guidance:
             return velocity
         uncond = cache.forward(dit, step.expert, UNCOND, step.index, step.latents, step.t, step.uncond)
         return apply_guidance(velocity, uncond, step.guidance)
+
+
+class BatchedGuidance:
+    """Classifier-free guidance with both branches in one batch-2 forward (a profile's ``cfg_batch``);
+    guidance 1 is the conditional prediction alone, as in ``Guidance``."""
+
+    def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor:
+        if step.guidance == 1.0:
+            return cache.forward(dit, step.expert, COND, step.index, step.latents, step.t, step.cond)
+        both = (dit, step.expert, step.index, step.latents, step.t, step.cond, step.uncond)
+        return apply_guidance(*cache.forward_both(*both), step.guidance)
 
 
 def dit_tokens(model: ModelConfig, frames: int, height: int, width: int) -> int:
@@ -235,6 +247,8 @@ class WanPipeline:
             raise ValueError(
                 f"profile {profile.name} runs {profile.model}, the weights are {weights.model.name}"
             )
+        if velocity_model is None and profile.cfg_batch:
+            velocity_model = BatchedGuidance()
         return cls.from_weights(
             weights,
             device,

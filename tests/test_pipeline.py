@@ -9,12 +9,12 @@ import torch
 
 from smartdiff.cli import python_module_command
 from smartdiff.pipeline.checkpoint import open_checkpoint
-from smartdiff.pipeline.config import load_model_config
+from smartdiff.pipeline.config import load_model_config, load_profile
 from smartdiff.pipeline.loading import CheckpointError
 from smartdiff.pipeline.params import validate_params
 from smartdiff.pipeline.tiny import RandomWeights, write_random_checkpoint, write_tiny_checkpoint
 from smartdiff.pipeline.video import read_mp4
-from smartdiff.pipeline.wan import WanPipeline
+from smartdiff.pipeline.wan import BatchedGuidance, WanPipeline
 
 TINY = load_model_config("tiny")
 
@@ -216,3 +216,48 @@ def test_random_weights_drawn_in_memory_equal_the_written_checkpoint(tmp_path, l
     first, second = from_files.generate(params), in_memory.generate(params)
     assert second.expert_per_step == first.expert_per_step and len(set(first.expert_per_step)) == 2
     assert np.array_equal(first.frames, second.frames)
+
+
+def block_stack_batches(pipeline: WanPipeline) -> list[int]:
+    """The batch size of every block-stack evaluation (calls of the first block) from now on."""
+    batches = []
+    pipeline.experts[0].blocks[0].register_forward_pre_hook(lambda _, args: batches.append(len(args[0])))
+    return batches
+
+
+def test_cfg_batch_runs_both_branches_in_one_forward_and_makes_the_same_video(
+    tiny_checkpoint, config_dir, monkeypatch
+):
+    (config_dir / "profiles" / "tiny-batched.yaml").write_text(
+        "name: tiny-batched\nmodel: tiny\ncheckpoint: tiny\ncfg_batch: true\n"
+    )
+    monkeypatch.setenv("SMARTDIFF_CHECKPOINT_ROOT", str(tiny_checkpoint.parent))
+    batched = WanPipeline.from_profile(load_profile("tiny-batched"), "cpu")
+    assert isinstance(batched.velocity_model, BatchedGuidance)
+    plain = WanPipeline.from_checkpoint(tiny_checkpoint, device="cpu")
+    params = validate_params({"prompt": "a red ball", "seed": 2, "steps": 4, "guidance": 5.0}, TINY)
+    batched_calls, plain_calls = block_stack_batches(batched), block_stack_batches(plain)
+    a, b = batched.generate(params), plain.generate(params)
+    assert batched_calls == [2] * 4 and plain_calls == [1] * 8
+    assert a.cache["computed"] == b.cache["computed"] == 8  # both branches of every step, in the log
+    assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 1  # float rounding only
+    # Guidance 1: the conditional branch alone, one forward of batch 1.
+    batched_calls.clear()
+    batched.generate(validate_params({"prompt": "x", "seed": 2, "steps": 4, "guidance": 1.0}, TINY))
+    assert batched_calls == [1] * 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("flexcache: [teacache]\n", "a feature cache decides per branch"),
+        ("parallel: {cfg: 2}\n", "this profile is parallel"),
+        ("cfg: false\n", "this profile has cfg: false"),
+    ],
+)
+def test_cfg_batch_with_what_splits_the_branches_fails_the_profile_load(config_dir, extra, message):
+    (config_dir / "profiles" / "bad.yaml").write_text(
+        f"name: bad\nmodel: tiny\ncheckpoint: tiny\ncfg_batch: true\n{extra}"
+    )
+    with pytest.raises(ValueError, match=message):
+        load_profile("bad")
