@@ -3,10 +3,12 @@
     python -P -m smartdiff.world.evaluate --model wan-world --json-out eval.json --markdown-out eval.md
 
 For each profile of the model (``configs/profiles/*.yaml`` whose ``model`` it is) and each feature
-cache the profile offers (none, then each of its ``flexcache`` strategies), every prompt of the fixed
-prompt set (``world.scenes.prompt_set``) is generated with seed = its index. Each video is read back by
-``world.probe`` (prompt adherence: colour, shape, motion, background) and compared with the lossless
-video of the same prompt and seed (PSNR and SSIM over all frames). The lossless reference is the first
+cache the profile offers (none, then each of its ``flexcache`` strategies), every prompt of two fixed
+sets is generated with seed = its index in its set: the one-object prompts (``world.scenes.prompt_set``)
+and the detail prompts (``detail_prompt_set``: two objects, small objects, thin bars). Each video is read
+back by ``world.probe`` (prompt adherence: colour, shape, motion, background; per set, and per kind of
+prompt) and compared with the lossless video of the same prompt and seed (PSNR and SSIM over all frames
+of both sets). The lossless reference is the first
 profile whose attention is exact, with no feature cache. Speed is the mean wall time of the denoising
 loop per video, and the speed-up is against that reference. A profile whose backend cannot run here
 (e.g. an 8-bit kernel without CUDA) is listed as unavailable, with the reason.
