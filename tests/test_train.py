@@ -45,6 +45,8 @@ def test_recipe_writes_a_loadable_checkpoint_and_warm_starts_from_it(tmp_path) -
         assert all(math.isfinite(x) for x in report[stage]["loss_per_100_steps"])
     assert report["vae"]["steps"] == 3 and report["dit"]["steps"] == 3
     assert len(report["vae"]["held_out_psnr_db_per_frame"]) == TOY.frames
+    for name in ("held_out", "prompt_set", "detail_prompt_set"):
+        assert set(report["vae"][f"{name}_probe_agreement"]) == {"colour", "shape", "motion", "background"}
     assert (first / "training-vae-decoder-dit.json").is_file()
 
     checkpoint = open_checkpoint(first, "wan-world")

@@ -53,7 +53,7 @@ from smartdiff.pipeline.vae import WanVAE
 from smartdiff.pipeline.video import to_uint8_frames
 from smartdiff.world.evaluate import psnr
 from smartdiff.world.probe import adherence, probe
-from smartdiff.world.scenes import clip, vocabulary
+from smartdiff.world.scenes import Scene, clip, detail_prompt_set, prompt_set, render, vocabulary
 
 MODEL = "wan-world"
 
@@ -239,23 +239,38 @@ def edge_error(recon: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _reconstruct(vae: WanVAE, clips: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """The VAE's round trip of uint8 clips [N, F, H, W, 3], and the latents between."""
+    latents = vae.encode(to_video(torch.from_numpy(clips).to(vae.device)))
+    return np.stack([to_uint8_frames(v) for v in vae.decode(latents)]), latents
+
+
+def _agreement(frames: np.ndarray, scenes: list[Scene]) -> dict[str, float]:
+    agree = [adherence(probe(f), scene) for f, scene in zip(frames, scenes)]
+    return {k: float(np.mean([a[k] for a in agree])) for k in agree[0]}
+
+
 def reconstruction_check(vae: WanVAE, recipe: Recipe) -> dict:
-    """PSNR, latent scale and probe agreement of the VAE's reconstructions of clips it never saw."""
+    """PSNR, latent scale and probe agreement of the VAE's reconstructions of clips it never saw, and
+    the probe's agreement on its reconstructions of the yardstick's two prompt sets (drawn exactly):
+    what the DiT can reach at best there."""
     items = [
         clip(recipe.seed + 1, i, recipe.frames, recipe.size, recipe.detail_fraction)
         for i in range(recipe.check_clips)
     ]
     clips = np.stack([v for _, v, _ in items])
-    latents = vae.encode(to_video(torch.from_numpy(clips).to(vae.device)))
-    frames = np.stack([to_uint8_frames(v) for v in vae.decode(latents)])
-    agree = [adherence(probe(f), scene) for f, (_, _, scene) in zip(frames, items)]
-    return {
+    frames, latents = _reconstruct(vae, clips)
+    report = {
         "held_out_psnr_db": psnr(frames, clips),
         # Per frame: a VAE that only ever saw the first chunks decodes the later ones badly.
         "held_out_psnr_db_per_frame": [psnr(frames[:, f], clips[:, f]) for f in range(recipe.frames)],
         "latent_std": latents.std().item(),
-        "held_out_probe_agreement": {k: float(np.mean([a[k] for a in agree])) for k in agree[0]},
+        "held_out_probe_agreement": _agreement(frames, [scene for _, _, scene in items]),
     }
+    for name, scenes in (("prompt_set", prompt_set()), ("detail_prompt_set", detail_prompt_set())):
+        truth = np.stack([render(scene, recipe.frames, recipe.size) for scene in scenes])
+        report[f"{name}_probe_agreement"] = _agreement(_reconstruct(vae, truth)[0], scenes)
+    return report
 
 
 @torch.no_grad()
