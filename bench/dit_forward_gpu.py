@@ -79,9 +79,9 @@ def main() -> None:
     latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, device="cuda", generator=generator)
     latents = latents.to(torch.bfloat16)
     context = torch.randn(1, 512, model.dit.text_dim, device="cuda", generator=generator).to(torch.bfloat16)
-    uncond = torch.randn(1, 512, model.dit.text_dim, device="cuda", generator=generator).to(torch.bfloat16)
     t = torch.tensor([999], device="cuda")
-    pair = (torch.cat([latents, latents]), t.expand(2), torch.cat([context, uncond]))
+    if args.cfg_batch:  # the two guidance branches as one batch: a second, unconditional context
+        pair = (torch.cat([latents, latents]), t.expand(2), torch.cat([context, torch.randn_like(context)]))
     report["shape"] = f"{width}x{height}x{args.frames}"
     report["tokens"] = dit_tokens(model, args.frames, height, width)
 

@@ -404,19 +404,23 @@ def load_profile(name: str) -> ProfileConfig:
         # The world size is checked when the process group is built (pipeline/parallel.py).
         profile.parallel.validate(model)
         check_profile_sampling(profile, model)
-        if profile.cfg_batch and profile.flexcache:
-            raise ValueError(
-                "cfg_batch runs both branches in one forward; a feature cache decides per branch"
-            )
-        if profile.cfg_batch and profile.parallel != ParallelConfig():
-            raise ValueError(
-                "cfg_batch runs both branches in one forward on one GPU; this profile is parallel"
-            )
+        if profile.cfg_batch:
+            check_cfg_batch(profile)
         if profile.dit_weights and len(profile.dit_weights) != len(model.experts):
             raise ValueError(f"dit_weights: {len(profile.dit_weights)} files for {len(model.experts)} DiT(s)")
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     return profile
+
+
+def check_cfg_batch(profile: ProfileConfig) -> None:
+    """ValueError where something splits the guidance branches that ``cfg_batch`` runs as one batch."""
+    if not profile.cfg:
+        raise ValueError("cfg_batch batches the guidance branches; this profile has cfg: false")
+    if profile.flexcache:
+        raise ValueError("cfg_batch runs both branches in one forward; a feature cache decides per branch")
+    if profile.parallel != ParallelConfig():
+        raise ValueError("cfg_batch runs both branches in one forward on one GPU; this profile is parallel")
 
 
 def check_profile_sampling(profile: ProfileConfig, model: ModelConfig) -> None:
@@ -429,8 +433,6 @@ def check_profile_sampling(profile: ProfileConfig, model: ModelConfig) -> None:
                 raise ValueError(f"cfg: false runs without guidance, but sampling.{name} is {value}")
         if profile.parallel.cfg != 1:
             raise ValueError("parallel.cfg 2 splits the guidance branches; this profile has cfg: false")
-        if profile.cfg_batch:
-            raise ValueError("cfg_batch batches the guidance branches; this profile has cfg: false")
     if sampling.timesteps is not None:
         check_timesteps(sampling.timesteps, "sampling.timesteps")
         if len(sampling.timesteps) != sampling.steps:

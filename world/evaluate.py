@@ -27,7 +27,7 @@ import numpy as np
 
 from smartdiff.pipeline.config import ProfileConfig, list_profile_names, load_profile
 from smartdiff.world.probe import adherence, probe
-from smartdiff.world.scenes import Scene, caption, detail_prompt_set, prompt_set
+from smartdiff.world.scenes import Scene, caption, detail_kind, detail_prompt_set, prompt_set
 
 ATTRIBUTES = ("colour", "shape", "motion", "background")
 
@@ -82,11 +82,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(index.mean())
 
 
-def detail_kind(scene: Scene) -> str:
-    """The kind of a detail scene (DETAIL_KINDS): two objects, one small object, or one bar."""
-    return "pair" if scene.second is not None else "small" if scene.small else "bar"
-
-
 # The prompt sets the yardstick reads: name -> (the scenes, what a scene's adherence is broken down by).
 PROMPT_SETS: dict[str, tuple[Callable[[], list[Scene]], Callable[[Scene], str]]] = {
     "prompts": (prompt_set, lambda scene: scene.motion),
@@ -94,13 +89,14 @@ PROMPT_SETS: dict[str, tuple[Callable[[], list[Scene]], Callable[[Scene], str]]]
 }
 
 
-def _rates(hits: list[dict[str, bool]]) -> dict[str, float]:
+def adherence_rates(hits: list[dict[str, bool]]) -> dict[str, float]:
+    """Per attribute, the share of ``adherence`` results that are right."""
     return {k: float(np.mean([h[k] for h in hits])) for k in ATTRIBUTES}
 
 
 def run_variant(variant: Variant, scene_sets: dict[str, list[Scene]], device: str | None) -> dict:
     """Load the variant's pipeline and generate every prompt of every set (seed = index in its set);
-    per set the frames, mean denoising time, adherence and adherence by kind."""
+    per set the frames, denoising times, adherence and adherence by kind."""
     from smartdiff.kernels.registry import BackendUnavailable
     from smartdiff.pipeline.params import validate_params
     from smartdiff.pipeline.wan import WanPipeline
@@ -125,10 +121,11 @@ def run_variant(variant: Variant, scene_sets: dict[str, list[Scene]], device: st
         kinds = sorted({kind_of(scene) for scene in scenes})
         sets[set_name] = {
             "videos": videos,
-            "denoise_s": float(np.mean(denoise_seconds)),
-            "adherence": _rates(hits),
+            "denoise_seconds": denoise_seconds,
+            "adherence": adherence_rates(hits),
             "by_kind": {
-                kind: _rates([h for h, s in zip(hits, scenes) if kind_of(s) == kind]) for kind in kinds
+                kind: adherence_rates([h for h, s in zip(hits, scenes) if kind_of(s) == kind])
+                for kind in kinds
             },
         }
     return {"attention": pipeline.attention.implementation, "sets": sets}
@@ -169,8 +166,10 @@ def evaluate(
             for name, result in run["sets"].items()
             for pair in zip(result["videos"], reference["sets"][name]["videos"])
         ]
-        seconds = np.mean([result["denoise_s"] for result in run["sets"].values()])
-        reference_seconds = np.mean([result["denoise_s"] for result in reference["sets"].values()])
+        seconds, reference_seconds = (
+            np.mean([s for result in r["sets"].values() for s in result["denoise_seconds"]])
+            for r in (run, reference)
+        )
         rows.append(
             {
                 **row,

@@ -373,6 +373,11 @@ def prompt_set() -> list[Scene]:
 DETAIL_KINDS: tuple[str, ...] = ("pair", "small", "bar")
 
 
+def detail_kind(scene: Scene) -> str:
+    """The kind of a detail scene (DETAIL_KINDS): two objects, one small object, or one bar."""
+    return "pair" if scene.second is not None else "small" if scene.small else "bar"
+
+
 def _placed(g: np.random.Generator, specs: list[tuple[str, str, str, float, bool]]) -> tuple[Thing, ...]:
     """Things of (shape, colour, motion, size, small) ``specs`` (one or two), with paths drawn by
     ``_place``; drawn again until two stay apart."""

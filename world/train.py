@@ -51,7 +51,7 @@ from smartdiff.pipeline.text_encoder import (
 from smartdiff.pipeline.tiny import dit_config_json, random_state
 from smartdiff.pipeline.vae import WanVAE
 from smartdiff.pipeline.video import to_uint8_frames
-from smartdiff.world.evaluate import psnr
+from smartdiff.world.evaluate import adherence_rates, psnr
 from smartdiff.world.probe import adherence, probe
 from smartdiff.world.scenes import Scene, clip, detail_prompt_set, prompt_set, render, vocabulary
 
@@ -246,8 +246,7 @@ def _reconstruct(vae: WanVAE, clips: np.ndarray) -> tuple[np.ndarray, torch.Tens
 
 
 def _agreement(frames: np.ndarray, scenes: list[Scene]) -> dict[str, float]:
-    agree = [adherence(probe(f), scene) for f, scene in zip(frames, scenes)]
-    return {k: float(np.mean([a[k] for a in agree])) for k in agree[0]}
+    return adherence_rates([adherence(probe(f), scene) for f, scene in zip(frames, scenes)])
 
 
 def reconstruction_check(vae: WanVAE, recipe: Recipe) -> dict:
