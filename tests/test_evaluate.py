@@ -8,7 +8,7 @@ import pytest
 from smartdiff.pipeline.checkpoint import open_checkpoint
 from smartdiff.pipeline.config import load_profile
 from smartdiff.world.evaluate import ATTRIBUTES, evaluate, markdown, psnr, run_variant, ssim, variants_of
-from smartdiff.world.scenes import DETAIL_KINDS, MOTIONS, Scene, prompt_set, render
+from smartdiff.world.scenes import DETAIL_KINDS, MOTIONS, SHAPES, Scene, prompt_set, render
 
 
 def _clip(seed: int = 0) -> np.ndarray:
@@ -62,11 +62,12 @@ def test_shipped_world_model_loads_through_the_normal_loader() -> None:
 
 def test_shipped_model_follows_its_prompts() -> None:
     """The first 8 prompts of the prompt set (one per motion, seed = prompt index) on the lossless
-    profile: the probe reads the prompt's colour, motion and background in every video."""
+    profile: the probe reads the prompt's colour, shape, motion and background in every video."""
     scenes = prompt_set()[:8]
     assert sorted(scene.motion for scene in scenes) == sorted(MOTIONS)
+    assert {scene.shape for scene in scenes} == set(SHAPES)
     run = run_variant(variants_of("wan-world")[0], {"prompts": scenes}, device="cpu")["sets"]["prompts"]
-    assert run["adherence"]["colour"] == run["adherence"]["background"] == run["adherence"]["motion"] == 1.0
+    assert run["adherence"] == dict.fromkeys(ATTRIBUTES, 1.0)
     assert set(run["by_kind"]) == set(MOTIONS)
 
 

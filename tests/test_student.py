@@ -96,3 +96,17 @@ def test_the_profile_serves_the_schedule_the_student_was_trained_on():
         "distill-ode", record["recipe"]["shift"], record["recipe"]["timesteps"],
     )  # fmt: skip
     assert record["teacher"] == "wan-world" and record["recipe"]["rank"] == 16
+
+
+def test_the_lora_lives_on_the_dit_s_device():
+    """The LoRA factors are drawn from one CPU stream (the same student on every device), then moved
+    beside the weights they change: here the meta device stands in for CUDA."""
+    from smartdiff.pipeline.dit import WanDiT
+    from smartdiff.world.distill import add_lora
+
+    on_cpu = add_lora(WanDiT(TINY.dit), rank=4, seed=0)
+    on_meta = add_lora(WanDiT(TINY.dit).to("meta"), rank=4, seed=0)
+    assert on_cpu.keys() == on_meta.keys() and on_cpu
+    for name, delta in on_meta.items():
+        assert delta.down.device.type == delta.up.device.type == "meta"
+        assert delta.down.shape == on_cpu[name].down.shape
