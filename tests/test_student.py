@@ -75,12 +75,12 @@ def test_the_shipped_student_is_served_by_its_profile():
 
 def test_the_shipped_student_follows_its_prompts():
     """One prompt per motion (seed = prompt index), 4 steps without guidance: the probe reads the
-    prompt's colour, background and motion as it does for the 50-step teacher."""
+    prompt's colour, shape, background and motion as it does for the 50-step teacher."""
     scenes = prompt_set()[:8]
     assert sorted(scene.motion for scene in scenes) == sorted(MOTIONS)
     student = Variant(load_profile("wan-world-distill4"), "none")
     run = run_variant(student, {"prompts": scenes}, device="cpu")["sets"]["prompts"]
-    assert run["adherence"]["colour"] == run["adherence"]["background"] == 1.0
+    assert run["adherence"]["colour"] == run["adherence"]["shape"] == run["adherence"]["background"] == 1.0
     assert {motion: rates["motion"] for motion, rates in run["by_kind"].items()} == dict.fromkeys(
         MOTIONS, 1.0
     )
