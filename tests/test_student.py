@@ -11,9 +11,17 @@ import torch
 from safetensors.torch import save_file
 
 from smartdiff.pipeline.config import LoraConfig, load_model_config, load_profile
+from smartdiff.pipeline.dit import WanDiT
 from smartdiff.pipeline.params import DEFAULT_NEGATIVE_PROMPT, validate_params
 from smartdiff.pipeline.wan import WanPipeline, apply_guidance
-from smartdiff.world.distill import DistillRecipe, lora_state, student_schedule, teacher_states, train_student
+from smartdiff.world.distill import (
+    DistillRecipe,
+    add_lora,
+    lora_state,
+    student_schedule,
+    teacher_states,
+    train_student,
+)
 from smartdiff.world.evaluate import Variant, run_variant
 from smartdiff.world.scenes import MOTIONS, prompt_set
 
@@ -101,9 +109,6 @@ def test_the_profile_serves_the_schedule_the_student_was_trained_on():
 def test_the_lora_lives_on_the_dit_s_device():
     """The LoRA factors are drawn from one CPU stream (the same student on every device), then moved
     beside the weights they change: here the meta device stands in for CUDA."""
-    from smartdiff.pipeline.dit import WanDiT
-    from smartdiff.world.distill import add_lora
-
     on_cpu = add_lora(WanDiT(TINY.dit), rank=4, seed=0)
     on_meta = add_lora(WanDiT(TINY.dit).to("meta"), rank=4, seed=0)
     assert on_cpu.keys() == on_meta.keys() and on_cpu

@@ -119,7 +119,7 @@ def add_lora(dit: WanDiT, rank: int, seed: int) -> dict[str, LowRankDelta]:
     for name, module in dit.named_modules():
         if name.startswith("blocks.") and isinstance(module, nn.Linear):
             delta = LowRankDelta(module.out_features, module.in_features, rank, generator)
-            delta.to(module.weight.device)  # drawn on the CPU (one stream for every device), kept by W
+            delta.to(module.weight.device)  # drawn on the CPU (the same factors on every device)
             parametrize.register_parametrization(module, "weight", delta)
             deltas[name] = delta
     return deltas
