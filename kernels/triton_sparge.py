@@ -119,9 +119,22 @@ def pool_blocks(
 @triton.jit
 def _ordered_key(x):
     """fp32 -> int32 whose signed order is x's order (negative floats have their magnitude bits
-    flipped); the map is its own inverse."""
+    flipped)."""
     bits = x.to(tl.int32, bitcast=True)
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _largest_key_reaching(key, weight, need):
+    """The largest int32 T with sum(weight where key >= T) >= need (weights >= 0), found bit by bit
+    from the top: 32 masked sums over the row instead of a sort of it. The smallest int32 if no T
+    reaches ``need``."""
+    reaches_zero = tl.sum(tl.where(key >= 0, weight, 0)) >= need
+    prefix = tl.where(reaches_zero, 0, -2147483648)
+    for bit in tl.static_range(30, -1, -1):
+        candidate = prefix | (1 << bit)  # two's complement: setting a lower bit raises the value
+        prefix = tl.where(tl.sum(tl.where(key >= candidate, weight, 0)) >= need, candidate, prefix)
+    return prefix
 
 
 @triton.jit
@@ -143,9 +156,13 @@ def _select_kernel(
 ):
     """One query block's row of ``select_blocks``, and its kept key blocks as an ascending list.
 
-    The row's key blocks are ranked by score in one sort of (score, index) keys packed into int64
-    (ties: the lower index first); the kept ones are those ranked above the n_keep-th. Scores rank
-    as the reference's softmax probabilities do, except where those underflow to a tie at 0.
+    Key blocks rank by score, ties by the lower index first. Scores rank as the reference's softmax
+    probabilities do, except where those underflow to a tie at 0. No sort: the score of the last
+    kept block is searched for bit by bit (``_largest_key_reaching``: top-k counts blocks, the CDF
+    cut sums their probabilities), then the row keeps every block scoring above it and, among those
+    scoring exactly it, the lowest indices until the count (or the mass) is reached. The CDF cut's
+    running sums add in index order where the reference's add in rank order: the two can differ by
+    a rounding where a prefix's mass lands on ``cdf`` itself.
     """
     row = tl.program_id(0)
     bh = tl.program_id(1)
@@ -160,19 +177,20 @@ def _select_kernel(
         always = tl.where(q_unlike, valid, k_unlike)
     else:
         always = keys < 0  # none
-    packed = (_ordered_key(score).to(tl.int64) << 32) | (N_PAD - 1 - keys).to(tl.int64)
-    ranked = tl.sort(packed, descending=True)
+    rank_key = _ordered_key(score)
     if USE_CDF:
         # The smallest prefix of the ranked softmax whose mass reaches cdf, plus the crossing block.
-        ranked_score = _ordered_key((ranked >> 32).to(tl.int32)).to(tl.float32, bitcast=True)
-        top = tl.max(score)
-        p = tl.where(ranked_score > float("-inf"), tl.exp(ranked_score - top), 0.0)
+        p = tl.where(score > float("-inf"), tl.exp(score - tl.max(score)), 0.0)
         p = p / tl.maximum(tl.sum(p), 1e-38)  # no alike key: all zeros, and all kept below anyway
-        n_keep = tl.minimum(tl.sum((tl.cumsum(p) < cdf).to(tl.int32)) + 1, n_k_blocks)
+        last = _largest_key_reaching(rank_key, p, cdf)
+        above, tied = rank_key > last, rank_key == last
+        mass_before = tl.sum(tl.where(above, p, 0.0)) + tl.cumsum(tl.where(tied, p, 0.0)) - p
+        keep_tied = tied & (mass_before < cdf)
     else:
-        n_keep = keep_topk
-    threshold = tl.sum(tl.where(keys == n_keep - 1, ranked, 0))
-    keep = ((packed >= threshold) | always) & valid
+        last = _largest_key_reaching(rank_key, valid.to(tl.int32), keep_topk)
+        above, tied = rank_key > last, rank_key == last
+        keep_tied = tied & (tl.cumsum(tied.to(tl.int32)) <= keep_topk - tl.sum(above.to(tl.int32)))
+    keep = (above | keep_tied | always) & valid
     tl.store(mask_ptr + line * n_k_blocks + keys, keep.to(tl.uint8), mask=valid)
     keep32 = keep.to(tl.int32)
     tl.store(kept_ptr + line * n_k_blocks + tl.cumsum(keep32) - 1, keys, mask=keep)

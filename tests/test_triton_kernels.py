@@ -449,6 +449,33 @@ def _check_pooling_matches_the_reference() -> None:
         assert sim.min() < 0.5 < sim.max()  # clusters that cross blocks and blocks inside one
 
 
+def _check_block_map_at_many_key_blocks_and_ties() -> None:
+    from smartdiff.kernels.triton_sparge import block_map
+
+    # Many key blocks per row (128), as the 14B shape has (1,182): the selection against the reference.
+    q, k, _ = clustered_qkv(1, 2, 8192, 64, clusters=40, seed=12)
+    for selection in ({"topk": 0.3}, {"cdf": 0.7}, {"cdf": 0.95}):
+        mask = block_map(q, k, sim_threshold=None, **selection).mask
+        assert torch.equal(mask, block_mask(q, k, 128, 64, sim_threshold=None, **selection))
+        assert 0 < mask.float().mean() < 1
+    # Exact ties: one query block, key blocks of constant tokens scoring 5, 4, 3, 3, 3, 3, 1, 0, ...
+    # A cut inside the tie keeps the lowest indices first.
+    q = torch.zeros(1, 128, 1, 64)
+    q[..., 0] = 1.0
+    levels = torch.tensor([5.0, 4, 3, 3, 3, 3, 1] + [0.0] * 9)
+    k = torch.zeros(1, 16 * 64, 1, 64)
+    k[0, :, 0, 0] = levels.repeat_interleave(64)
+    for topk, kept in ((0.25, 4), (0.3125, 5), (0.375, 6)):
+        mask = block_map(q, k, topk=topk, sim_threshold=None).mask[0, 0, 0]
+        assert mask.tolist() == [i < kept for i in range(16)], (topk, mask)
+    score = (levels - levels.mean()) * 64**-0.5  # the pooled scores: K smoothed, q = e0
+    p = torch.softmax(score, dim=0)
+    for crossing in (2, 3, 4):  # cdf just below the mass of blocks 0..crossing: keep 0..crossing
+        cdf = float(p[: crossing + 1].sum()) - 1e-4
+        mask = block_map(q, k, cdf=cdf, sim_threshold=None).mask[0, 0, 0]
+        assert mask.tolist() == [i <= crossing for i in range(16)], (cdf, mask)
+
+
 def _check_kept_block_lists() -> None:
     from smartdiff.kernels.triton_sparge import kept_block_lists
 
@@ -606,6 +633,10 @@ def test_sparge_attention_uses_the_reference_block_map():
 
 def test_pooling_for_the_block_map_matches_the_reference():
     _in_interpreter(_check_pooling_matches_the_reference)
+
+
+def test_block_map_at_many_key_blocks_and_ties():
+    _in_interpreter(_check_block_map_at_many_key_blocks_and_ties)
 
 
 def test_kept_block_lists_are_the_kept_indices_in_order():
