@@ -6,10 +6,12 @@ products, pipeline/fp8.py), the pipeline is built as a profile would build it (`
 token-wise work compiled, warmed up) and measured:
 
 - one DiT forward (median ms) and, from the profiler's table of that forward, the time of its linear
-  layers: the matrix products (``aten::addmm``/``mm``/``_addmm_activation``/``_scaled_mm``) plus,
-  for fp8, the activations' quantisation (with the feed-forward's GELU in it; any separate GELU
-  pass is counted too); the fp8 forward's output is compared with the bf16 one (relative L2
-  difference);
+  layers: the matrix products (``aten::addmm``/``mm``/``_addmm_activation``/``_scaled_mm``), the
+  blocks' input norms (``dit.input_norm``: with fp8 they write the e4m3 rows q/k/v, the
+  cross-attention's q and the first feed-forward layer read) and, for fp8, the other activations'
+  quantisation (with the feed-forward's GELU in it; any separate GELU pass is counted too). Norms
+  are counted on both sides because fp8 moves work into them. The fp8 forward's output is compared
+  with the bf16 one (relative L2 difference);
 - one whole 4-step CFG-free video (``distill``, timesteps 1000/750/500/250, shift 5, guidance 1):
   seconds per stage, end to end, and peak GPU memory;
 - the 50-step CFG video of the same pipeline, projected from what was measured: its text encode
@@ -38,7 +40,8 @@ from smartdiff.pipeline.tiny import RandomWeights
 from smartdiff.pipeline.wan import WanPipeline
 
 GB = 1024**3
-LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::_addmm_activation", "aten::_scaled_mm")
+LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::_addmm_activation", "aten::_scaled_mm", "dit.input_norm")
+PRODUCTS = LINEAR_OPS[:4]
 FP8_EXTRA = ("fp8.quantize_activations", "aten::gelu")  # what the fp8 path adds around its products
 
 
@@ -192,6 +195,10 @@ def main() -> None:
         report["fp8_linear_speedup"] = round(
             report["dtype"]["linear_layers"]["ms"] / report["fp8"]["linear_layers"]["ms"], 2
         )
+        products = {
+            g: sum(report[g]["linear_layers"]["parts"].get(k, 0.0) for k in PRODUCTS) for g in outputs
+        }
+        report["fp8_products_speedup"] = round(products["dtype"] / products["fp8"], 2)
         report["fp8_forward_speedup"] = round(report["dtype"]["forward_ms"] / report["fp8"]["forward_ms"], 2)
     text = json.dumps(report, indent=2)
     print(text)

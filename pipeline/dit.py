@@ -19,7 +19,7 @@ from torch import nn
 
 from smartdiff.kernels import AttentionBackend, get_backend
 from smartdiff.pipeline.config import DiTConfig
-from smartdiff.pipeline.fp8 import linear_outputs
+from smartdiff.pipeline.fp8 import FP8Linear, QuantizedRows, linear_outputs
 from smartdiff.pipeline.fused import EAGER, TokenOps, linear_gelu
 from smartdiff.pipeline.fused import compiled as compiled_token_ops
 from smartdiff.pipeline.loading import CheckpointError
@@ -73,7 +73,7 @@ class FeedForward(nn.Sequential):
         gelu = nn.GELU(approximate="tanh")  # applied by linear_gelu; here for the layout and the names
         super().__init__(nn.Linear(in_dim, hidden_dim), gelu, nn.Linear(hidden_dim, out_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         up, _, down = self
         if isinstance(up, nn.Linear):
             return down(linear_gelu(x, up.weight, up.bias))
@@ -109,8 +109,8 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        context: torch.Tensor,
+        x: torch.Tensor | QuantizedRows,
+        context: torch.Tensor | QuantizedRows,
         attention: AttentionBackend,
         ops: TokenOps = EAGER,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -204,15 +204,30 @@ class WanBlock(nn.Module):
         cross_attention = cross_attention or attention.for_cross_attention()
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + time).unbind(1)
         chunks, eps = self.token_chunks, self.norm1.eps
+        # fp8 linears read their normalised inputs as e4m3 rows made by the norm itself (not with
+        # token chunks, memory level 4: there each linear quantises its chunk's bf16 input).
+        quantized = chunks == 1 and isinstance(self.ffn[0], FP8Linear)
 
-        h = by_token_chunks(lambda p: ops.modulated_norm(p, shift_sa, scale_sa, eps), x, chunks)
+        def normalised(norm: Callable, norm_fp8: Callable, part: torch.Tensor, *args: torch.Tensor):
+            with torch.profiler.record_function("dit.input_norm"):  # named in profiles
+                if quantized:
+                    return QuantizedRows.of(norm_fp8(part, *args, eps), part)
+                return norm(part, *args, eps)
+
+        def modulated(part: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+            return normalised(ops.modulated_norm, ops.modulated_norm_fp8, part, shift, scale)
+
+        h = by_token_chunks(lambda p: modulated(p, shift_sa, scale_sa), x, chunks)
         if reuse is None:
             y = self.self_attn(h, h, attention, ops, rope, chunks)
         else:
             y = reuse.self_attention(lambda: self.self_attn(h, h, attention, ops, rope, chunks))
         x = ops.gated_residual(x, y, gate_sa)
 
-        h = x if self.norm3 is None else ops.affine_norm(x, self.norm3.weight, self.norm3.bias, eps)
+        if self.norm3 is None:
+            h = x
+        else:
+            h = normalised(ops.affine_norm, ops.affine_norm_fp8, x, self.norm3.weight, self.norm3.bias)
         if reuse is None:
             y = self.cross_attn(h, context, cross_attention, ops)
         else:
@@ -220,9 +235,7 @@ class WanBlock(nn.Module):
         x = ops.residual(x, y)
 
         def feed_forward(part: torch.Tensor) -> torch.Tensor:
-            return ops.gated_residual(
-                part, self.ffn(ops.modulated_norm(part, shift_ff, scale_ff, eps)), gate_ff
-            )
+            return ops.gated_residual(part, self.ffn(modulated(part, shift_ff, scale_ff)), gate_ff)
 
         return by_token_chunks(feed_forward, x, chunks)
 

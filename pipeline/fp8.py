@@ -11,9 +11,11 @@ every element within half a unit in the last place: a relative error of at most 
 elements at or above e4m3's smallest normal times the scale (2^-6 * scale), and an absolute error of
 at most 2^-10 * scale below it (the subnormal spacing 2^-9, halved). ``FP8Linear`` runs the product
 as one ``torch._scaled_mm`` with row-wise scales (Hopper's fp8 tensor cores on CUDA; torch's
-reference kernel on the CPU, for tests). On CUDA the activations are quantised by one Triton pass
-(kernels/triton_fp8.py), which also applies the feed-forward's GELU; q, k and v quantise their shared
-input once.
+reference kernel on the CPU, for tests). The inputs a block normalises first (q, k and v of the
+self-attention, the cross-attention's q, the feed-forward's first layer) are quantised inside the
+norm itself (``pipeline.fused.modulated_norm_fp8``, compiled into one kernel on CUDA), so their bf16
+copy is never written; the others (the attention outputs, the feed-forward's hidden, the text) by
+one Triton pass on CUDA (kernels/triton_fp8.py), which also applies the feed-forward's GELU.
 
 fp8 checkpoints users share, read by ``split_fp8_state``:
 
@@ -69,6 +71,11 @@ class QuantizedRows:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    @classmethod
+    def of(cls, quantized: tuple[torch.Tensor, torch.Tensor], like: torch.Tensor) -> QuantizedRows:
+        """``quantize_rows``' (values, scales) of ``like``'s rows, with its shape and dtype."""
+        return cls(*quantized, tuple(like.shape[:-1]), like.dtype)
+
 
 def quantize_activations(x: torch.Tensor, gelu: bool = False) -> QuantizedRows:
     """x [..., in] per token to e4m3, through the tanh GELU first if ``gelu``. On CUDA one Triton
@@ -81,7 +88,7 @@ def quantize_activations(x: torch.Tensor, gelu: bool = False) -> QuantizedRows:
             values, scale = quantize_rows_fused(rows, gelu)
         else:
             values, scale = quantize_rows(F.gelu(rows, approximate="tanh") if gelu else rows)
-    return QuantizedRows(values, scale, tuple(x.shape[:-1]), x.dtype)
+    return QuantizedRows.of((values, scale), x)
 
 
 class FP8Linear(nn.Module):
@@ -99,7 +106,13 @@ class FP8Linear(nn.Module):
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows, gelu: bool = False) -> torch.Tensor:
+        """x [..., in], or already quantised where it was computed (the blocks' input norms:
+        ``pipeline.fused.modulated_norm_fp8``); ``gelu`` only for a tensor."""
+        if isinstance(x, QuantizedRows):
+            if gelu:
+                raise ValueError("the GELU is applied while quantising: pass the tensor, not its e4m3 rows")
+            return self.product(x)
         return self.product(quantize_activations(x, gelu))
 
     def product(self, x: QuantizedRows) -> torch.Tensor:
@@ -123,11 +136,11 @@ class FP8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3"
 
 
-def linear_outputs(layers: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor]:
+def linear_outputs(layers: tuple[nn.Module, ...], x: torch.Tensor | QuantizedRows) -> list[torch.Tensor]:
     """``layer(x)`` for each layer; fp8 layers quantise their shared input once (the self-attention's
-    q, k and v read the same tokens)."""
+    q, k and v read the same tokens), unless it comes quantised."""
     if all(isinstance(layer, FP8Linear) for layer in layers):
-        shared = quantize_activations(x)
+        shared = x if isinstance(x, QuantizedRows) else quantize_activations(x)
         return [layer.product(shared) for layer in layers]
     return [layer(x) for layer in layers]
 

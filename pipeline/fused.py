@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from smartdiff.pipeline.fp8 import quantize_rows
+
 
 def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine, then ``* (1 + scale) + shift`` per batch row, in fp32; x's dtype out."""
@@ -26,6 +28,22 @@ def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
 def affine_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm with affine in fp32 (the cross-attention's input norm); x's dtype out."""
     return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def modulated_norm_fp8(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``modulated_norm`` quantised per token for fp8 linears (``pipeline.fp8.quantize_rows`` of its
+    rows, x's dtype rounding kept): (e4m3 [tokens, dim], fp32 scales [tokens, 1]). Compiled, the
+    norm's output never reaches memory in x's dtype: x is read once and one byte per element written."""
+    return quantize_rows(modulated_norm(x, shift, scale, eps).flatten(0, -2))
+
+
+def affine_norm_fp8(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``affine_norm`` quantised per token, as ``modulated_norm_fp8``."""
+    return quantize_rows(affine_norm(x, weight, bias, eps).flatten(0, -2))
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -79,6 +97,8 @@ class TokenOps:
 
     modulated_norm: Callable[..., torch.Tensor] = modulated_norm
     affine_norm: Callable[..., torch.Tensor] = affine_norm
+    modulated_norm_fp8: Callable[..., tuple[torch.Tensor, torch.Tensor]] = modulated_norm_fp8
+    affine_norm_fp8: Callable[..., tuple[torch.Tensor, torch.Tensor]] = affine_norm_fp8
     gated_residual: Callable[..., torch.Tensor] = gated_residual
     residual: Callable[..., torch.Tensor] = residual
     rms_norm: Callable[..., torch.Tensor] = rms_norm
@@ -99,12 +119,14 @@ def compiled(backend: str | Callable[..., Any] = "inductor") -> TokenOps:
     twice, not once per size up to torch's recompile limit and eager after it.
     """
 
-    def fuse(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def fuse(fn: Callable) -> Callable:
         return torch.compile(fn, fullgraph=True, backend=backend)
 
     return TokenOps(
         modulated_norm=fuse(modulated_norm),
         affine_norm=fuse(affine_norm),
+        modulated_norm_fp8=fuse(modulated_norm_fp8),
+        affine_norm_fp8=fuse(affine_norm_fp8),
         gated_residual=fuse(gated_residual),
         residual=fuse(residual),
         rms_norm=fuse(rms_norm),

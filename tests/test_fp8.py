@@ -209,3 +209,33 @@ def test_generate_runs_an_fp8_file_with_fp8_products(tiny_checkpoint, tmp_path):
 
     assert generate("fp8") == "fp8"
     assert generate("dtype") == "float32"  # the file's weights dequantised, on the CPU
+
+
+def test_fp8_blocks_quantise_their_normalised_inputs_inside_the_norm(tiny_checkpoint, monkeypatch):
+    """q/k/v, the cross-attention's q and the first feed-forward layer read e4m3 rows made by their
+    norm (pipeline.fused.*_fp8): the same numbers as when each linear quantises the norm's output."""
+    from smartdiff.pipeline import fp8
+
+    pipe = WanPipeline.from_checkpoint(tiny_checkpoint, device="cpu", gemm="fp8")
+    params = validate_params({"prompt": "a red ball", "seed": 1, "steps": 4}, TINY)
+    cond, _ = pipe.encode_text(params)
+    latents, dit = pipe.initial_noise(params), pipe.experts[0]
+    quantised_widths: list[int] = []
+    quantize = fp8.quantize_activations
+
+    def counted(x: torch.Tensor, gelu: bool = False) -> fp8.QuantizedRows:
+        quantised_widths.append(x.shape[-1])
+        return quantize(x, gelu)
+
+    monkeypatch.setattr(fp8, "quantize_activations", counted)
+    with torch.no_grad():
+        in_the_norm = dit(latents, torch.tensor([500]), cond)
+        per_block = len(quantised_widths) / TINY.dit.num_layers
+        quantised_widths.clear()
+        dit.set_token_chunks(2)  # memory level 4's path: each linear quantises its bf16 input
+        by_the_linears = dit(latents, torch.tensor([500]), cond)
+    # Left to quantise apart: the two attention outputs, the text (k and v) and the feed-forward's
+    # hidden; with chunks also q/k/v once, the cross-attention's q and, per chunk, both FFN layers.
+    assert per_block == 4
+    assert len(quantised_widths) / TINY.dit.num_layers == 9
+    assert torch.equal(in_the_norm, by_the_linears)

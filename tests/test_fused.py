@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from smartdiff.pipeline import fused
+from smartdiff.pipeline.fp8 import FP8
 
 B, L, H, D = 2, 12, 3, 8
 
@@ -55,9 +56,25 @@ def test_bf16_in_bf16_out_with_fp32_math() -> None:
     assert fused.gated_residual(x, y, gate).dtype == torch.bfloat16
 
 
+def _comparable(out: torch.Tensor | tuple[torch.Tensor, ...]) -> list[list[float]]:
+    """An output (or the fp8 norms' (e4m3 values, scales)) as nested lists; e4m3 as its bytes."""
+    parts = out if isinstance(out, tuple) else (out,)
+    return [(t.view(torch.uint8) if t.dtype == FP8 else t).tolist() for t in parts]
+
+
 @pytest.mark.parametrize(
     "name",
-    ["modulated_norm", "affine_norm", "gated_residual", "residual", "rms_norm", "rope", "rms_norm_rope"],
+    [
+        "modulated_norm",
+        "affine_norm",
+        "modulated_norm_fp8",
+        "affine_norm_fp8",
+        "gated_residual",
+        "residual",
+        "rms_norm",
+        "rope",
+        "rms_norm_rope",
+    ],
 )
 def test_every_function_traces_as_one_graph(name: str) -> None:
     """fullgraph tracing (the eager backend: no code generation) finds no graph break, and the traced
@@ -68,14 +85,17 @@ def test_every_function_traces_as_one_graph(name: str) -> None:
     args = {
         "modulated_norm": (x, shift, scale, 1e-6),
         "affine_norm": (x, weight, bias, 1e-6),
+        "modulated_norm_fp8": (x, shift, scale, 1e-6),
+        "affine_norm_fp8": (x, weight, bias, 1e-6),
         "gated_residual": (x, y, gate),
         "residual": (x, y),
         "rms_norm": (x, weight, 1e-6),
         "rope": (heads, cos, sin),
         "rms_norm_rope": (x, weight, 1e-6, H, cos, sin),
     }[name]
-    traced = getattr(fused.compiled(backend="eager"), name)
-    assert torch.equal(traced(*args), getattr(fused.EAGER, name)(*args))
+    traced = getattr(fused.compiled(backend="eager"), name)(*args)
+    eager = getattr(fused.EAGER, name)(*args)
+    assert _comparable(traced) == _comparable(eager)
 
 
 def test_compiled_functions_compile_twice_for_any_number_of_video_sizes() -> None:
