@@ -34,8 +34,10 @@ def modulated_norm_fp8(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``modulated_norm`` quantised per token for fp8 linears (``pipeline.fp8.quantize_rows`` of its
-    rows, x's dtype rounding kept): (e4m3 [tokens, dim], fp32 scales [tokens, 1]). Compiled, the
-    norm's output never reaches memory in x's dtype: x is read once and one byte per element written."""
+    rows): (e4m3 [tokens, dim], fp32 scales [tokens, 1]). Eager, these are the numbers of quantising
+    the norm's output in x's dtype. Compiled, x is read once and one byte per element written, and
+    the compiler drops the rounding to x's dtype in between: the rows come from the fp32 norm, so a
+    value can differ from the eager one by one e4m3 step and a scale by x's dtype's rounding."""
     return quantize_rows(modulated_norm(x, shift, scale, eps).flatten(0, -2))
 
 

@@ -146,3 +146,22 @@ def test_linear_gelu_is_the_tanh_gelu_of_the_product(device: str) -> None:
     x.requires_grad_(True)
     fused.linear_gelu(x.to(device), weight.to(device), bias.to(device)).sum().backward()
     assert x.grad is not None and x.grad.isfinite().all()
+
+
+def test_the_fp8_norm_compiles_to_within_one_e4m3_step_of_eager() -> None:
+    """The compiler (inductor; its CPU code here) lowers the norm, the row maxima and the e4m3 cast
+    together. It keeps the norm in fp32 where eager rounds it to bf16 first, so scales differ by
+    about bf16's rounding and values by at most one e4m3 step."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 300, 64, generator=g).to(torch.bfloat16)
+    shift, scale = torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g)
+    values, scales = fused.compiled().modulated_norm_fp8(x, shift, scale, 1e-6)
+    eager_values, eager_scales = fused.EAGER.modulated_norm_fp8(x, shift, scale, 1e-6)
+    assert values.dtype == FP8 and scales.shape == (600, 1)
+    torch.testing.assert_close(scales, eager_scales, rtol=2**-8, atol=0)
+    # One e4m3 step of a value v is 2^(floor(log2 |v|) - 3) above the subnormals (2^-9 below).
+    a, b = values.float(), eager_values.float()
+    step = torch.exp2(torch.floor(torch.log2(b.abs().clamp(min=2**-6))) - 3)
+    assert bool(((a - b).abs() <= step + 1e-12).all())
+    assert (a != b).any()  # the rounding to bf16 that eager keeps does show
