@@ -20,6 +20,7 @@ from smartdiff.pipeline.fp8 import (
     RELATIVE_ERROR,
     SUBNORMAL_ERROR,
     FP8Linear,
+    QuantizedRows,
     dequantize_rows,
     quantize_rows,
     require_fp8_gemm,
@@ -68,6 +69,11 @@ def test_fp8_linear_is_the_scaled_product():
     exact = torch.nn.functional.linear(x, w, bias)
     relative = (out - exact).norm() / exact.norm()
     assert 1e-4 < relative < 0.05  # fp8, so not exact; within a few percent
+    # Rows quantised where they were computed give the same product; the GELU needs the tensor.
+    rows = QuantizedRows.of((xq, xs), x)
+    assert torch.equal(layer(rows), out)
+    with pytest.raises(ValueError, match="the GELU is applied while quantising"):
+        layer(rows, gelu=True)
 
 
 def tiny_state(checkpoint: Path) -> dict[str, torch.Tensor]:
