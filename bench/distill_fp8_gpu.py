@@ -40,8 +40,8 @@ from smartdiff.pipeline.tiny import RandomWeights
 from smartdiff.pipeline.wan import WanPipeline
 
 GB = 1024**3
-LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::_addmm_activation", "aten::_scaled_mm", "dit.input_norm")
-PRODUCTS = LINEAR_OPS[:4]
+PRODUCTS = ("aten::addmm", "aten::mm", "aten::_addmm_activation", "aten::_scaled_mm")
+LINEAR_OPS = PRODUCTS + ("dit.input_norm",)
 FP8_EXTRA = ("fp8.quantize_activations", "aten::gelu")  # what the fp8 path adds around its products
 
 
