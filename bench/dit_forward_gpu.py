@@ -6,10 +6,12 @@ shape for each variant: token-wise work eager or compiled (``pipeline.fused``), 
 our 8-bit ``sage`` and our block-sparse ``sparge``; and diffusers' WanTransformer3DModel holding the
 same weights. Each variant's output is compared with diffusers'. With ``--cfg-batch`` each variant
 also times both guidance branches as one batch-2 forward (a profile's ``cfg_batch``) against two
-forwards of batch 1. A profiler table of the busiest CUDA
-kernels shows where the time of the exact variants goes. Prints one JSON object.
+forwards of batch 1. With ``--cuda-graphs`` each variant also times its forward replayed from a CUDA
+graph (a profile's ``cuda_graphs``, ``pipeline.cuda_graphs``) against the eager one. A profiler
+table of the busiest CUDA kernels shows where the time of the exact variants goes. Prints one JSON object.
 
     python bench/dit_forward_gpu.py --model wan2.1-t2v-1.3b --json-out dit_forward.json
+    python bench/dit_forward_gpu.py --skip-diffusers --cuda-graphs --variants compiled-sage,compiled-sparge
 """
 
 from __future__ import annotations
@@ -57,6 +59,36 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(f"{((a.float() - b.float()).norm() / b.float().norm()).item():.3g}")
 
 
+def time_graphed(
+    dit: WanDiT, inputs: tuple, eager_out: torch.Tensor, eager_ms: float, stats, repeats: int
+) -> dict:
+    """The forward replayed from a CUDA graph: ms, speed-up and difference against the eager one,
+    and (sparse) whether a replay counts the same blocks as an eager call."""
+    dit.use_cuda_graphs()
+    try:
+        with torch.no_grad():
+            dit(*inputs)  # warm-up and capture
+            if stats is not None:
+                stats.reset()
+                dit(*inputs)
+                replay_counts = stats.summary()
+                stats.reset()
+                dit.eager_forward(*inputs)
+                eager_counts = stats.summary()
+            graphed = time_forward(lambda: dit(*inputs), repeats)
+    finally:
+        dit.graphed = None
+        torch.cuda.empty_cache()
+    result = {
+        **graphed,
+        "speedup_vs_eager": round(eager_ms / graphed["ms"], 3),
+        "relative_difference_to_eager": relative_difference(graphed.pop("output"), eager_out),
+    }
+    if stats is not None:
+        result["replay_counts_blocks_like_eager"] = replay_counts == eager_counts
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="wan2.1-t2v-1.3b")
@@ -66,6 +98,9 @@ def main() -> None:
     parser.add_argument("--variants", default="eager-sdpa,compiled-sdpa,compiled-sage,compiled-sparge")
     parser.add_argument(
         "--cfg-batch", action="store_true", help="also time both CFG branches as one batch-2 forward"
+    )
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="also time each forward replayed from a CUDA graph"
     )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
@@ -132,6 +167,9 @@ def main() -> None:
                 "speedup_vs_two_forwards": round(2 * result["ms"] / batched["ms"], 3),
                 "relative_difference_cond": relative_difference(both[:1], out),
             }
+        if args.cuda_graphs:
+            inputs = (latents, t, context)
+            result["cuda_graphs"] = time_graphed(dit, inputs, out, result["ms"], stats, args.repeats)
         if reference is not None:
             result["relative_difference_to_diffusers"] = relative_difference(out, reference)
             result["speedup_vs_diffusers"] = round(report["diffusers"]["ms"] / result["ms"], 3)

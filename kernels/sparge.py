@@ -66,32 +66,33 @@ _OURS = "this project's Triton kernel (implementation='triton') needs triton and
 class SparsityStats:
     """Block-map totals of the calls since the last ``reset``: how much of the attention was computed.
 
-    ``record`` adds on the device, without waiting for the GPU; ``summary`` reads (and waits).
+    The totals are counted on the device, in place: ``record`` never waits for the GPU, and a CUDA
+    graph that captured the calls (``pipeline.cuda_graphs``) counts them again at every replay.
+    ``summary`` reads them (and waits).
     """
 
     def __init__(self) -> None:
-        self.reset()
+        self._counts: torch.Tensor | None = None  # int64 [calls, kept blocks, total blocks]
 
     def reset(self) -> None:
-        self.calls = 0
-        self.total_blocks = 0
-        self._kept: torch.Tensor | None = None
+        if self._counts is not None:
+            self._counts.zero_()  # in place: a captured graph adds to this very tensor
 
     def record(self, mask: torch.Tensor) -> None:
-        kept = mask.sum()
-        self._kept = kept if self._kept is None else self._kept + kept
-        self.total_blocks += mask.numel()
-        self.calls += 1
+        if self._counts is None:
+            self._counts = torch.zeros(3, dtype=torch.int64, device=mask.device)
+        self._counts[0].add_(1)
+        self._counts[1].add_(mask.sum())
+        self._counts[2].add_(mask.numel())
 
     def summary(self) -> dict[str, int | float | None]:
         """calls, kept_blocks, total_blocks and kept_fraction (None before the first call)."""
-        kept = int(self._kept.item()) if self._kept is not None else 0
-        fraction = kept / self.total_blocks if self.total_blocks else None
+        calls, kept, total = self._counts.tolist() if self._counts is not None else (0, 0, 0)
         return {
-            "calls": self.calls,
+            "calls": calls,
             "kept_blocks": kept,
-            "total_blocks": self.total_blocks,
-            "kept_fraction": fraction,
+            "total_blocks": total,
+            "kept_fraction": kept / total if total else None,
         }
 
 

@@ -347,6 +347,9 @@ class ProfileConfig:
     # The DiT blocks' linear layers: "dtype" (the model's, bf16 on GPU) or "fp8" (e4m3 products with
     # per-channel weight and per-token activation scales, pipeline/fp8.py; sm_89+).
     gemm: str = "dtype"
+    # Replay each video size's DiT forward from a CUDA graph (pipeline/cuda_graphs.py): no per-kernel
+    # launch cost. Not with a feature cache, a streamed DiT (levels 3-4) or parallel.
+    cuda_graphs: bool = False
     # Single-file DiT weights in place of the checkpoint folder's, one per expert, paths as for
     # ``checkpoint``: official or ComfyUI names, bf16 or fp8 (LightX2V's and ComfyUI's scaled fp8).
     dit_weights: tuple[str, ...] = ()
@@ -406,6 +409,8 @@ def load_profile(name: str) -> ProfileConfig:
         check_profile_sampling(profile, model)
         if profile.cfg_batch:
             check_cfg_batch(profile)
+        if profile.cuda_graphs:
+            check_cuda_graphs(profile)
         if profile.dit_weights and len(profile.dit_weights) != len(model.experts):
             raise ValueError(f"dit_weights: {len(profile.dit_weights)} files for {len(model.experts)} DiT(s)")
     except ValueError as e:
@@ -421,6 +426,17 @@ def check_cfg_batch(profile: ProfileConfig) -> None:
         raise ValueError("cfg_batch runs both branches in one forward; a feature cache decides per branch")
     if profile.parallel != ParallelConfig():
         raise ValueError("cfg_batch runs both branches in one forward on one GPU; this profile is parallel")
+
+
+def check_cuda_graphs(profile: ProfileConfig) -> None:
+    """ValueError where something changes the DiT forward from call to call, which a CUDA graph
+    replays as it was captured."""
+    if profile.flexcache:
+        raise ValueError("cuda_graphs replay whole forwards; a feature cache decides per step what to run")
+    if profile.low_mem_level >= 3:
+        raise ValueError("cuda_graphs needs the DiT resident; low_mem_level 3 and 4 stream its blocks")
+    if profile.parallel != ParallelConfig():
+        raise ValueError("cuda_graphs runs the DiT forward on one GPU; this profile is parallel")
 
 
 def check_profile_sampling(profile: ProfileConfig, model: ModelConfig) -> None:

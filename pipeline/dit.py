@@ -19,6 +19,7 @@ from torch import nn
 
 from smartdiff.kernels import AttentionBackend, get_backend
 from smartdiff.pipeline.config import DiTConfig
+from smartdiff.pipeline.cuda_graphs import GraphedForward
 from smartdiff.pipeline.fp8 import FP8Linear, QuantizedRows, linear_outputs
 from smartdiff.pipeline.fused import EAGER, TokenOps, linear_gelu
 from smartdiff.pipeline.fused import compiled as compiled_token_ops
@@ -271,6 +272,7 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(config) for _ in range(config.num_layers))
         self.head = Head(config)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.graphed: GraphedForward | None = None
 
     def set_attention(self, attention: AttentionBackend, cross: AttentionBackend | None = None) -> None:
         """``cross`` (default ``attention``) is the backend of the cross-attention to the text, or
@@ -281,6 +283,11 @@ class WanDiT(nn.Module):
     def compile_token_ops(self) -> None:
         """Run the token-wise work through ``torch.compile`` (fused kernels; for CUDA)."""
         self.ops = compiled_token_ops()
+
+    def use_cuda_graphs(self, pool: tuple | None = None) -> None:
+        """Replay ``forward`` from a CUDA graph per input shape (``pipeline.cuda_graphs``); ``pool``
+        is shared with the other experts of a pipeline."""
+        self.graphed = GraphedForward(self.eager_forward, pool)
 
     def set_token_chunks(self, chunks: int) -> None:
         for block in self.blocks:
@@ -313,6 +320,13 @@ class WanDiT(nn.Module):
 
     def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """latents [B, C, F, H, W], timesteps [B], context [B, text_len, text_dim] -> velocity."""
+        if self.graphed is not None:
+            return self.graphed(latents, timesteps, context)
+        return self.eager_forward(latents, timesteps, context)
+
+    def eager_forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
         inputs = self.prepare(latents, timesteps, context)
         return self.finish(self.run_blocks(inputs), inputs)
 

@@ -199,12 +199,15 @@ class WanPipeline:
         compile: bool = False,
         velocity_model: VelocityModel | None = None,
         gemm: str = "dtype",
+        cuda_graphs: bool = False,
     ) -> WanPipeline:
         """Build the pipeline from ``weights`` (a checkpoint's, or random ones drawn in memory), each
         module where the memory level puts it. ``attention_options`` go to the backend; ``compile``
         fuses the DiT's token-wise work with torch.compile (``pipeline.fused``); ``velocity_model``
         evaluates each step (default ``Guidance``: both branches in this process); ``gemm`` "fp8" runs
-        the DiT blocks' linear layers as e4m3 products (``pipeline.fp8``; sm_89+ or the CPU)."""
+        the DiT blocks' linear layers as e4m3 products (``pipeline.fp8``; sm_89+ or the CPU);
+        ``cuda_graphs`` replays the DiT forward of each input shape from a CUDA graph
+        (``pipeline.cuda_graphs``)."""
         device = torch.device(device) if device is not None else default_device()
         plan = MemoryPlan(low_mem_level)
         model = weights.model
@@ -217,6 +220,10 @@ class WanPipeline:
         backend = get_backend(attention, device, **options)  # an unavailable backend fails before loading
         if gemm == "fp8":
             require_fp8_gemm(device)
+        if cuda_graphs and device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, this pipeline runs on {device}")
+        if cuda_graphs and plan.stream_dit:
+            raise ValueError(f"cuda_graphs needs the DiT resident; low_mem_level {plan.level} streams it")
         torch_dtype = resolve_dtype(dtype, device)
         cpu = torch.device("cpu")
         dit_device = cpu if plan.stream_dit else device
@@ -228,6 +235,10 @@ class WanPipeline:
         if compile:
             for dit in experts:
                 dit.compile_token_ops()
+        if cuda_graphs:
+            pool = torch.cuda.graph_pool_handle()  # the experts never run at once: one pool
+            for dit in experts:
+                dit.use_cuda_graphs(pool)
         loras = [lora.describe() for lora in weights.loras]
         return cls(model, experts, vae, text_encoder, device, backend, plan, sparsity, loras, velocity_model)
 
@@ -259,6 +270,7 @@ class WanPipeline:
             profile.compile,
             velocity_model,
             profile.gemm,
+            profile.cuda_graphs,
         )
 
     @torch.no_grad()

@@ -248,16 +248,41 @@ def test_cfg_batch_runs_both_branches_in_one_forward_and_makes_the_same_video(
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("flag", "extra", "message"),
     [
-        ("flexcache: [teacache]\n", "a feature cache decides per branch"),
-        ("parallel: {cfg: 2}\n", "this profile is parallel"),
-        ("cfg: false\n", "this profile has cfg: false"),
+        ("cfg_batch", "flexcache: [teacache]", "a feature cache decides per branch"),
+        ("cfg_batch", "parallel: {cfg: 2}", "this profile is parallel"),
+        ("cfg_batch", "cfg: false", "this profile has cfg: false"),
+        ("cuda_graphs", "flexcache: [pab]", "a feature cache decides per step"),
+        ("cuda_graphs", "low_mem_level: 3", "low_mem_level 3 and 4 stream its blocks"),
+        ("cuda_graphs", "parallel: {ulysses: 2}", "this profile is parallel"),
     ],
 )
-def test_cfg_batch_with_what_splits_the_branches_fails_the_profile_load(config_dir, extra, message):
+def test_a_profile_flag_with_what_it_cannot_run_with_fails_the_load(config_dir, flag, extra, message):
     (config_dir / "profiles" / "bad.yaml").write_text(
-        f"name: bad\nmodel: tiny\ncheckpoint: tiny\ncfg_batch: true\n{extra}"
+        f"name: bad\nmodel: tiny\ncheckpoint: tiny\n{flag}: true\n{extra}\n"
     )
     with pytest.raises(ValueError, match=message):
         load_profile("bad")
+
+
+def test_cuda_graphs_refuse_a_cpu_pipeline(tiny_checkpoint):
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device, this pipeline runs on cpu"):
+        WanPipeline.from_checkpoint(tiny_checkpoint, device="cpu", cuda_graphs=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graphs_replay_one_graph_per_size_and_make_the_eager_video(tmp_path):
+    root = write_tiny_checkpoint(tmp_path / "moe", model_name="tiny-moe")
+    graphed = WanPipeline.from_checkpoint(root, device="cuda", cuda_graphs=True)
+    eager = WanPipeline.from_checkpoint(root, device="cuda")
+    params = validate_params({"prompt": "a red ball", "seed": 5, "steps": 6, "guidance": 4.0}, graphed.model)
+    a, b = graphed.generate(params), eager.generate(params)
+    # Each step's inputs reach the graph: the same video as the eager forwards, both experts used.
+    assert np.abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 1
+    assert set(a.expert_per_step) == {0, 1}
+    assert [len(dit.graphed.graphs) for dit in graphed.experts] == [1, 1]  # cond and uncond share one
+    wide = validate_params({"prompt": "a red ball", "seed": 5, "steps": 2, "size": "96x64"}, graphed.model)
+    c, d = graphed.generate(wide), eager.generate(wide)
+    assert c.frames.shape == (9, 64, 96, 3) and np.abs(c.frames.astype(int) - d.frames.astype(int)).max() <= 1
+    assert len(graphed.experts[0].graphed.graphs) == 2

@@ -524,6 +524,11 @@ def _check_backends_run_our_kernels() -> None:
     assert summary["calls"] == 2 and summary["total_blocks"] == 2 * mask.numel()
     assert summary["kept_blocks"] == 2 * int(mask.sum())
     assert summary["kept_fraction"] == 0.4  # int(0.5 * 5) of the 5 key blocks of each query block
+    # A CUDA graph that captured the calls adds to the same tensor at every replay: reset in place.
+    counts = stats._counts
+    stats.reset()
+    sparse(q, k, v)
+    assert stats._counts is counts and stats.summary()["calls"] == 1
 
 
 def _check_backends_choose_pv_by_gpu() -> None:
