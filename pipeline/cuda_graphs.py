@@ -13,7 +13,10 @@ in one launch. ``GraphedForward`` keeps one graph per input shape (a worker serv
 What a graph cannot hold, and so what a profile with ``cuda_graphs`` refuses (``config.check_cuda_graphs``):
 Python decisions per call (TeaCache and PAB choose per step what to compute), weights that move
 during the forward (memory levels 3 and 4 stream the DiT's blocks) and the process-group paths.
-Everything inside the forward must stay on the device: a host sync there fails the capture.
+Everything inside the forward must stay on the device: a host sync there fails the capture. What
+the forward reads besides its inputs and parameters must outlive the graph (the DiT keeps the RoPE
+tables of every grid it has seen), and counters it updates must be updated in place
+(``kernels.sparge.SparsityStats``).
 
 The graphs of one pipeline share one memory pool: they never run at the same time, and each
 output is copied out before the next replay. The pool stays reserved after the first capture, so
@@ -73,7 +76,8 @@ class GraphedForward:
         with torch.cuda.stream(stream):
             self.forward(*static)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+        # thread_local: a worker's heartbeat thread may touch CUDA while this thread captures.
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
             output = self.forward(*static)
         torch.cuda.current_stream().wait_stream(stream)
         return _Captured(graph, static, output)

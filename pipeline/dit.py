@@ -299,8 +299,10 @@ class WanDiT(nn.Module):
 
     def rope(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid, str(device))
+        # Every grid's tables are kept (a model supports a few sizes): a CUDA graph captured at one
+        # size reads them at every replay, after other sizes have run.
         if key not in self._rope_cache:
-            self._rope_cache = {key: rope_tables(self.config.head_dim, grid, device)}
+            self._rope_cache[key] = rope_tables(self.config.head_dim, grid, device)
         return self._rope_cache[key]
 
     def pad_context(self, context: list[torch.Tensor]) -> torch.Tensor:

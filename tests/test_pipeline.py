@@ -286,3 +286,5 @@ def test_cuda_graphs_replay_one_graph_per_size_and_make_the_eager_video(tmp_path
     c, d = graphed.generate(wide), eager.generate(wide)
     assert c.frames.shape == (9, 64, 96, 3) and np.abs(c.frames.astype(int) - d.frames.astype(int)).max() <= 1
     assert len(graphed.experts[0].graphed.graphs) == 2
+    # Back at the first size, its graph still reads what it read when captured.
+    assert np.array_equal(graphed.generate(params).frames, a.frames)
