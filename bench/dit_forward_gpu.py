@@ -79,10 +79,11 @@ def time_graphed(
     finally:
         dit.graphed = None
         torch.cuda.empty_cache()
+    out = graphed.pop("output")
     result = {
         **graphed,
         "speedup_vs_eager": round(eager_ms / graphed["ms"], 3),
-        "relative_difference_to_eager": relative_difference(graphed.pop("output"), eager_out),
+        "relative_difference_to_eager": relative_difference(out, eager_out),
     }
     if stats is not None:
         result["replay_counts_blocks_like_eager"] = replay_counts == eager_counts
