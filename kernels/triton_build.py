@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from smartdiff.kernels.triton_fp8 import _quantize_rows_kernel, launch_shape
+from smartdiff.kernels.triton_fp8 import _norm_quantize_rows_kernel, _quantize_rows_kernel, launch_shape
 from smartdiff.kernels.triton_norm import BLOCK as NORM_BLOCK
 from smartdiff.kernels.triton_norm import _rms_norm_channels_kernel
 from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
@@ -71,6 +71,16 @@ def compile_fp8_quantize_for_hopper(cols: int, gelu: bool):
     return _compile(
         _quantize_rows_kernel, operands, {"BLOCK": block, "GELU": gelu}, num_warps=warps, num_stages=1
     )
+
+
+def compile_fp8_norm_for_hopper(cols: int):
+    """The LayerNorm quantised per token of bf16 rows of ``cols`` (kernels/triton_fp8.py), for sm_90."""
+    block, warps = launch_shape(cols)
+    operands = {
+        "x_ptr": "*bf16", "mul_ptr": "*fp32", "add_ptr": "*fp32", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
+        "eps": "fp32",
+    }  # fmt: skip
+    return _compile(_norm_quantize_rows_kernel, operands, {"BLOCK": block}, num_warps=warps, num_stages=1)
 
 
 def compile_vae_norm_for_hopper(silu: bool):

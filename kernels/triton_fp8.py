@@ -9,6 +9,13 @@ keep a program's registers few and many programs resident per SM, which hides th
 per SM and reached about 0.9 TB/s on an H100). Numerics are ``pipeline.fp8.quantize_rows``': scale =
 max|x| / 448 (at least 1e-12), values x * (1 / scale) rounded to nearest even, clamped to +-448; with
 the GELU, that of x in fp32 (no bf16 rounding of the hidden in between, unlike the unfused path).
+
+``norm_quantize_rows`` does the same for the LayerNorms that feed fp8 linears (the block's input
+norms, modulated or affine): three passes over each row, the first from memory and the other two
+mostly from L2, so the row is read once from memory and one byte per element written, where a norm
+in bf16 followed by the quantiser reads and writes the row twice. Its mean and variance combine the
+chunks' own (Chan's formula, no cancellation when the mean is large), as LayerNorm's are: biased
+variance, eps inside the square root.
 """
 
 from __future__ import annotations
@@ -73,4 +80,63 @@ def quantize_rows_fused(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tens
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     block, warps = launch_shape(cols)
     _quantize_rows_kernel[(rows,)](x, out, scale, rows, cols, BLOCK=block, GELU=gelu, num_warps=warps)
+    return out, scale
+
+
+@triton.jit(do_not_specialize=["n_rows", "rows_per_batch"])
+def _norm_quantize_rows_kernel(
+    x_ptr, mul_ptr, add_ptr, out_ptr, scale_ptr, n_rows, n_cols, rows_per_batch, eps,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    x_row, out_row = x_ptr + row * n_cols, out_ptr + row * n_cols
+    mod = (row // rows_per_batch) * n_cols  # the row's batch's row of ``mul`` and ``add``
+    cols = tl.arange(0, BLOCK)
+    mean = 0.0
+    m2 = 0.0  # sum of squared deviations from the mean
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        seen, count = start * 1.0, tl.minimum(n_cols - start, BLOCK) * 1.0
+        chunk_mean = tl.sum(x, axis=0) / count
+        deviation = tl.where(mask, x - chunk_mean, 0.0)
+        delta, total = chunk_mean - mean, seen + count
+        mean += delta * (count / total)
+        m2 += tl.sum(deviation * deviation, axis=0) + delta * delta * (seen * count / total)
+    rstd = 1.0 / tl.sqrt_rn(m2 / n_cols + eps)
+    largest = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        mul = tl.load(mul_ptr + mod + start + cols, mask=mask, other=0.0)
+        add = tl.load(add_ptr + mod + start + cols, mask=mask, other=0.0)
+        largest = tl.maximum(largest, tl.abs((x - mean) * rstd * mul + add))
+    scale = tl.maximum(tl.max(largest, axis=0) / _FP8_MAX, _MIN_SCALE)
+    inverse = tl.div_rn(1.0, scale)
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        x = tl.load(x_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        mul = tl.load(mul_ptr + mod + start + cols, mask=mask, other=0.0)
+        add = tl.load(add_ptr + mod + start + cols, mask=mask, other=0.0)
+        y = ((x - mean) * rstd * mul + add) * inverse
+        values = tl.minimum(tl.maximum(y, -_FP8_MAX), _FP8_MAX)
+        tl.store(out_row + start + cols, values.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def norm_quantize_rows(
+    x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm (no affine) of x [B, L, D] over D, then ``* mul + add`` (fp32, [B, D] per batch row
+    or [D] for every row), quantised per row: (e4m3 [B*L, D], fp32 scales [B*L, 1]), as
+    ``pipeline.fp8.quantize_rows`` of the fp32 result."""
+    x = x.contiguous()
+    batch, tokens, cols = x.shape
+    mul, add = (t.float().expand(batch, cols).contiguous() for t in (mul, add))
+    out = torch.empty(batch * tokens, cols, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(batch * tokens, 1, dtype=torch.float32, device=x.device)
+    block, warps = launch_shape(cols)
+    _norm_quantize_rows_kernel[(batch * tokens,)](
+        x, mul, add, out, scale, batch * tokens, cols, tokens, eps, BLOCK=block, num_warps=warps
+    )
     return out, scale

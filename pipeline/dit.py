@@ -21,7 +21,7 @@ from smartdiff.kernels import AttentionBackend, get_backend
 from smartdiff.pipeline.config import DiTConfig
 from smartdiff.pipeline.cuda_graphs import GraphedForward
 from smartdiff.pipeline.fp8 import FP8Linear, QuantizedRows, linear_outputs
-from smartdiff.pipeline.fused import EAGER, TokenOps, linear_gelu
+from smartdiff.pipeline.fused import EAGER, TokenOps, affine_norm_fp8, linear_gelu, modulated_norm_fp8
 from smartdiff.pipeline.fused import compiled as compiled_token_ops
 from smartdiff.pipeline.loading import CheckpointError
 
@@ -216,7 +216,7 @@ class WanBlock(nn.Module):
                 return norm(part, *args, eps)
 
         def modulated(part: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
-            return normalised(ops.modulated_norm, ops.modulated_norm_fp8, part, shift, scale)
+            return normalised(ops.modulated_norm, modulated_norm_fp8, part, shift, scale)
 
         h = by_token_chunks(lambda p: modulated(p, shift_sa, scale_sa), x, chunks)
         if reuse is None:
@@ -228,7 +228,7 @@ class WanBlock(nn.Module):
         if self.norm3 is None:
             h = x
         else:
-            h = normalised(ops.affine_norm, ops.affine_norm_fp8, x, self.norm3.weight, self.norm3.bias)
+            h = normalised(ops.affine_norm, affine_norm_fp8, x, self.norm3.weight, self.norm3.bias)
         if reuse is None:
             y = self.cross_attn(h, context, cross_attention, ops)
         else:

@@ -13,8 +13,8 @@ at most 2^-10 * scale below it (the subnormal spacing 2^-9, halved). ``FP8Linear
 as one ``torch._scaled_mm`` with row-wise scales (Hopper's fp8 tensor cores on CUDA; torch's
 reference kernel on the CPU, for tests). The inputs a block normalises first (q, k and v of the
 self-attention, the cross-attention's q, the feed-forward's first layer) are quantised inside the
-norm itself (``pipeline.fused.modulated_norm_fp8``, compiled into one kernel on CUDA), so their bf16
-copy is never written; the others (the attention outputs, the feed-forward's hidden, the text) by
+norm itself (``pipeline.fused.modulated_norm_fp8``, one Triton kernel on CUDA), so their bf16 copy
+is never written; the others (the attention outputs, the feed-forward's hidden, the text) by
 one Triton pass on CUDA (kernels/triton_fp8.py), which also applies the feed-forward's GELU.
 
 fp8 checkpoints users share, read by ``split_fp8_state``:

@@ -19,10 +19,14 @@ import torch.nn.functional as F
 from smartdiff.pipeline.fp8 import quantize_rows
 
 
+def _modulated_norm32(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
+    return normed * (1 + scale[:, None]) + shift[:, None]
+
+
 def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without affine, then ``* (1 + scale) + shift`` per batch row, in fp32; x's dtype out."""
-    normed = F.layer_norm(x.float(), x.shape[-1:], eps=eps)
-    return (normed * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+    return _modulated_norm32(x, shift, scale, eps).to(x.dtype)
 
 
 def affine_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -33,19 +37,28 @@ def affine_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: 
 def modulated_norm_fp8(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``modulated_norm`` quantised per token for fp8 linears (``pipeline.fp8.quantize_rows`` of its
-    rows): (e4m3 [tokens, dim], fp32 scales [tokens, 1]). Eager, these are the numbers of quantising
-    the norm's output in x's dtype. Compiled, x is read once and one byte per element written, and
-    the compiler drops the rounding to x's dtype in between: the rows come from the fp32 norm, so a
-    value can differ from the eager one by one e4m3 step and a scale by x's dtype's rounding."""
-    return quantize_rows(modulated_norm(x, shift, scale, eps).flatten(0, -2))
+    """``modulated_norm`` of x [B, L, dim] quantised per token for fp8 linears: (e4m3 [B*L, dim], fp32
+    scales [B*L, 1]), ``pipeline.fp8.quantize_rows`` of the fp32 norm (not rounded to x's dtype in
+    between). On CUDA one Triton kernel (``kernels.triton_fp8.norm_quantize_rows``: x read once from
+    memory, one byte per element written); elsewhere these PyTorch ops. Not compiled: the kernel is
+    already one pass."""
+    if x.is_cuda:
+        from smartdiff.kernels.triton_fp8 import norm_quantize_rows
+
+        return norm_quantize_rows(x, 1 + scale, shift, eps)
+    return quantize_rows(_modulated_norm32(x, shift, scale, eps).flatten(0, -2))
 
 
 def affine_norm_fp8(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``affine_norm`` quantised per token, as ``modulated_norm_fp8``."""
-    return quantize_rows(affine_norm(x, weight, bias, eps).flatten(0, -2))
+    if x.is_cuda:
+        from smartdiff.kernels.triton_fp8 import norm_quantize_rows
+
+        return norm_quantize_rows(x, weight, bias, eps)
+    normed = F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
+    return quantize_rows(normed.flatten(0, -2))
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -99,8 +112,6 @@ class TokenOps:
 
     modulated_norm: Callable[..., torch.Tensor] = modulated_norm
     affine_norm: Callable[..., torch.Tensor] = affine_norm
-    modulated_norm_fp8: Callable[..., tuple[torch.Tensor, torch.Tensor]] = modulated_norm_fp8
-    affine_norm_fp8: Callable[..., tuple[torch.Tensor, torch.Tensor]] = affine_norm_fp8
     gated_residual: Callable[..., torch.Tensor] = gated_residual
     residual: Callable[..., torch.Tensor] = residual
     rms_norm: Callable[..., torch.Tensor] = rms_norm
@@ -127,8 +138,6 @@ def compiled(backend: str | Callable[..., Any] = "inductor") -> TokenOps:
     return TokenOps(
         modulated_norm=fuse(modulated_norm),
         affine_norm=fuse(affine_norm),
-        modulated_norm_fp8=fuse(modulated_norm_fp8),
-        affine_norm_fp8=fuse(affine_norm_fp8),
         gated_residual=fuse(gated_residual),
         residual=fuse(residual),
         rms_norm=fuse(rms_norm),

@@ -246,6 +246,7 @@ def _check_kernels_compile_for_hopper() -> None:
     cannot show, without a GPU."""
     from smartdiff.kernels.triton_build import (
         compile_for_hopper,
+        compile_fp8_norm_for_hopper,
         compile_fp8_quantize_for_hopper,
         compile_selection_for_hopper,
         compile_vae_norm_for_hopper,
@@ -262,6 +263,8 @@ def _check_kernels_compile_for_hopper() -> None:
     # fp8 activations: the 1.3B and 14B widths and the 14B feed-forward's hidden, with the GELU.
     for cols, gelu in ((1536, False), (5120, False), (13824, True)):
         assert len(compile_fp8_quantize_for_hopper(cols, gelu).asm["cubin"]) > 1000
+    for cols in (1536, 5120):  # the fp8 linears' input norms, 1.3B and 14B
+        assert len(compile_fp8_norm_for_hopper(cols).asm["cubin"]) > 1000
     for silu in (False, True):  # the VAE's channel norm
         assert len(compile_vae_norm_for_hopper(silu).asm["cubin"]) > 1000
 
@@ -293,6 +296,37 @@ def _check_fp8_row_quantiser_matches_the_reference() -> None:
             (dequantize_rows(values, scale) - dequantize_rows(expected_values, expected_scale)).abs() <= step
         ).all()
     )
+
+
+def _check_fp8_norm_quantiser_matches_the_reference() -> None:
+    import torch.nn.functional as F
+
+    from smartdiff.kernels.triton_fp8 import norm_quantize_rows
+    from smartdiff.pipeline.fp8 import dequantize_rows, quantize_rows
+
+    g = torch.Generator().manual_seed(7)
+    # Two batch entries of 4 tokens, 2,600 columns (three chunks, the last masked): rows of very
+    # different ranges, one far from zero on average (the variance must not cancel), one constant
+    # (its norm is the modulation's ``add`` alone).
+    x = torch.randn(2, 4, 2600, generator=g) * torch.logspace(-2, 2, 8).view(2, 4, 1)
+    x[0, 1] += 500.0
+    x[1, 2] = 3.0
+    x = x.to(torch.bfloat16)
+    mul, add = 1 + torch.randn(2, 2600, generator=g), torch.randn(2, 2600, generator=g)
+    weight, bias = torch.randn(2600, generator=g), torch.zeros(2600)
+    for m, a in ((mul, add), (weight, bias)):  # per batch entry (modulated), one for all (affine)
+        m3, a3 = (t.expand(2, 2600)[:, None] for t in (m, a))
+        normed = F.layer_norm(x.double(), (2600,), eps=1e-6) * m3.double() + a3.double()
+        values, scale = norm_quantize_rows(x, m, a, 1e-6)
+        expected_values, expected_scale = quantize_rows(normed.flatten(0, 1))
+        torch.testing.assert_close(scale, expected_scale.float(), rtol=1e-5, atol=1e-12)
+        # Within one e4m3 step of the quantised float64 norm (fp32 math, other reduction order).
+        step = 2.0**-3 * dequantize_rows(expected_values, expected_scale).abs() + 2.0**-9 * expected_scale
+        difference = dequantize_rows(values, scale) - dequantize_rows(expected_values, expected_scale)
+        assert bool((difference.abs() <= step).all())
+    # A constant row with no ``add``: all zero, and the smallest scale.
+    values, scale = norm_quantize_rows(x, weight, bias, 1e-6)
+    assert scale[6].item() == torch.tensor(1e-12).item() and not values[6].float().any()
 
 
 def _check_vae_norm_matches_pytorch() -> None:
@@ -565,6 +599,10 @@ def test_int8_quantiser_matches_the_reference(dtype):
 
 def test_fp8_row_quantiser_matches_the_reference():
     _in_interpreter(_check_fp8_row_quantiser_matches_the_reference)
+
+
+def test_fp8_norm_quantiser_matches_the_reference():
+    _in_interpreter(_check_fp8_norm_quantiser_matches_the_reference)
 
 
 def test_the_vae_norm_kernel_matches_pytorch():
