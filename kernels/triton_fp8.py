@@ -83,9 +83,9 @@ def quantize_rows_fused(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tens
     return out, scale
 
 
-@triton.jit(do_not_specialize=["n_rows", "rows_per_batch"])
+@triton.jit(do_not_specialize=["rows_per_batch"])
 def _norm_quantize_rows_kernel(
-    x_ptr, mul_ptr, add_ptr, out_ptr, scale_ptr, n_rows, n_cols, rows_per_batch, eps,
+    x_ptr, mul_ptr, add_ptr, out_ptr, scale_ptr, n_cols, rows_per_batch, eps,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -137,6 +137,6 @@ def norm_quantize_rows(
     scale = torch.empty(batch * tokens, 1, dtype=torch.float32, device=x.device)
     block, warps = launch_shape(cols)
     _norm_quantize_rows_kernel[(batch * tokens,)](
-        x, mul, add, out, scale, batch * tokens, cols, tokens, eps, BLOCK=block, num_warps=warps
+        x, mul, add, out, scale, cols, tokens, eps, BLOCK=block, num_warps=warps
     )
     return out, scale
