@@ -56,6 +56,12 @@ def add_attention_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in fp32, to three significant digits."""
+    a, b = a.float(), b.float()
+    return float(f"{((a - b).norm() / b.norm()).item():.3g}")
+
+
 def emit(report: dict, json_out: Path | None) -> None:
     """Print the report as JSON, and write it to ``json_out`` if given."""
     text = json.dumps(report, indent=2)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import relative_difference
 
 from smartdiff.pipeline.config import load_model_config
 from smartdiff.pipeline.params import validate_params
@@ -190,8 +191,7 @@ def main() -> None:
         if args.json_out:
             args.json_out.write_text(json.dumps(report, indent=2))
     if "dtype" in outputs and "fp8" in outputs:
-        a, b = outputs["fp8"], outputs["dtype"]
-        report["fp8_forward_relative_difference"] = float(f"{((a - b).norm() / b.norm()).item():.3g}")
+        report["fp8_forward_relative_difference"] = relative_difference(outputs["fp8"], outputs["dtype"])
         report["fp8_linear_speedup"] = round(
             report["dtype"]["linear_layers"]["ms"] / report["fp8"]["linear_layers"]["ms"], 2
         )

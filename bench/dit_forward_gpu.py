@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import diffusers_dit, emit, report_header, time_forward
+from common import diffusers_dit, emit, relative_difference, report_header, time_forward
 
 from smartdiff.kernels import get_backend
 from smartdiff.kernels.sparge import SparsityStats
@@ -53,10 +53,6 @@ def top_kernels(fn, count: int = 12) -> list[dict]:
     return [
         {"kernel": e.key[:90], "calls": e.count, "ms": round(e.device_time_total / 1000, 2)} for e in rows
     ]
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(f"{((a.float() - b.float()).norm() / b.float().norm()).item():.3g}")
 
 
 def time_graphed(

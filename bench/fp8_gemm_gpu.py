@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from common import emit
+from common import emit, relative_difference
 
 from smartdiff.pipeline.fp8 import quantize_rows
 
@@ -108,10 +108,6 @@ def triton_scaled_mm(a, b, a_scale, b_scale, bias, config) -> torch.Tensor:
     return c
 
 
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(f"{((a.float() - b.float()).norm() / b.float().norm()).item():.3g}")
-
-
 def time_shape(tokens: int, k: int, n: int) -> dict:
     g = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(tokens, k, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -125,14 +121,15 @@ def time_shape(tokens: int, k: int, n: int) -> dict:
     def tflops(ms: float) -> float:
         return round(flop / ms / 1e9, 1)
 
+    bias_bf16 = bias.to(torch.bfloat16)
+
     def scaled_mm() -> torch.Tensor:
         return torch._scaled_mm(
-            a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), bias=bias.to(torch.bfloat16),
+            a, b.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), bias=bias_bf16,
             out_dtype=torch.bfloat16, use_fast_accum=True,
         )  # fmt: skip
 
     reference = scaled_mm()
-    bias_bf16 = bias.to(torch.bfloat16)
     row = {"tokens": tokens, "in": k, "out": n}
     bf16_ms = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w, bias_bf16))
     mm_ms = triton.testing.do_bench(scaled_mm)

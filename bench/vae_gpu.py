@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from common import GB, emit, report_header
+from common import GB, emit, relative_difference, report_header
 
 from smartdiff.pipeline.config import VAEConfig, load_model_config
 from smartdiff.pipeline.tiny import RandomWeights
@@ -101,11 +101,6 @@ def pytorch_norms():
         yield
     finally:
         RMSNorm.forward = fused
-
-
-def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float(f"{((a - b).norm() / b.norm()).item():.3g}")
 
 
 def bench_size(ours: WanVAE, theirs, size: str, chunks: list[int], repeats: int) -> dict:

@@ -29,9 +29,25 @@ def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     return _modulated_norm32(x, shift, scale, eps).to(x.dtype)
 
 
+def _affine_norm32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
+
+
 def affine_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm with affine in fp32 (the cross-attention's input norm); x's dtype out."""
-    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+    return _affine_norm32(x, weight, bias, eps).to(x.dtype)
+
+
+def _norm_fp8(
+    x: torch.Tensor, mul: torch.Tensor, add: torch.Tensor, eps: float, norm32: Callable[[], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """On CUDA the Triton kernel (LayerNorm, ``* mul + add``, quantised rows); elsewhere
+    ``quantize_rows`` of ``norm32()``, the same norm in PyTorch's fp32 ops."""
+    if x.is_cuda:
+        from smartdiff.kernels.triton_fp8 import norm_quantize_rows
+
+        return norm_quantize_rows(x, mul, add, eps)
+    return quantize_rows(norm32().flatten(0, -2))
 
 
 def modulated_norm_fp8(
@@ -42,23 +58,14 @@ def modulated_norm_fp8(
     between). On CUDA one Triton kernel (``kernels.triton_fp8.norm_quantize_rows``: x read once from
     memory, one byte per element written); elsewhere these PyTorch ops. Not compiled: the kernel is
     already one pass."""
-    if x.is_cuda:
-        from smartdiff.kernels.triton_fp8 import norm_quantize_rows
-
-        return norm_quantize_rows(x, 1 + scale, shift, eps)
-    return quantize_rows(_modulated_norm32(x, shift, scale, eps).flatten(0, -2))
+    return _norm_fp8(x, 1 + scale, shift, eps, lambda: _modulated_norm32(x, shift, scale, eps))
 
 
 def affine_norm_fp8(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``affine_norm`` quantised per token, as ``modulated_norm_fp8``."""
-    if x.is_cuda:
-        from smartdiff.kernels.triton_fp8 import norm_quantize_rows
-
-        return norm_quantize_rows(x, weight, bias, eps)
-    normed = F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps)
-    return quantize_rows(normed.flatten(0, -2))
+    return _norm_fp8(x, weight, bias, eps, lambda: _affine_norm32(x, weight, bias, eps))
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
