@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
 #
 # The Smart-Diffusion worker image: the Python stack of locks/gpu.txt (CUDA build of PyTorch included),
-# flash-attn and SageAttention compiled from source for Hopper (H100/H200), and the project's wheel.
+# FlashAttention 2 and 3 and SageAttention compiled from source for Hopper (H100/H200), and the
+# project's wheel.
 #
 #   docker build -t smart-diffusion/worker:0.1.0 .                # or: docker compose build
 #   docker build --build-arg TORCH_CUDA_ARCH_LIST="8.0;9.0" ...   # also A100 (longer build)
@@ -10,7 +11,7 @@
 #   toolchain  CUDA devel image + Python venv
 #   torch      every locked dependency, hash-checked (locks/gpu.txt): PyTorch, Triton, the farm's
 #              dependencies and the kernels' build tools
-#   kernels    flash-attn and SageAttention compiled from source (tens of minutes)
+#   kernels    FlashAttention 2 and 3 and SageAttention compiled from source (tens of minutes)
 #   wheel      the project's wheel, built with the locked setuptools
 #   worker     CUDA runtime image + that venv + the wheel (not editable: the image runs what users install)
 #
@@ -74,6 +75,10 @@ ARG MAX_JOBS=4
 ARG NVCC_THREADS=2
 # flash-attn 2, from its source distribution on PyPI (the pinned version; the sdist includes CUTLASS).
 ARG FLASH_ATTN_VERSION=2.8.3.post2
+# FlashAttention 3 (Hopper only: the `flash` backend prefers it) is not on PyPI either: its hopper/
+# package, from git at a pinned commit that builds with CUDA 13's nvcc (older ones download nvcc 12.x).
+ARG FLASH_ATTN3_REPO=https://github.com/Dao-AILab/flash-attention.git
+ARG FLASH_ATTN3_COMMIT=0251105a2fb19d2957484b7f023cd8c115286ced
 # SageAttention 2 is not on PyPI (PyPI's "sageattention" is the Triton-only 1.x): built from git at a
 # pinned commit (version 2.2.0, which reads TORCH_CUDA_ARCH_LIST, so it builds without a GPU).
 ARG SAGEATTENTION_REPO=https://github.com/thu-ml/SageAttention.git
@@ -93,6 +98,24 @@ RUN export FLASH_ATTN_CUDA_ARCHS="$(echo "${TORCH_CUDA_ARCH_LIST}" | sed -e 's/+
  && echo "flash-attn ${FLASH_ATTN_VERSION} for FLASH_ATTN_CUDA_ARCHS=${FLASH_ATTN_CUDA_ARCHS}" \
  && pip wheel --no-cache-dir --no-build-isolation --no-deps --no-binary flash-attn \
         -w /wheels "flash-attn==${FLASH_ATTN_VERSION}"
+
+# FlashAttention 3 restricted to what the workers call: the forward, bf16, head dim 128, no paging,
+# splits, local windows, soft-capping, GQA packing or variable lengths: three sources to compile,
+# about 3 minutes on 16 cores (the full build compiles hundreds). Hopper only, so only when 9.0 is asked.
+RUN if echo ";${TORCH_CUDA_ARCH_LIST};" | grep -q ";9.0a\?;"; then \
+      git init -q /src/flash-attention \
+   && cd /src/flash-attention \
+   && git remote add origin "${FLASH_ATTN3_REPO}" \
+   && git fetch -q --depth 1 origin "${FLASH_ATTN3_COMMIT}" \
+   && git checkout -q --detach FETCH_HEAD \
+   && git submodule update -q --init --depth 1 csrc/cutlass \
+   && cd hopper \
+   && for feature in BACKWARD SPLIT PAGEDKV APPENDKV LOCAL SOFTCAP PACKGQA FP16 FP8 VARLEN CLUSTER \
+                     HDIM64 HDIM96 HDIM192 HDIM256 HDIMDIFF64 HDIMDIFF192 SM80; do \
+        export "FLASH_ATTENTION_DISABLE_${feature}=TRUE"; done \
+   && pip wheel --no-cache-dir --no-build-isolation --no-deps -w /wheels . \
+   && rm -rf /src/flash-attention; \
+    fi
 
 # LIBRARY_PATH has the driver stub: SageAttention's sm90 module links -lcuda, and there is no GPU here.
 # EXT_PARALLEL=1: one extension at a time, each already compiles MAX_JOBS files in parallel.
@@ -116,7 +139,7 @@ import sysconfig
 site = sysconfig.get_paths()["platlib"]
 wanted = ["flash_attn_2_cuda*.so", "sageattention/_qattn_sm80*.so", "sageattention/_fused*.so"]
 if "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"]:
-    wanted.append("sageattention/_qattn_sm90*.so")
+    wanted += ["sageattention/_qattn_sm90*.so", "flash_attn_3/_C*.so"]
 for pattern in wanted:
     found = glob.glob(os.path.join(site, pattern))
     assert found, f"kernel build produced no {pattern}"

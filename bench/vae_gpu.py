@@ -5,10 +5,9 @@ in ``--dtype``, the same latents decoded by:
 
 - diffusers' ``AutoencoderKLWan.decode`` (one latent frame at a time), as users run it, and with
   cuDNN's autotuner on (``torch.backends.cudnn.benchmark``);
-- ours (``WanVAE.decode``) with its norms on PyTorch's path (before the fused norm kernel), then
-  with the autotuner off and on, for each ``--chunks`` entry (latent frames
-  per decoder pass after the first, ``WanVAE.decode_chunk``), and tiled (the level-1+ decode) at the
-  fastest chunk.
+- ours (``WanVAE.decode``: channels-last, cuDNN's autotuner on, the fused norm writing each causal
+  convolution's input window) for each ``--chunks`` entry (latent frames per decoder pass after the
+  first, ``WanVAE.decode_chunk``), and tiled (the level-1+ decode) at the fastest chunk.
 
 Each row: median seconds over ``--repeats`` decodes after one warm-up, and the peak GPU memory of a
 decode. The fastest of ours is compared with diffusers' output (relative L2 difference), and the
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,7 +32,6 @@ from smartdiff.pipeline.tiny import RandomWeights
 from smartdiff.pipeline.vae import (
     LATENTS_MEAN,
     LATENTS_STD,
-    RMSNorm,
     WanVAE,
     diffusers_vae_arguments,
     diffusers_vae_key_to_official,
@@ -92,17 +89,6 @@ def heaviest_kernels(decode, top: int = 12) -> list[dict]:
     ]
 
 
-@contextmanager
-def pytorch_norms():
-    """The VAE's norms on PyTorch's path instead of the fused Triton kernel, for a before/after row."""
-    fused = RMSNorm.forward
-    RMSNorm.forward = RMSNorm.reference
-    try:
-        yield
-    finally:
-        RMSNorm.forward = fused
-
-
 def bench_size(ours: WanVAE, theirs, size: str, chunks: list[int], repeats: int) -> dict:
     width, height = (int(v) for v in size.split("x"))
     _, down_h, down_w = ours.config.stride
@@ -126,26 +112,23 @@ def bench_size(ours: WanVAE, theirs, size: str, chunks: list[int], repeats: int)
 
     rows: dict[str, dict] = {}
     outputs: dict[str, torch.Tensor] = {}
-    with pytorch_norms():  # before the fused norm kernel
-        rows["ours, chunk 1, PyTorch norms"], before = measure(ours_decode(1), repeats)
     for autotune in (False, True):
         torch.backends.cudnn.benchmark = autotune
-        suffix = ", autotuned" if autotune else ""
-        rows[f"diffusers{suffix}"], outputs["diffusers"] = measure(theirs_decode, repeats)
-        for chunk in chunks if autotune else [1]:
-            name = f"ours, chunk {chunk}{suffix}"
-            rows[name], outputs[name] = measure(ours_decode(chunk), repeats)
-            print(f"{size} {name}: {rows[name]}", flush=True)
+        name = "diffusers, autotuned" if autotune else "diffusers"
+        rows[name], outputs["diffusers"] = measure(theirs_decode, repeats)
+    for chunk in chunks:
+        name = f"ours, chunk {chunk}"
+        rows[name], outputs[name] = measure(ours_decode(chunk), repeats)
+        print(f"{size} {name}: {rows[name]}", flush=True)
     fastest = min((name for name in outputs if name.startswith("ours")), key=lambda name: rows[name]["s"])
-    chunk = int(fastest.split("chunk ")[1].split(",")[0])
-    rows[f"ours tiled, chunk {chunk}, autotuned"], _ = measure(ours_decode(chunk, tiled=True), repeats)
+    chunk = int(fastest.removeprefix("ours, chunk "))
+    rows[f"ours tiled, chunk {chunk}"], _ = measure(ours_decode(chunk, tiled=True), repeats)
     report = {
         "size": f"{size}x81",
         "rows": rows,
         "fastest": fastest,
         "fastest_vs_diffusers": round(rows["diffusers"]["s"] / rows[fastest]["s"], 2),
         "relative_difference_to_diffusers": relative_difference(outputs[fastest], outputs["diffusers"]),
-        "fused_norms_vs_pytorch_norms": relative_difference(outputs["ours, chunk 1"], before),
         "kernels_of_fastest": heaviest_kernels(ours_decode(chunk)),
     }
     ours.decode_chunk = WanVAE.DECODE_CHUNK

@@ -13,9 +13,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from smartdiff.kernels.triton_fp8 import _norm_quantize_rows_kernel, _quantize_rows_kernel, launch_shape
-from smartdiff.kernels.triton_norm import BLOCK as NORM_BLOCK
-from smartdiff.kernels.triton_norm import _rms_norm_channels_kernel
+from smartdiff.kernels.triton_fp8 import (
+    _norm_quantize_rows_kernel,
+    _quantize_rows_kernel,
+    launch_shape,
+    norm_launch_shape,
+)
+from smartdiff.kernels.triton_norm import _rms_norm_rows_kernel
+from smartdiff.kernels.triton_norm import launch_shape as vae_norm_launch_shape
 from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
 from smartdiff.kernels.triton_sparge import (
     MAP_BLOCK_Q,
@@ -75,19 +80,22 @@ def compile_fp8_quantize_for_hopper(cols: int, gelu: bool):
 
 def compile_fp8_norm_for_hopper(cols: int):
     """The LayerNorm quantised per token of bf16 rows of ``cols`` (kernels/triton_fp8.py), for sm_90."""
-    block, warps = launch_shape(cols)
+    block, rows, warps = norm_launch_shape(cols)
     operands = {
         "x_ptr": "*bf16", "mul_ptr": "*fp32", "add_ptr": "*fp32", "out_ptr": "*fp8e4nv", "scale_ptr": "*fp32",
         "eps": "fp32",
     }  # fmt: skip
-    return _compile(_norm_quantize_rows_kernel, operands, {"BLOCK": block}, num_warps=warps, num_stages=1)
+    constexprs = {"COLS": cols, "BLOCK": block, "ROWS": rows}
+    return _compile(_norm_quantize_rows_kernel, operands, constexprs, num_warps=warps, num_stages=1)
 
 
-def compile_vae_norm_for_hopper(silu: bool):
-    """The VAE's fused channel norm (and SiLU) of bf16 tensors (kernels/triton_norm.py), for sm_90."""
+def compile_vae_norm_for_hopper(channels: int, silu: bool):
+    """The VAE's fused channel norm (and SiLU) of channels-last bf16 tensors of ``channels``
+    (kernels/triton_norm.py), for sm_90."""
+    c_block, rows = vae_norm_launch_shape(channels)
     operands = {"x_ptr": "*bf16", "gamma_ptr": "*bf16", "out_ptr": "*bf16", "scale": "fp32"}
-    constexprs = {"BLOCK": NORM_BLOCK, "SILU": silu}
-    return _compile(_rms_norm_channels_kernel, operands, constexprs, num_warps=4, num_stages=1)
+    constexprs = {"C": channels, "C_BLOCK": c_block, "ROWS": rows, "SILU": silu}
+    return _compile(_rms_norm_rows_kernel, operands, constexprs, num_warps=4, num_stages=1)
 
 
 def _compile(kernel, operands: dict, constexprs: dict, num_warps: int, num_stages: int):

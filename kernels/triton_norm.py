@@ -1,11 +1,14 @@
 """The VAE's RMS norm over channels, with the SiLU that follows it, in one pass (pipeline/vae.py).
 
-The VAE normalises tensors [B, C, *spatial] over C (dim 1): in PyTorch that is an fp32 copy, a
-strided reduction, a division, a cast and two multiplies, then the SiLU: six passes over tensors of
-up to 77 MB per frame at 480p. Here one program takes BLOCK neighbouring positions of one batch
-entry and walks the channels twice: once for the sum of squares, once to write
-``silu(x / max(||x||, 1e-12) * sqrt(C) * gamma)`` (``F.normalize``'s epsilon). Loads along the
-positions are contiguous; everything is computed in fp32 and rounded once to the output dtype.
+On the GPU the VAE runs channels-last (NDHWC, NHWC for its per-frame layers): the channels of each
+position are contiguous, so one program normalises ROWS neighbouring positions as a [ROWS, C] tile
+held in registers. The input is read once and the output written once, with
+``silu(x / max(||x||, 1e-12) * sqrt(C) * gamma)`` (``F.normalize``'s epsilon) computed in fp32 and
+rounded once to the output dtype.
+
+The output may start with frames that are not the input's: a norm that feeds a causal convolution
+writes its frames after the ones the convolution keeps from the previous chunk (``past``), so the
+convolution's input window is built without copying the chunk a second time to concatenate it.
 """
 
 from __future__ import annotations
@@ -15,46 +18,62 @@ import triton
 import triton.language as tl
 
 _EPS = tl.constexpr(1e-12)
-BLOCK = 1024
+TILE = 4096  # elements of one program's tile: ROWS = TILE // (C rounded up to a power of two)
 
 
 @triton.jit
-def _rms_norm_channels_kernel(
-    x_ptr, gamma_ptr, out_ptr, channels, positions, scale, BLOCK: tl.constexpr, SILU: tl.constexpr
-):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _rms_norm_rows_kernel(
+    x_ptr, gamma_ptr, out_ptr, rows, x_batch_stride, out_batch_stride, out_offset, scale,
+    C: tl.constexpr, C_BLOCK: tl.constexpr, ROWS: tl.constexpr, SILU: tl.constexpr,
+):  # fmt: skip
     batch = tl.program_id(1).to(tl.int64)
-    mask = offsets < positions
-    start = batch * channels * positions + offsets  # int64: a chunk at 720p passes 2^31 elements
-    squares = tl.zeros([BLOCK], dtype=tl.float32)
-    x_ptrs = x_ptr + start
-    for _ in range(channels):
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        squares += x * x
-        x_ptrs += positions
-    inverse = scale / tl.maximum(tl.sqrt(squares), _EPS)
-    x_ptrs, out_ptrs = x_ptr + start, out_ptr + start
-    for c in range(channels):
-        x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        y = x * inverse * tl.load(gamma_ptr + c).to(tl.float32)
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
-        x_ptrs += positions
-        out_ptrs += positions
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+    channel = tl.arange(0, C_BLOCK)[None, :]
+    mask = (row < rows) & (channel < C)
+    offsets = row * C + channel  # int64: a 720p chunk passes 2^31 elements
+    x = tl.load(x_ptr + batch * x_batch_stride + offsets, mask=mask, other=0.0).to(tl.float32)
+    inverse = scale / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), _EPS)
+    gamma = tl.load(gamma_ptr + channel, mask=channel < C, other=0.0).to(tl.float32)
+    y = x * inverse[:, None] * gamma
+    if SILU:
+        y = y * tl.sigmoid(y)
+    out = out_ptr + batch * out_batch_stride + out_offset + offsets
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm_channels(x: torch.Tensor, gamma: torch.Tensor, silu: bool = False) -> torch.Tensor:
-    """RMS norm of ``x`` [B, C, ...] over dim 1 times ``sqrt(C) * gamma`` (C values), then SiLU if
-    ``silu``; the output has ``x``'s dtype."""
-    x = x.contiguous()
-    batch, channels = x.shape[:2]
-    positions = x[0, 0].numel()
-    out = torch.empty_like(x)
-    # Position blocks on grid axis 0 (up to 2^31 - 1): a 720p chunk of 20 latent frames has 72,000
-    # of them, past axis 1's limit of 65,535.
-    grid = (triton.cdiv(positions, BLOCK), batch)
-    _rms_norm_channels_kernel[grid](
-        x, gamma.reshape(-1), out, channels, positions, channels**0.5, BLOCK=BLOCK, SILU=silu, num_warps=4
-    )
+def launch_shape(channels: int) -> tuple[int, int]:
+    """(C_BLOCK, ROWS) for ``channels``: the channels padded to a power of two, rows filling a tile."""
+    c_block = triton.next_power_of_2(channels)
+    return c_block, max(1, TILE // c_block)
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, C, *spatial] (2 or 3 spatial axes) in the channels-last layout, copied only if needed."""
+    return x.contiguous(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+
+
+def rms_norm_channels(
+    x: torch.Tensor, gamma: torch.Tensor, silu: bool = False, past: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RMS norm of ``x`` [B, C, *spatial] over dim 1 times ``sqrt(C) * gamma`` (C values), then SiLU if
+    ``silu``; channels-last out, in ``x``'s dtype. With ``past`` [B, C, P, H, W] (5-D ``x`` only) the
+    output is [B, C, P + T, H, W]: ``past``'s frames, then the norm of ``x``'s."""
+    x = channels_last(x)
+    batch, channels, frames = x.shape[:3]
+    if past is None:
+        out = torch.empty_like(x)
+        out_offset = 0
+    else:
+        shape = (batch, channels, past.shape[2] + frames, *x.shape[3:])
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+        out[:, :, : past.shape[2]] = past
+        out_offset = out[:, :, past.shape[2] :].storage_offset()
+    rows = x[0, 0].numel()
+    c_block, block_rows = launch_shape(channels)
+    # Position blocks on grid axis 0 (up to 2^31 - 1): a 720p chunk has millions of positions.
+    grid = (triton.cdiv(rows, block_rows), batch)
+    _rms_norm_rows_kernel[grid](
+        x, gamma.reshape(-1), out, rows, x.stride(0), out.stride(0), out_offset, channels**0.5,
+        C=channels, C_BLOCK=c_block, ROWS=block_rows, SILU=silu, num_warps=4,
+    )  # fmt: skip
     return out

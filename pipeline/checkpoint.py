@@ -400,6 +400,8 @@ def vae_from_state(
     with torch.device("meta"):
         vae = WanVAE(config)
     assign_weights(vae, state, source, dtype, device)
+    if device.type == "cuda":
+        vae.to_channels_last()
     return vae.eval().requires_grad_(False)
 
 

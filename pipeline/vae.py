@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -64,19 +66,25 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, pad_h, pad_w))
         self.past_frames = 2 * pad_t
 
-    def forward(self, x: Tensor, cache: FeatureCache | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: FeatureCache | None = None, norm: RMSNorm | None = None) -> Tensor:
+        """The convolution of ``x``, or with ``norm`` of ``silu(norm(x))``: the norm then writes its
+        output straight after the cached frames, so the input window is not concatenated."""
         if self.past_frames == 0:
-            return super().forward(x)
-        past = cache.get(self) if cache is not None else None
-        if past is not None:
-            x = torch.cat([past, x], dim=2)
+            return super().forward(x if norm is None else norm(x, silu=True))
+        past = self._past(x, cache)
+        window = torch.cat([past, x], dim=2) if norm is None else norm(x, silu=True, past=past)
         if cache is not None:
-            # Clone so the cache does not keep the whole chunk alive.
-            cache[self] = x[:, :, -self.past_frames :].clone()
-        missing = self.past_frames - (0 if past is None else past.shape[2])
-        if missing > 0:
-            x = F.pad(x, (0, 0, 0, 0, missing, 0))
-        return super().forward(x)
+            # A copy, so the cache does not keep the whole window alive.
+            cache[self] = window[:, :, -self.past_frames :].clone()
+        return super().forward(window)
+
+    def _past(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
+        """The ``past_frames`` frames before ``x``: the previous chunk's last ones, zeros where there
+        are none (the causal padding)."""
+        past = cache.get(self) if cache is not None else None
+        past = x[:, :, :0] if past is None else past
+        missing = self.past_frames - past.shape[2]
+        return F.pad(past, (0, 0, 0, 0, missing, 0)) if missing > 0 else past
 
 
 class RMSNorm(nn.Module):
@@ -87,14 +95,17 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
 
-    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
-        """The norm, then the SiLU if ``silu``. Inference on CUDA runs both in one Triton pass
-        (kernels/triton_norm.py); training and the CPU take PyTorch's path."""
+    def forward(self, x: Tensor, silu: bool = False, past: Tensor | None = None) -> Tensor:
+        """The norm, then the SiLU if ``silu``. With ``past`` [B, C, P, H, W] the result starts with
+        those P frames: a causal convolution's input window (``CausalConv3d``). Inference on CUDA runs
+        in one Triton pass, channels-last (kernels/triton_norm.py); training and the CPU take
+        PyTorch's path."""
         if x.is_cuda and not torch.is_grad_enabled():
             from smartdiff.kernels.triton_norm import rms_norm_channels
 
-            return rms_norm_channels(x, self.gamma, silu)
-        return self.reference(x, silu)
+            return rms_norm_channels(x, self.gamma, silu, past)
+        out = self.reference(x, silu)
+        return out if past is None else torch.cat([past, out], dim=2)
 
     def reference(self, x: Tensor, silu: bool = False) -> Tensor:
         """The norm (and SiLU) in PyTorch: differentiable, any device."""
@@ -104,27 +115,27 @@ class RMSNorm(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """norm, SiLU, conv, norm, SiLU, dropout, conv; plus a 1x1x1 conv shortcut when the width changes."""
+    """norm, SiLU, conv, norm, SiLU, conv; plus a 1x1x1 conv shortcut when the width changes."""
 
-    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        # Sequential indices 0..6 are the official parameter names (residual.0.gamma, residual.2, ...).
+        # Sequential indices 0..6 are the official parameter names (residual.0.gamma, residual.2, ...);
+        # index 5 is the official model's dropout, which has rate 0.
         self.residual = nn.Sequential(
             RMSNorm(in_dim),
             nn.SiLU(),
             CausalConv3d(in_dim, out_dim, 3, padding=1),
             RMSNorm(out_dim),
             nn.SiLU(),
-            nn.Dropout(dropout),
+            nn.Identity(),
             CausalConv3d(out_dim, out_dim, 3, padding=1),
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
-        skip = self.shortcut(x)
-        norm1, _, conv1, norm2, _, dropout, conv2 = self.residual  # the SiLUs run inside the norms
-        x = conv1(norm1(x, silu=True), cache)
-        return conv2(dropout(norm2(x, silu=True)), cache) + skip
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual  # the SiLUs run inside the norms
+        h = conv1(x, cache, norm=norm1)
+        return conv2(h, cache, norm=norm2) + self.shortcut(x)
 
 
 class AttentionBlock(nn.Module):
@@ -192,8 +203,9 @@ class Resample(nn.Module):
         x = self.time_conv(x, cache)
         b, c2, t, h, w = x.shape
         # The two channel halves are the earlier and the later output frame of each input frame.
-        x = x.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5)
-        return x.reshape(b, c2 // 2, 2 * t, h, w)
+        out = torch.empty((b, c2 // 2, 2 * t, h, w), dtype=x.dtype, device=x.device, memory_format=_layout(x))
+        out[:, :, 0::2], out[:, :, 1::2] = x[:, : c2 // 2], x[:, c2 // 2 :]
+        return out
 
     def _downsample_time(self, x: Tensor, cache: FeatureCache) -> Tensor:
         past = cache.get(self.time_conv)
@@ -205,27 +217,25 @@ class Resample(nn.Module):
         return self.time_conv(torch.cat([past, x], dim=2))
 
 
-def _middle(dim: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(
-        ResidualBlock(dim, dim, dropout), AttentionBlock(dim), ResidualBlock(dim, dim, dropout)
-    )
+def _middle(dim: int) -> nn.Sequential:
+    return nn.Sequential(ResidualBlock(dim, dim), AttentionBlock(dim), ResidualBlock(dim, dim))
 
 
 class Encoder(nn.Module):
-    def __init__(self, config: VAEConfig, dropout: float = 0.0) -> None:
+    def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         dims = [config.base_dim * m for m in (1, *config.dim_mult)]
         self.conv1 = CausalConv3d(3, dims[0], 3, padding=1)
         blocks: list[nn.Module] = []
         for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             for _ in range(config.num_res_blocks):
-                blocks.append(ResidualBlock(in_dim, out_dim, dropout))
+                blocks.append(ResidualBlock(in_dim, out_dim))
                 in_dim = out_dim
             if stage < len(config.dim_mult) - 1:
                 mode = "downsample3d" if config.temporal_downsample[stage] else "downsample2d"
                 blocks.append(Resample(out_dim, mode))
         self.downsamples = nn.Sequential(*blocks)
-        self.middle = _middle(dims[-1], dropout)
+        self.middle = _middle(dims[-1])
         # Mean and log-variance of the posterior.
         self.head = nn.Sequential(
             RMSNorm(dims[-1]), nn.SiLU(), CausalConv3d(dims[-1], config.z_dim * 2, 3, padding=1)
@@ -236,22 +246,22 @@ class Encoder(nn.Module):
         for block in (*self.downsamples, *self.middle):
             x = block(x, cache)
         norm, _, conv = self.head
-        return conv(norm(x, silu=True), cache)
+        return conv(x, cache, norm=norm)
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: VAEConfig, dropout: float = 0.0) -> None:
+    def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         dims = [config.base_dim * m for m in (config.dim_mult[-1], *reversed(config.dim_mult))]
         temporal_upsample = tuple(reversed(config.temporal_downsample))
         self.conv1 = CausalConv3d(config.z_dim, dims[0], 3, padding=1)
-        self.middle = _middle(dims[0], dropout)
+        self.middle = _middle(dims[0])
         blocks: list[nn.Module] = []
         for stage, (in_dim, out_dim) in enumerate(zip(dims[:-1], dims[1:])):
             if stage > 0:
                 in_dim //= 2  # the upsample that ended the previous stage halved the channels
             for _ in range(config.num_res_blocks + 1):
-                blocks.append(ResidualBlock(in_dim, out_dim, dropout))
+                blocks.append(ResidualBlock(in_dim, out_dim))
                 in_dim = out_dim
             if stage < len(config.dim_mult) - 1:
                 mode = "upsample3d" if temporal_upsample[stage] else "upsample2d"
@@ -264,7 +274,7 @@ class Decoder(nn.Module):
         for block in (*self.middle, *self.upsamples):
             x = block(x, cache)
         norm, _, conv = self.head
-        return conv(norm(x, silu=True), cache)
+        return conv(x, cache, norm=norm)
 
 
 class WanVAE(nn.Module):
@@ -274,14 +284,14 @@ class WanVAE(nn.Module):
     official state dict to load it.
     """
 
-    def __init__(self, config: VAEConfig, dropout: float = 0.0) -> None:
+    def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         _check_config(config)
         self.config = config
-        self.encoder = Encoder(config, dropout)
+        self.encoder = Encoder(config)
         self.conv1 = CausalConv3d(config.z_dim * 2, config.z_dim * 2, 1)
         self.conv2 = CausalConv3d(config.z_dim, config.z_dim, 1)
-        self.decoder = Decoder(config, dropout)
+        self.decoder = Decoder(config)
         self.decode_chunk = self.DECODE_CHUNK
 
     # Latent frames per decoder pass after the first: 2 takes most of the speed of larger chunks for
@@ -291,6 +301,14 @@ class WanVAE(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.conv1.weight.dtype
+
+    def to_channels_last(self) -> WanVAE:
+        """Convolution weights in the channels-last layouts of the GPU path (``_in_device_layout``)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv3d | nn.Conv2d):
+                layout = torch.channels_last_3d if module.weight.dim() == 5 else torch.channels_last
+                module.weight.data = module.weight.data.contiguous(memory_format=layout)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -316,12 +334,13 @@ class WanVAE(nn.Module):
                 f"video of {frames} frames of {height}x{width}: needs at least one frame and a height "
                 f"and width that are multiples of {down_h} and {down_w}"
             )
-        video = video.to(device=self.device, dtype=self.dtype)
+        video = _in_device_layout(video.to(device=self.device, dtype=self.dtype))
         cache: FeatureCache = {}
         # Frame 0 alone, then whole chunks: [0, 1), [1, 1 + chunk), [1 + chunk, 1 + 2 chunk), ...
         bounds = [(0, 1)] + [(1 + i * chunk, 1 + (i + 1) * chunk) for i in range((frames - 1) // chunk)]
-        out = torch.cat([self.encoder(video[:, :, s:e], cache) for s, e in bounds], dim=2)
-        mu, log_var = self.conv1(out).float().chunk(2, dim=1)
+        with _autotuned_convolutions():
+            out = torch.cat([self.encoder(video[:, :, s:e], cache) for s, e in bounds], dim=2)
+            mu, log_var = self.conv1(out).float().contiguous().chunk(2, dim=1)
         mean, std = _latent_stats(mu.device)
         return (mu - mean) / std, log_var - 2 * torch.log(std)
 
@@ -331,7 +350,7 @@ class WanVAE(nn.Module):
 
         The result has the parameters' dtype.
         """
-        return self.reconstruct(latents).clamp_(-1.0, 1.0)
+        return self.reconstruct(latents).clamp_(-1.0, 1.0).contiguous()
 
     def reconstruct(self, latents: Tensor) -> Tensor:
         """``decode`` without the clamp, differentiable: the decoder for training."""
@@ -341,11 +360,12 @@ class WanVAE(nn.Module):
             )
         mean, std = _latent_stats(self.device)
         z = (latents.to(device=self.device, dtype=torch.float32) * std + mean).to(self.dtype)
-        x = self.conv2(z)
         cache: FeatureCache = {}
-        # Latent frame 0 alone (it decodes to one video frame, the others to four), then chunks.
-        bounds = [(0, 1)] + [(s, s + self.decode_chunk) for s in range(1, x.shape[2], self.decode_chunk)]
-        return torch.cat([self.decoder(x[:, :, s:e], cache) for s, e in bounds], dim=2)
+        with _autotuned_convolutions():
+            x = self.conv2(_in_device_layout(z))
+            # Latent frame 0 alone (it decodes to one video frame, the others to four), then chunks.
+            bounds = [(0, 1)] + [(s, s + self.decode_chunk) for s in range(1, x.shape[2], self.decode_chunk)]
+            return torch.cat([self.decoder(x[:, :, s:e], cache) for s, e in bounds], dim=2)
 
     # Strips at most 32 latent rows (256 pixels) tall and the frame's full width, overlapping by at
     # least 4 rows (32 pixels). Square tiles (diffusers' 256-pixel tiles overlapping by 64) covered a
@@ -367,6 +387,33 @@ class WanVAE(nn.Module):
         """``encode`` in the same strips (8x the latent rows of pixels each)."""
         down = self.config.stride[1]
         return run_in_strips(self.encode, video, self.STRIP_LATENTS, self.OVERLAP_LATENTS, 1, down)
+
+
+def _in_device_layout(x: Tensor) -> Tensor:
+    """``x`` [B, C, T, H, W] as the VAE runs it on its device: channels-last on CUDA (NDHWC, where
+    cuDNN's Hopper convolutions read and write without transposing and the norm reads each position's
+    channels contiguously: bench/vae_gpu.py), as it is elsewhere. Every layer keeps the
+    layout it is given."""
+    return x.contiguous(memory_format=torch.channels_last_3d) if x.is_cuda else x
+
+
+def _layout(x: Tensor) -> torch.memory_format:
+    """The memory format ``x`` is in: channels-last (the CUDA path's) or the default."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+@contextmanager
+def _autotuned_convolutions() -> Iterator[None]:
+    """cuDNN's autotuner on: each new convolution shape is timed once and its fastest algorithm kept
+    (a video size repeats from job to job); the setting is restored after."""
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = previous
 
 
 def strip_layout(rows: int, most: int, overlap: int) -> tuple[int, list[int]]:

@@ -515,6 +515,12 @@ def test_kernels_are_built_from_source_for_hopper():
     runs = [a for k, a in dockerfile_instructions() if k == "RUN"]
     flash = [r for r in runs if "flash-attn==" in r]
     assert flash and all("--no-build-isolation" in r and "--no-binary flash-attn" in r for r in flash)
+    assert re.fullmatch(r"[0-9a-f]{40}", args["FLASH_ATTN3_COMMIT"]), "pin FlashAttention 3 to a commit"
+    fa3 = [r for r in runs if "FLASH_ATTN3_COMMIT" in r]
+    assert fa3 and all("--no-build-isolation" in r and "cd hopper" in r for r in fa3)
+    # Restricted to the forward in bf16 at head dim 128 (what the DiTs run): the build fits minutes.
+    for feature in ("BACKWARD", "FP16", "FP8", "HDIM64", "HDIM256", "PAGEDKV", "SPLIT", "VARLEN"):
+        assert any(f"FLASH_ATTENTION_DISABLE_${{feature}}" in r and feature in r for r in fa3), feature
     sage = [r for r in runs if "SAGEATTENTION_COMMIT" in r]
     assert sage and all("--no-build-isolation" in r for r in sage)
     envs = " ".join(a for k, a in dockerfile_instructions() if k == "ENV")

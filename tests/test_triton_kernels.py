@@ -265,8 +265,8 @@ def _check_kernels_compile_for_hopper() -> None:
         assert len(compile_fp8_quantize_for_hopper(cols, gelu).asm["cubin"]) > 1000
     for cols in (1536, 5120):  # the fp8 linears' input norms, 1.3B and 14B
         assert len(compile_fp8_norm_for_hopper(cols).asm["cubin"]) > 1000
-    for silu in (False, True):  # the VAE's channel norm
-        assert len(compile_vae_norm_for_hopper(silu).asm["cubin"]) > 1000
+    for channels, silu in ((96, True), (192, True), (384, False)):  # the VAE's channel norm, every width
+        assert len(compile_vae_norm_for_hopper(channels, silu).asm["cubin"]) > 1000
 
 
 def _check_fp8_row_quantiser_matches_the_reference() -> None:
@@ -336,26 +336,44 @@ def _check_vae_norm_matches_pytorch() -> None:
     from smartdiff.pipeline.vae import RMSNorm
 
     g = torch.Generator().manual_seed(6)
-    # Two batch entries, 5 channels, positions that are no multiple of the block (the masked tail),
-    # one position all zero (the epsilon), and a 2-D norm's input (the VAE's attention block).
-    for shape in ((2, 5, 3, 7, 50), (3, 5, 9, 11)):
+    # Two batch entries, 5 and 40 channels (padded to 8 and 64), positions that are no multiple of a
+    # program's rows (the masked tail), one position all zero (the epsilon), and a 2-D norm's input
+    # (the VAE's attention block); inputs in either layout, channels-last out.
+    for shape in ((2, 5, 3, 7, 50), (3, 5, 9, 11), (2, 40, 2, 3, 5)):
         x = torch.randn(shape, generator=g)
         x[0, :, 0] = 0.0
-        norm = RMSNorm(5, spatial_dims=len(shape) - 2)
+        channels = shape[1]
+        norm = RMSNorm(channels, spatial_dims=len(shape) - 2)
+        layout = torch.channels_last_3d if len(shape) == 5 else torch.channels_last
         with torch.no_grad():
             norm.gamma.uniform_(0.5, 1.5, generator=g)
             for silu in (False, True):
                 expected = norm.reference(x, silu)
-                got = rms_norm_channels(x, norm.gamma, silu)
-                torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+                for given in (x, x.contiguous(memory_format=layout)):
+                    got = rms_norm_channels(given, norm.gamma, silu)
+                    assert got.is_contiguous(memory_format=layout)
+                    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
                 assert got.abs().max() > 0.5  # not a zero output passing
             # bf16 in, bf16 out: fp32 inside, one rounding, within one bf16 step (2^-7 relative): the
             # interpreter's fp32 -> bf16 cast truncates (1.0 + 2^-7 - 2^-12 -> 1.0, measured) where the
             # GPU's rounds to nearest.
             got = rms_norm_channels(x.bfloat16(), norm.gamma.bfloat16(), silu=True)
             assert got.dtype == torch.bfloat16
-            exact = F.silu(F.normalize(x.bfloat16().float(), dim=1) * 5**0.5 * norm.gamma.bfloat16().float())
+            gamma = norm.gamma.bfloat16().float()
+            exact = F.silu(F.normalize(x.bfloat16().float(), dim=1) * channels**0.5 * gamma)
             torch.testing.assert_close(got.float(), exact, rtol=2**-7, atol=1e-6)
+    # With a causal conv's past frames: those frames first, untouched, then the norm of x's, for
+    # each batch entry (the output's batch stride is not the input's).
+    x = torch.randn(2, 5, 3, 4, 6, generator=g)
+    past = torch.randn(2, 5, 2, 4, 6, generator=g)
+    norm = RMSNorm(5)
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5, generator=g)
+        got = rms_norm_channels(x, norm.gamma, silu=True, past=past)
+        assert got.shape == (2, 5, 5, 4, 6) and got.is_contiguous(memory_format=torch.channels_last_3d)
+        assert torch.equal(got[:, :, :2], past)
+        torch.testing.assert_close(got[:, :, 2:], norm.reference(x, silu=True), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(norm(x, silu=True, past=past), got, rtol=1e-5, atol=1e-6)  # CPU path
 
 
 def _check_sage_rejects_what_it_cannot_run() -> None:
@@ -798,13 +816,18 @@ def test_compiled_vae_norm_on_gpu():
         for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2**-8)):
             norm.to(dtype)
             fused = norm(x.to(dtype), silu=True)
-            assert fused.dtype == dtype
+            assert fused.dtype == dtype and fused.is_contiguous(memory_format=torch.channels_last_3d)
             # The kernel computes in fp32 and rounds once: within one bf16 rounding of the exact
             # result of its (bf16) input.
             assert relative_error(fused.float(), norm.reference(x.to(dtype).float(), silu=True)) < tolerance
         assert relative_error(norm(x.to(torch.bfloat16), silu=True).float(), exact) < 2**-7
-        # More position blocks than a grid's second axis takes (65,535): the size of a 720p chunk.
-        wide = torch.randn(1, 2, 65_600 * 1024, device="cuda", dtype=torch.bfloat16)
-        gamma = torch.ones(2, device="cuda")
-        expected = wide.float() / wide.float().norm(dim=1, keepdim=True) * 2**0.5
-        assert relative_error(rms_norm_channels(wide, gamma).float(), expected) < 2**-8
+        # A causal conv's window: the past frames, then the norm.
+        past = torch.randn(2, 96, 2, 60, 104, device="cuda", dtype=torch.bfloat16)
+        window = norm(x.to(torch.bfloat16), silu=True, past=past)
+        assert torch.equal(window[:, :, :2], past) and torch.equal(window[:, :, 2:], norm(x.bfloat16(), True))
+        # More than 2^31 elements (a 720p chunk of 20 latent frames has 7 billion): int64 offsets, checked
+        # on the last positions.
+        wide = torch.randn(1, 2, 1_100_000_000, 1, device="cuda", dtype=torch.bfloat16)
+        tail = rms_norm_channels(wide, torch.ones(2, device="cuda"))[:, :, -1_000_000:].float()
+        last = wide[:, :, -1_000_000:].float()
+        assert relative_error(tail, last / last.norm(dim=1, keepdim=True) * 2**0.5) < 2**-8

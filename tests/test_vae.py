@@ -209,3 +209,23 @@ def test_bfloat16_runs_in_parameter_dtype(pair: tuple[AutoencoderKLWan, WanVAE])
     assert video.dtype == torch.bfloat16 and video.shape == (1, 3, 5, 64, 64)
     assert (video.float() - ours.decode(latents)).abs().mean() < 0.05
     assert low.encode(video.float()).shape == (1, 16, 2, 8, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the channels-last path runs on CUDA")
+def test_gpu_path_matches_the_cpu(pair: tuple[AutoencoderKLWan, WanVAE]) -> None:
+    """On CUDA the VAE runs channels-last, its fused norm writing each causal convolution's window,
+    with batch 2 and chunks of 2 latent frames: the CPU's video and latents (fp32; TF32 convolutions)."""
+    _, ours = pair
+    gpu = WanVAE(ours.config).eval()
+    gpu.load_state_dict(ours.state_dict())
+    gpu = gpu.cuda().to_channels_last()
+    latents = torch.randn(2, 16, 4, 8, 10, generator=torch.Generator().manual_seed(5))
+    video = gpu.decode(latents.cuda())
+    assert video.is_contiguous() and video.shape == (2, 3, 13, 64, 80)
+    expected = ours.decode(latents)
+    diff = (video.cpu() - expected).abs().max().item()
+    assert diff <= 5e-3 * max(1.0, expected.abs().max().item()), diff
+    clip = torch.rand(2, 3, 9, 64, 80, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    encoded, expected = gpu.encode(clip.cuda()), ours.encode(clip)
+    assert encoded.is_contiguous()
+    assert (encoded.cpu() - expected).abs().max().item() <= 5e-3 * max(1.0, expected.abs().max().item())

@@ -402,6 +402,8 @@ def train(
 
     report["init"] = str(init) if init else None
     vae = WanVAE(model.vae).to(device)
+    if device.type == "cuda":
+        vae.to_channels_last()
     report["vae_parameters"] = sum(p.numel() for p in vae.parameters())
     if init is not None or "vae" not in stages:
         vae.load_state_dict(read_weights((init or out) / VAE_FILE))
