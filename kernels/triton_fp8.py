@@ -11,12 +11,14 @@ max|x| / 448 (at least 1e-12), values x * (1 / scale) rounded to nearest even, c
 the GELU, that of x in fp32 (no bf16 rounding of the hidden in between, unlike the unfused path).
 
 ``norm_quantize_rows`` does the same for the LayerNorms that feed fp8 linears (the block's input
-norms, modulated or affine). A program holds whole rows in registers (the 1.3B's 1,536 and the
-14B's 5,120 columns, padded to a power of two): each row is read once and one byte per element
+norms, modulated or affine). A program holds one whole row in registers (the 1.3B's 1,536 or the
+14B's 5,120 columns, padded to a power of two): the row is read once and one byte per element
 written, where a norm in bf16 followed by the quantiser reads and writes the row twice. Mean, then
 the variance of the deviations from it (no cancellation when the mean is large), as LayerNorm's:
-biased variance, eps inside the square root. (An earlier version walked each row in chunks, three
-passes with the chunks' statistics merged: on an H200 it took 3.3x the bf16 norm's time.)
+biased variance, eps inside the square root. One row and 2 warps per program were the fastest of a
+sweep on an H100 (1-8 rows, 2-16 warps) at both widths: 0.091 ms a call at the 1.3B's 32,760 tokens
+and 0.544 ms at the 14B's 75,600, against 0.105 and 0.714 for the kernel this replaced (each row in
+chunks, three passes) and 0.140 and 1.459 for torch's compiled bf16 norm.
 """
 
 from __future__ import annotations
@@ -108,11 +110,9 @@ def _norm_quantize_rows_kernel(
 
 
 def norm_launch_shape(cols: int) -> tuple[int, int, int]:
-    """(BLOCK, ROWS, warps) of the norm for rows of ``cols``: whole rows (padded to a power of two)
-    held in registers, as many as fill 4,096 lanes, 16 lanes per thread."""
-    block = triton.next_power_of_2(cols)
-    rows = max(1, 4096 // block)
-    return block, rows, min(16, max(4, rows * block // 512))
+    """(BLOCK, ROWS, warps) of the norm for rows of ``cols``: one whole row (padded to a power of two)
+    per program, 2 warps (the module docstring's sweep)."""
+    return triton.next_power_of_2(cols), 1, 2
 
 
 def norm_quantize_rows(

@@ -214,18 +214,21 @@ def test_bfloat16_runs_in_parameter_dtype(pair: tuple[AutoencoderKLWan, WanVAE])
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the channels-last path runs on CUDA")
 def test_gpu_path_matches_the_cpu(pair: tuple[AutoencoderKLWan, WanVAE]) -> None:
     """On CUDA the VAE runs channels-last, its fused norm writing each causal convolution's window,
-    with batch 2 and chunks of 2 latent frames: the CPU's video and latents (fp32; TF32 convolutions)."""
+    with batch 2 and chunks of 2 latent frames: the CPU's video and latents, in fp32 with TF32 off
+    (with TF32 convolutions the encoder's error passed 5e-3 of the latents' range on an H100)."""
     _, ours = pair
     gpu = WanVAE(ours.config).eval()
     gpu.load_state_dict(ours.state_dict())
     gpu = gpu.cuda().to_channels_last()
     latents = torch.randn(2, 16, 4, 8, 10, generator=torch.Generator().manual_seed(5))
-    video = gpu.decode(latents.cuda())
-    assert video.is_contiguous() and video.shape == (2, 3, 13, 64, 80)
-    expected = ours.decode(latents)
-    diff = (video.cpu() - expected).abs().max().item()
-    assert diff <= 5e-3 * max(1.0, expected.abs().max().item()), diff
     clip = torch.rand(2, 3, 9, 64, 80, generator=torch.Generator().manual_seed(6)) * 2 - 1
-    encoded, expected = gpu.encode(clip.cuda()), ours.encode(clip)
-    assert encoded.is_contiguous()
-    assert (encoded.cpu() - expected).abs().max().item() <= 5e-3 * max(1.0, expected.abs().max().item())
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        video, encoded = gpu.decode(latents.cuda()), gpu.encode(clip.cuda())
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    assert video.is_contiguous() and video.shape == (2, 3, 13, 64, 80) and encoded.is_contiguous()
+    for got, expected in ((video, ours.decode(latents)), (encoded, ours.encode(clip))):
+        diff, bound = _max_diff(got.cpu(), expected)
+        assert diff <= 10 * bound, diff

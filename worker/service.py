@@ -176,7 +176,8 @@ class WorkerService:
                 self.pipeline.attention.implementation,
             )
             if self.pipeline.device.type == "cuda":  # CPU workers have nothing to compile or tune
-                log.info("warm-up (one DiT forward per expert) in %.1f s", self.pipeline.warm_up())
+                seconds = self.pipeline.warm_up()
+                log.info("warm-up (one DiT forward per expert, one VAE decode) in %.1f s", seconds)
         Path(self.settings.work_dir).mkdir(parents=True, exist_ok=True)
 
     def start_background(self) -> None:
