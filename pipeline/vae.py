@@ -370,7 +370,7 @@ class WanVAE(nn.Module):
     # Strips at most 32 latent rows (256 pixels) tall and the frame's full width, overlapping by at
     # least 4 rows (32 pixels). Square tiles (diffusers' 256-pixel tiles overlapping by 64) covered a
     # 720p frame about twice and cost 2.2x the untiled decode; strips spread evenly over the height
-    # cover it 1.16x and cost 1.16x (bench/vae_gpu.py, docs/PERFORMANCE.md).
+    # cover it 1.16x and cost 1.15-1.16x (bench/vae_gpu.py, docs/PERFORMANCE.md).
     STRIP_LATENTS = 32
     OVERLAP_LATENTS = 4
 
