@@ -10,8 +10,9 @@ token-wise work compiled, warmed up) and measured:
   blocks' input norms (``dit.input_norm``: with fp8 they write the e4m3 rows q/k/v, the
   cross-attention's q and the first feed-forward layer read) and, for fp8, the other activations'
   quantisation (with the feed-forward's GELU in it; any separate GELU pass is counted too). Norms
-  are counted on both sides because fp8 moves work into them. The fp8 forward's output is compared
-  with the bf16 one (relative L2 difference);
+  are counted on both sides because fp8 moves work into them. The same profile gives the GPU's busy
+  and idle milliseconds within that forward (``linear_layers.gpu``). The fp8 forward's output is
+  compared with the bf16 one (relative L2 difference);
 - one whole 4-step CFG-free video (``distill``, timesteps 1000/750/500/250, shift 5, guidance 1):
   seconds per stage, end to end, and peak GPU memory;
 - the 50-step CFG video of the same pipeline, projected from what was measured: its text encode
@@ -81,7 +82,28 @@ def linear_time(fn, device: torch.device, gemm: str) -> dict:
         return total / 1000
 
     parts = {key: round(ms(key), 2) for key in LINEAR_OPS + (FP8_EXTRA if gemm == "fp8" else ()) if ms(key)}
-    return {"ms": round(sum(parts.values()), 2), "parts": parts}
+    report = {"ms": round(sum(parts.values()), 2), "parts": parts}
+    if device.type == "cuda":
+        report["gpu"] = kernel_occupancy(prof)
+    return report
+
+
+def kernel_occupancy(prof) -> dict:
+    """The profiled call's GPU activity: the milliseconds some kernel or copy ran (overlaps counted
+    once), and the milliseconds within their span when none did: the GPU waiting for the CPU."""
+    from torch.autograd import DeviceType
+
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+    )
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = spans[-1][1] - spans[0][0] if spans else 0.0
+    return {"busy_ms": round(busy / 1000, 2), "idle_ms": round((span - busy) / 1000, 2)}
 
 
 def quantiser_matches_reference(device: torch.device) -> bool:
