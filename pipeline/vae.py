@@ -66,17 +66,32 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(in_dim, out_dim, kernel_size, stride=stride, padding=(0, pad_h, pad_w))
         self.past_frames = 2 * pad_t
 
-    def forward(self, x: Tensor, cache: FeatureCache | None = None, norm: RMSNorm | None = None) -> Tensor:
-        """The convolution of ``x``, or with ``norm`` of ``silu(norm(x))``: the norm then writes its
-        output straight after the cached frames, so the input window is not concatenated."""
+    def forward(
+        self,
+        x: Tensor,
+        cache: FeatureCache | None = None,
+        norm: RMSNorm | None = None,
+        x_bias: Tensor | None = None,
+        add_bias: bool = True,
+    ) -> Tensor:
+        """The convolution of ``x``, or with ``norm`` of ``silu(norm(x + x_bias))``: the norm then writes
+        its output straight after the cached frames, so the input window is not concatenated.
+        ``x_bias`` is the bias the convolution that made ``x`` left out; without ``add_bias`` this one
+        leaves out its own, for the pass that reads the output to add."""
+        if norm is None and x_bias is not None:
+            raise ValueError("x_bias is added by the norm: give one")
+        bias = self.bias if add_bias else None
         if self.past_frames == 0:
-            return super().forward(x if norm is None else norm(x, silu=True))
+            return self._convolve(x if norm is None else norm(x, silu=True, bias=x_bias), bias)
         past = self._past(x, cache)
-        window = torch.cat([past, x], dim=2) if norm is None else norm(x, silu=True, past=past)
+        window = torch.cat([past, x], dim=2) if norm is None else norm(x, silu=True, past=past, bias=x_bias)
         if cache is not None:
             # A copy, so the cache does not keep the whole window alive.
             cache[self] = window[:, :, -self.past_frames :].clone()
-        return super().forward(window)
+        return self._convolve(window, bias)
+
+    def _convolve(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv3d(x, self.weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _past(self, x: Tensor, cache: FeatureCache | None) -> Tensor:
         """The ``past_frames`` frames before ``x``: the previous chunk's last ones, zeros where there
@@ -95,16 +110,18 @@ class RMSNorm(nn.Module):
         self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
 
-    def forward(self, x: Tensor, silu: bool = False, past: Tensor | None = None) -> Tensor:
-        """The norm, then the SiLU if ``silu``. With ``past`` [B, C, P, H, W] the result starts with
-        those P frames: a causal convolution's input window (``CausalConv3d``). Inference on CUDA runs
-        in one Triton pass, channels-last (kernels/triton_norm.py); training and the CPU take
-        PyTorch's path."""
-        if x.is_cuda and not torch.is_grad_enabled():
+    def forward(
+        self, x: Tensor, silu: bool = False, past: Tensor | None = None, bias: Tensor | None = None
+    ) -> Tensor:
+        """The norm of ``x + bias`` (a per-channel bias, if given), then the SiLU if ``silu``. With
+        ``past`` [B, C, P, H, W] the result starts with those P frames: a causal convolution's input
+        window (``CausalConv3d``). Inference on CUDA runs in one Triton pass, channels-last
+        (kernels/triton_norm.py); training and the CPU take PyTorch's path."""
+        if _fused(x):
             from smartdiff.kernels.triton_norm import rms_norm_channels
 
-            return rms_norm_channels(x, self.gamma, silu, past)
-        out = self.reference(x, silu)
+            return rms_norm_channels(x, self.gamma, silu, past, bias)
+        out = self.reference(x if bias is None else x + _per_channel(bias, x), silu)
         return out if past is None else torch.cat([past, out], dim=2)
 
     def reference(self, x: Tensor, silu: bool = False) -> Tensor:
@@ -134,8 +151,32 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x: Tensor, cache: FeatureCache) -> Tensor:
         norm1, _, conv1, norm2, _, _, conv2 = self.residual  # the SiLUs run inside the norms
-        h = conv1(x, cache, norm=norm1)
-        return conv2(h, cache, norm=norm2) + self.shortcut(x)
+        # Each convolution's bias is added by the pass that reads its output: conv1's by the second
+        # norm, conv2's and the shortcut's by the residual sum (kernels/triton_norm.py says why).
+        h = conv1(x, cache, norm=norm1, add_bias=False)
+        y = conv2(h, cache, norm=norm2, x_bias=conv1.bias, add_bias=False)
+        if isinstance(self.shortcut, CausalConv3d):
+            return residual_sum(y, conv2.bias + self.shortcut.bias, self.shortcut(x, add_bias=False))
+        return residual_sum(y, conv2.bias, x)
+
+
+def residual_sum(y: Tensor, bias: Tensor, skip: Tensor) -> Tensor:
+    """``y + bias + skip``, ``bias`` per channel: one Triton pass for inference on CUDA."""
+    if _fused(y):
+        from smartdiff.kernels.triton_norm import residual_sum as fused_sum
+
+        return fused_sum(y, bias, skip)
+    return y + _per_channel(bias, y) + skip
+
+
+def _fused(x: Tensor) -> bool:
+    """Whether ``x``'s elementwise passes run in the Triton kernels: inference on CUDA."""
+    return x.is_cuda and not torch.is_grad_enabled()
+
+
+def _per_channel(bias: Tensor, x: Tensor) -> Tensor:
+    """``bias`` (C values) shaped to broadcast over ``x`` [B, C, *spatial]."""
+    return bias.view(-1, *[1] * (x.dim() - 2))
 
 
 class AttentionBlock(nn.Module):

@@ -374,6 +374,34 @@ def _check_vae_norm_matches_pytorch() -> None:
         assert torch.equal(got[:, :, :2], past)
         torch.testing.assert_close(got[:, :, 2:], norm.reference(x, silu=True), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(norm(x, silu=True, past=past), got, rtol=1e-5, atol=1e-6)  # CPU path
+        # A convolution's bias added by the norm: the norm of x + bias, with and without past frames.
+        bias = torch.randn(5, generator=g) * 3
+        expected = norm.reference(x + bias.view(-1, 1, 1, 1), silu=True)
+        got = rms_norm_channels(x, norm.gamma, True, bias=bias)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        got = rms_norm_channels(x, norm.gamma, True, past=past, bias=bias)
+        assert torch.equal(got[:, :, :2], past)
+        torch.testing.assert_close(got[:, :, 2:], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(norm(x, silu=True, past=past, bias=bias), got, rtol=1e-5, atol=1e-6)
+
+
+def _check_vae_residual_sum_matches_pytorch() -> None:
+    from smartdiff.kernels.triton_norm import residual_sum
+
+    g = torch.Generator().manual_seed(7)
+    # 40 channels; 2 x 40 x 3 x 7 x 9 elements, no multiple of a program's block (the masked tail);
+    # either input layout, channels-last out; a bf16 sum rounded once from fp32.
+    y, skip = torch.randn(2, 2, 40, 3, 7, 9, generator=g).unbind(0)
+    bias = torch.randn(40, generator=g)
+    expected = y + bias.view(-1, 1, 1, 1) + skip
+    for given in (y, y.contiguous(memory_format=torch.channels_last_3d)):
+        got = residual_sum(given, bias, skip)
+        assert got.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    got = residual_sum(y.bfloat16(), bias, skip.bfloat16())
+    exact = y.bfloat16().float() + bias.view(-1, 1, 1, 1) + skip.bfloat16().float()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), exact, rtol=2**-7, atol=1e-6)
 
 
 def _check_sage_rejects_what_it_cannot_run() -> None:
@@ -627,6 +655,10 @@ def test_the_vae_norm_kernel_matches_pytorch():
     _in_interpreter(_check_vae_norm_matches_pytorch)
 
 
+def test_the_vae_residual_sum_kernel_matches_pytorch():
+    _in_interpreter(_check_vae_residual_sum_matches_pytorch)
+
+
 def test_v_is_scaled_per_channel_to_fp8_and_transposed():
     _in_interpreter(_check_v_is_scaled_per_channel_and_transposed)
 
@@ -805,7 +837,7 @@ def test_compiled_kernels_on_gpu(pv_fp8):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
 def test_compiled_vae_norm_on_gpu():
-    from smartdiff.kernels.triton_norm import rms_norm_channels
+    from smartdiff.kernels.triton_norm import residual_sum, rms_norm_channels
     from smartdiff.pipeline.vae import RMSNorm
 
     x = torch.randn(2, 96, 5, 60, 104, device="cuda")
@@ -825,6 +857,13 @@ def test_compiled_vae_norm_on_gpu():
         past = torch.randn(2, 96, 2, 60, 104, device="cuda", dtype=torch.bfloat16)
         window = norm(x.to(torch.bfloat16), silu=True, past=past)
         assert torch.equal(window[:, :, :2], past) and torch.equal(window[:, :, 2:], norm(x.bfloat16(), True))
+        # A convolution's bias added by the norm and by the residual sum, each in one fp32 pass.
+        bias, y, skip = torch.randn(96, device="cuda"), x.bfloat16(), torch.randn_like(x).bfloat16()
+        with_bias = norm.reference(y.float() + bias.view(-1, 1, 1, 1), silu=True)
+        assert relative_error(norm(y, silu=True, bias=bias).float(), with_bias) < 2**-8
+        summed = residual_sum(y, bias, skip)
+        assert summed.dtype == torch.bfloat16 and summed.is_contiguous(memory_format=torch.channels_last_3d)
+        assert relative_error(summed.float(), y.float() + bias.view(-1, 1, 1, 1) + skip.float()) < 2**-8
         # More than 2^31 elements (a 720p chunk of 20 latent frames has 7 billion): int64 offsets, checked
         # on the last positions.
         wide = torch.randn(1, 2, 1_100_000_000, 1, device="cuda", dtype=torch.bfloat16)
