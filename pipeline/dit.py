@@ -338,7 +338,10 @@ class WanDiT(nn.Module):
         grid = tuple(x.shape[2:])
         time_embedding, time = self.embed_time(timesteps)
         return DiTInputs(
-            x=x.flatten(2).transpose(1, 2),
+            # Contiguous tokens: the transposed view would carry its layout (channels apart by the
+            # token count) through every residual sum, and each fp8 input norm would copy it first
+            # (33 ms of a 1.3B forward on an H100).
+            x=x.flatten(2).transpose(1, 2).contiguous(),
             grid=grid,
             time_embedding=time_embedding,
             time=time,

@@ -94,6 +94,16 @@ def test_forward_matches_diffusers(cross_attn_norm):
     assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
 
 
+def test_the_blocks_get_contiguous_tokens():
+    """The patch embedding's tokens enter the blocks contiguous: its transposed view would carry
+    its layout through every residual sum, and each fp8 input norm would copy it first."""
+    _, ours = tiny_pair()
+    inputs = ours.prepare(torch.randn(2, 16, 3, 8, 12), torch.tensor([999, 417]), torch.randn(2, 16, 32))
+    assert inputs.x.shape == (2, 3 * 4 * 6, 64) and inputs.x.is_contiguous()
+    with torch.no_grad():
+        assert ours.run_blocks(inputs).is_contiguous()
+
+
 def test_without_qk_norm_q_and_k_are_only_projected_and_rotated():
     """The official model's ``qk_norm=False`` (diffusers always normalises, so it is no reference here)."""
     torch.manual_seed(0)
