@@ -19,7 +19,7 @@ from smartdiff.kernels.triton_fp8 import (
     launch_shape,
     norm_launch_shape,
 )
-from smartdiff.kernels.triton_norm import _rms_norm_rows_kernel
+from smartdiff.kernels.triton_norm import SUM_BLOCK, SUM_WARPS, _residual_sum_kernel, _rms_norm_rows_kernel
 from smartdiff.kernels.triton_norm import launch_shape as vae_norm_launch_shape
 from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
 from smartdiff.kernels.triton_sparge import (
@@ -89,13 +89,33 @@ def compile_fp8_norm_for_hopper(cols: int):
     return _compile(_norm_quantize_rows_kernel, operands, constexprs, num_warps=warps, num_stages=1)
 
 
-def compile_vae_norm_for_hopper(channels: int, silu: bool):
-    """The VAE's fused channel norm (and SiLU) of channels-last bf16 tensors of ``channels``
-    (kernels/triton_norm.py), for sm_90."""
+def compile_vae_norm_for_hopper(channels: int, silu: bool, bias: bool):
+    """The VAE's fused channel norm (and SiLU, and a convolution's bias) of channels-last bf16
+    tensors of ``channels`` (kernels/triton_norm.py), for sm_90."""
     c_block, rows = vae_norm_launch_shape(channels)
-    operands = {"x_ptr": "*bf16", "gamma_ptr": "*bf16", "out_ptr": "*bf16", "scale": "fp32"}
-    constexprs = {"C": channels, "C_BLOCK": c_block, "ROWS": rows, "SILU": silu}
+    operands = {
+        "x_ptr": "*bf16",
+        "gamma_ptr": "*bf16",
+        "bias_ptr": "*bf16",
+        "out_ptr": "*bf16",
+        "scale": "fp32",
+    }
+    constexprs = {"C": channels, "C_BLOCK": c_block, "ROWS": rows, "SILU": silu, "BIAS": bias}
     return _compile(_rms_norm_rows_kernel, operands, constexprs, num_warps=4, num_stages=1)
+
+
+def compile_vae_residual_sum_for_hopper(channels: int):
+    """The VAE's residual sum with a convolution's bias, channels-last bf16 of ``channels``
+    (kernels/triton_norm.py), for sm_90."""
+    operands = {
+        "y_ptr": "*bf16",
+        "bias_ptr": "*bf16",
+        "skip_ptr": "*bf16",
+        "out_ptr": "*bf16",
+        "numel": "i64",
+    }
+    constexprs = {"C": channels, "BLOCK": SUM_BLOCK}
+    return _compile(_residual_sum_kernel, operands, constexprs, num_warps=SUM_WARPS, num_stages=1)
 
 
 def _compile(kernel, operands: dict, constexprs: dict, num_warps: int, num_stages: int):

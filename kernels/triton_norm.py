@@ -25,6 +25,7 @@ import triton.language as tl
 
 _EPS = tl.constexpr(1e-12)
 TILE = 4096  # elements of one program's tile: ROWS = TILE // (C rounded up to a power of two)
+SUM_BLOCK, SUM_WARPS = 4096, 8  # the residual sum's elements and warps per program
 
 
 @triton.jit
@@ -108,8 +109,7 @@ def residual_sum(y: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> tor
     in fp32, rounded once to ``y``'s dtype; channels-last out."""
     y, skip = channels_last(y), channels_last(skip).to(y.dtype)
     out = torch.empty_like(y)
-    block = 4096
-    _residual_sum_kernel[(triton.cdiv(y.numel(), block),)](
-        y, bias.reshape(-1), skip, out, y.numel(), C=y.shape[1], BLOCK=block, num_warps=8
+    _residual_sum_kernel[(triton.cdiv(y.numel(), SUM_BLOCK),)](
+        y, bias.reshape(-1), skip, out, y.numel(), C=y.shape[1], BLOCK=SUM_BLOCK, num_warps=SUM_WARPS
     )
     return out

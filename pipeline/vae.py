@@ -79,7 +79,7 @@ class CausalConv3d(nn.Conv3d):
         ``x_bias`` is the bias the convolution that made ``x`` left out; without ``add_bias`` this one
         leaves out its own, for the pass that reads the output to add."""
         if norm is None and x_bias is not None:
-            raise ValueError("x_bias is added by the norm: give one")
+            raise ValueError("x_bias is added by the norm, and no norm was given")
         bias = self.bias if add_bias else None
         if self.past_frames == 0:
             return self._convolve(x if norm is None else norm(x, silu=True, bias=x_bias), bias)

@@ -250,6 +250,7 @@ def _check_kernels_compile_for_hopper() -> None:
         compile_fp8_quantize_for_hopper,
         compile_selection_for_hopper,
         compile_vae_norm_for_hopper,
+        compile_vae_residual_sum_for_hopper,
         default_configs,
     )
 
@@ -265,8 +266,16 @@ def _check_kernels_compile_for_hopper() -> None:
         assert len(compile_fp8_quantize_for_hopper(cols, gelu).asm["cubin"]) > 1000
     for cols in (1536, 5120):  # the fp8 linears' input norms, 1.3B and 14B
         assert len(compile_fp8_norm_for_hopper(cols).asm["cubin"]) > 1000
-    for channels, silu in ((96, True), (192, True), (384, False)):  # the VAE's channel norm, every width
-        assert len(compile_vae_norm_for_hopper(channels, silu).asm["cubin"]) > 1000
+    # The VAE's channel norm at every width, with and without a convolution's bias; its residual sum.
+    for channels, silu, bias in (
+        (96, True, True),
+        (192, True, False),
+        (384, False, False),
+        (384, True, True),
+    ):
+        assert len(compile_vae_norm_for_hopper(channels, silu, bias).asm["cubin"]) > 1000
+    for channels in (96, 192, 384):
+        assert len(compile_vae_residual_sum_for_hopper(channels).asm["cubin"]) > 1000
 
 
 def _check_fp8_row_quantiser_matches_the_reference() -> None:
