@@ -11,7 +11,9 @@ token-wise work compiled, warmed up) and measured:
   cross-attention's q and the first feed-forward layer read) and, for fp8, the other activations'
   quantisation (with the feed-forward's GELU in it; any separate GELU pass is counted too). Norms
   are counted on both sides because fp8 moves work into them. The same profile gives the GPU's busy
-  and idle milliseconds within that forward (``linear_layers.gpu``). The fp8 forward's output is
+  and idle milliseconds within that forward (``linear_layers.gpu``) and the kernels launched inside
+  the norm and quantisation ranges (``linear_layers.kernels_in_ranges``: a range that reads more
+  than its kernel shows what else it holds). The fp8 forward's output is
   compared with the bf16 one (relative L2 difference);
 - one whole 4-step CFG-free video (``distill``, timesteps 1000/750/500/250, shift 5, guidance 1):
   seconds per stage, end to end, and peak GPU memory;
@@ -85,7 +87,30 @@ def linear_time(fn, device: torch.device, gemm: str) -> dict:
     report = {"ms": round(sum(parts.values()), 2), "parts": parts}
     if device.type == "cuda":
         report["gpu"] = kernel_occupancy(prof)
+        report["kernels_in_ranges"] = {
+            name: kernels_in_range(prof, name) for name in ("dit.input_norm", "fp8.quantize_activations")
+        }
     return report
+
+
+def kernels_in_range(prof, name: str) -> dict:
+    """The kernels launched inside the profiler ranges called ``name`` (by any op within them):
+    {kernel: [ms, calls]}, busiest first. What a range's time is made of."""
+    from torch.autograd import DeviceType
+
+    def within(event):
+        yield event
+        for child in event.cpu_children:
+            yield from within(child)
+
+    totals: dict[str, list] = {}
+    ranges = (e for e in prof.events() if e.name == name and e.device_type == DeviceType.CPU)
+    for kernel in (k for r in ranges for e in within(r) for k in e.kernels):
+        entry = totals.setdefault(kernel.name[:100], [0.0, 0])
+        entry[0] += kernel.duration / 1000
+        entry[1] += 1
+    ordered = sorted(totals.items(), key=lambda item: item[1][0], reverse=True)
+    return {kernel: [round(ms, 2), calls] for kernel, (ms, calls) in ordered}
 
 
 def kernel_occupancy(prof) -> dict:
