@@ -107,9 +107,9 @@ def _residual_sum_kernel(y_ptr, bias_ptr, skip_ptr, out_ptr, numel, C: tl.conste
 def residual_sum(y: torch.Tensor, bias: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """``y + bias + skip`` for ``y`` and ``skip`` [B, C, *spatial] of one shape and ``bias`` (C values),
     in fp32, rounded once to ``y``'s dtype; channels-last out."""
-    y, skip = channels_last(y), channels_last(skip).to(y.dtype)
+    y, skip = channels_last(y), channels_last(skip)  # the kernel reads either dtype into fp32
     out = torch.empty_like(y)
     _residual_sum_kernel[(triton.cdiv(y.numel(), SUM_BLOCK),)](
-        y, bias.reshape(-1), skip, out, y.numel(), C=y.shape[1], BLOCK=SUM_BLOCK, num_warps=SUM_WARPS
+        y, bias, skip, out, y.numel(), C=y.shape[1], BLOCK=SUM_BLOCK, num_warps=SUM_WARPS
     )
     return out
