@@ -18,6 +18,12 @@ the real shapes. On an H200 (2026-12-07, docs/PERFORMANCE.md) torch's product ra
 TFLOP/s and ours did not beat it at any shape (1.19x slower summed over the 1.3B forward, equal at
 the 14B's), so ``FP8Linear`` keeps ``torch._scaled_mm``.
 
+Two more questions, asked of torch's product at the same shapes: how much of its time the row-wise
+scales cost (the same product with one scale per tensor, ``tensorwise``, and with the scales per
+1x128 block of K on both sides, ``blockwise_1x128``, cuBLAS's other Hopper recipe, which would let
+a producer write its own block scales), and whether the self-attention's q, k and v would run
+faster as one product of three times the width (``qkv_as_one``, beside three products).
+
     python bench/fp8_gemm_gpu.py --json-out fp8_gemm.json
 """
 
@@ -108,7 +114,43 @@ def triton_scaled_mm(a, b, a_scale, b_scale, bias, config) -> torch.Tensor:
     return c
 
 
-def time_shape(tokens: int, k: int, n: int) -> dict:
+def other_recipes(a, b, a_scale, b_scale, bias) -> dict:
+    """torch's product at the same shape with per-tensor scales, and with 1x128 block scales (each
+    row's and channel's scale repeated over its K blocks: the same product). ms, or the error."""
+    (m, k), n = a.shape, b.shape[0]
+    from torch.nn.functional import ScalingType, scaled_mm
+
+    blocks = k // 128
+    # (rows, K/128), the rows' axis contiguous, as cuBLAS reads them
+    scale_a_blocks = a_scale.view(m, 1).expand(m, blocks).t().contiguous().t()
+    scale_b_blocks = b_scale.view(n, 1).expand(n, blocks).t().contiguous().t()
+    one = torch.ones((), device=a.device)
+    candidates = {
+        "tensorwise": lambda: torch._scaled_mm(
+            a, b.t(), scale_a=one, scale_b=one, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True
+        ),
+        "blockwise_1x128": lambda: scaled_mm(
+            a,
+            b.t(),
+            scale_a_blocks,
+            ScalingType.BlockWise1x128,
+            scale_b_blocks,
+            ScalingType.BlockWise1x128,
+            bias=bias,
+            output_dtype=torch.bfloat16,
+        ),  # fmt: skip
+    }
+    results = {}
+    for name, fn in candidates.items():
+        try:
+            fn()
+            results[name] = {"ms": round(triton.testing.do_bench(fn), 3)}
+        except Exception as error:  # an unsupported recipe is reported, not fatal
+            results[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+    return results
+
+
+def time_shape(tokens: int, k: int, n: int, ours: bool = True) -> dict:
     g = torch.Generator("cuda").manual_seed(0)
     x = torch.randn(tokens, k, device="cuda", generator=g, dtype=torch.bfloat16)
     w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).to(torch.bfloat16)
@@ -135,8 +177,9 @@ def time_shape(tokens: int, k: int, n: int) -> dict:
     mm_ms = triton.testing.do_bench(scaled_mm)
     row["bf16_linear"] = {"ms": round(bf16_ms, 3), "tflops": tflops(bf16_ms)}
     row["torch_scaled_mm"] = {"ms": round(mm_ms, 3), "tflops": tflops(mm_ms)}
+    row["torch_scaled_mm_other_recipes"] = other_recipes(a, b, a_scale, b_scale, bias_bf16)
     row["triton"] = {}
-    for config in CONFIGS:
+    for config in CONFIGS if ours else ():
         name = "x".join(map(str, config[:3])) + f" w{config[3]} s{config[4]}"
         try:
             out = triton_scaled_mm(a, b, a_scale, b_scale, bias, config)
@@ -171,8 +214,15 @@ def main() -> None:
                 totals[key] += row[key]["ms"] * count * blocks
             totals["triton_best"] += (row["triton_best_ms"] or float("nan")) * count * blocks
             print(model, name, {k: v for k, v in row.items() if k != "triton"}, flush=True)
+        width = layers[0][1]
+        as_one = time_shape(tokens, width, 3 * width, ours=False)
+        three = rows[layers[0][0]]
+        as_one["three_products"] = {
+            key: round(3 * three[key]["ms"], 3) for key in ("bf16_linear", "torch_scaled_mm")
+        }
         report[model] = {
             "shapes": rows,
+            "qkv_as_one": as_one,
             "block_products_ms_per_forward": {k: round(v, 1) for k, v in totals.items()},
         }
     emit(report, args.json_out)

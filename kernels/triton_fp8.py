@@ -1,14 +1,24 @@
 """Per-token e4m3 quantisation of a linear layer's input (pipeline/fp8.py's CUDA path).
 
 One program per row (token) walks the row in chunks of BLOCK columns twice: first for the row's max
-|x|, then to write the e4m3 values and the fp32 scale; the second pass mostly reads from L2. With the
-GELU (the feed-forward's second layer: the GELU its fp8 product cannot fuse runs here instead, so the
-wide hidden is read once from memory) the tanh GELU is applied in fp32 in both passes. Small chunks
-keep a program's registers few and many programs resident per SM, which hides the memory latency
-(a whole row per program, 16,384 lanes for the 1.3B feed-forward's 8,960 columns, left one program
-per SM and reached about 0.9 TB/s on an H100). Numerics are ``pipeline.fp8.quantize_rows``': scale =
-max|x| / 448 (at least 1e-12), values x * (1 / scale) rounded to nearest even, clamped to +-448; with
-the GELU, that of x in fp32 (no bf16 rounding of the hidden in between, unlike the unfused path).
+|x|, then to write the e4m3 values and the fp32 scale; the second pass mostly reads from L2. Small
+chunks keep a program's registers few and many programs resident per SM, which hides the memory
+latency (a whole row per program, 16,384 lanes for the 1.3B feed-forward's 8,960 columns, left one
+program per SM and reached about 0.9 TB/s on an H100). Numerics are ``pipeline.fp8.quantize_rows``':
+scale = max|x| / 448 (at least 1e-12), values x * (1 / scale) rounded to nearest even, clamped to
++-448.
+
+With the GELU (the feed-forward's second layer: the GELU its fp8 product cannot fuse runs here
+instead, so the wide hidden is read once from memory) the tanh GELU is applied in fp32, as
+x * sigmoid(2u) = x / (1 + exp(-2u)), u = sqrt(2/pi) (x + 0.044715 x^3): the tanh form's value with
+one exponential and one division per element, no bf16 rounding of the hidden in between (unlike the
+unfused path). The GELU runs once per element, in the second pass only: the first finds the row's
+largest |GELU(x)| from three of its x, with comparisons alone. |GELU| grows with x above 0; below,
+it grows with x up to GELU's minimum at x = -0.75246 and shrinks from there to 0. So the largest
+|GELU| over the row is that of the row's largest x, of its largest x at or below the minimum, or of
+its smallest x at or above it. The exponential and the division are the SM's special-function
+instructions (16 a cycle per SM), enough of them to bound the pass at the 1.3B's 8,960 columns when
+both passes ran the GELU.
 
 ``norm_quantize_rows`` does the same for the LayerNorms that feed fp8 linears (the block's input
 norms, modulated or affine). A program holds one whole row in registers (the 1.3B's 1,536 or the
@@ -32,17 +42,19 @@ import triton.language as tl
 _FP8_MAX = tl.constexpr(448.0)
 _MIN_SCALE = tl.constexpr(1e-12)
 _GELU_C = tl.constexpr(math.sqrt(2.0 / math.pi))
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (exp(2x) + 1): exact at both tails in fp32 (exp overflows to inf, giving 1).
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+_GELU_ARGMIN = tl.constexpr(-0.7524614)  # where the tanh GELU is smallest (-0.17004)
 
 
 @triton.jit
 def _gelu(x):
-    return 0.5 * x * (1.0 + _tanh((x + 0.044715 * x * x * x) * _GELU_C))
+    u = (x + 0.044715 * x * x * x) * _GELU_C
+    return x / (1.0 + tl.exp(-2.0 * u))  # 0.5 x (1 + tanh(u)); exp overflows to inf: x / inf = 0
+
+
+@triton.jit
+def _abs_gelu_or_zero(x):
+    """|GELU(x)|, 0 for the infinities that stand for 'no such element' in the first pass."""
+    return tl.where(tl.abs(x) < float("inf"), tl.abs(_gelu(x)), 0.0)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -50,13 +62,26 @@ def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, BLOCK: tl.c
     row = tl.program_id(0).to(tl.int64)
     x_row, out_row = x_ptr + row * n_cols, out_ptr + row * n_cols
     cols = tl.arange(0, BLOCK)
-    largest = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        x = tl.load(x_row + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
-        if GELU:
-            x = _gelu(x)
-        largest = tl.maximum(largest, tl.abs(x))
-    scale = tl.maximum(tl.max(largest, axis=0) / _FP8_MAX, _MIN_SCALE)
+    if GELU:  # the candidates for the largest |GELU| (module docstring); -inf in the masked lanes
+        largest = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        left = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        right = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            x = tl.load(x_row + start + cols, mask=start + cols < n_cols, other=float("-inf")).to(tl.float32)
+            largest = tl.maximum(largest, x)
+            left = tl.maximum(left, tl.where(x <= _GELU_ARGMIN, x, float("-inf")))
+            right = tl.minimum(right, tl.where(x >= _GELU_ARGMIN, x, float("inf")))
+        amax = tl.maximum(
+            tl.maximum(_abs_gelu_or_zero(tl.max(largest, axis=0)), _abs_gelu_or_zero(tl.max(left, axis=0))),
+            _abs_gelu_or_zero(tl.min(right, axis=0)),
+        )
+    else:
+        largest = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            x = tl.load(x_row + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
+            largest = tl.maximum(largest, tl.abs(x))
+        amax = tl.max(largest, axis=0)
+    scale = tl.maximum(amax / _FP8_MAX, _MIN_SCALE)
     inverse = tl.div_rn(1.0, scale)
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols

@@ -295,7 +295,13 @@ def _check_fp8_row_quantiser_matches_the_reference() -> None:
     expected_values, expected_scale = quantize_rows(x)
     assert torch.equal(scale, expected_scale)
     assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
-    # With the GELU in fp32 first: the same up to the tanh's last bits (one e4m3 step at most).
+    # With the GELU in fp32 first: the same up to the tanh's last bits (one e4m3 step at most). Three
+    # more rows put the largest |GELU| on the negative side, where the first pass finds it without
+    # the GELU: all below GELU's minimum (at -0.7525), all between it and 0, and across it.
+    negative = torch.rand(3, 2600, generator=g) * torch.tensor([[-5.0], [-0.75], [-2.1]])
+    negative[0] -= 0.76
+    negative[2] += 0.1
+    x = torch.cat([x, negative.to(torch.bfloat16)])
     values, scale = quantize_rows_fused(x, gelu=True)
     expected_values, expected_scale = quantize_rows(F.gelu(x.float(), approximate="tanh"))
     torch.testing.assert_close(scale, expected_scale, rtol=1e-5, atol=0)
