@@ -1,12 +1,12 @@
 """Per-token e4m3 quantisation of a linear layer's input (pipeline/fp8.py's CUDA path).
 
 One program per row (token) walks the row in chunks of BLOCK columns twice: first for the row's max
-|x|, then to write the e4m3 values and the fp32 scale; the second pass mostly reads from L2. Small
-chunks keep a program's registers few and many programs resident per SM, which hides the memory
-latency (a whole row per program, 16,384 lanes for the 1.3B feed-forward's 8,960 columns, left one
-program per SM and reached about 0.9 TB/s on an H100). Numerics are ``pipeline.fp8.quantize_rows``':
-scale = max|x| / 448 (at least 1e-12), values x * (1 / scale) rounded to nearest even, clamped to
-+-448.
+|x|, then to write the e4m3 values and the fp32 scale; the second pass mostly reads from L2. Chunks
+keep a program's registers few and several programs resident per SM, which hides the memory latency
+(a whole row per program, 16,384 lanes for the 1.3B feed-forward's 8,960 columns, left one program
+per SM and reached about 0.9 TB/s on an H100); ``LAUNCH_SHAPES`` says how wide. Numerics are
+``pipeline.fp8.quantize_rows``': scale = max|x| / 448 (at least 1e-12), values x * (1 / scale)
+rounded to nearest even, clamped to +-448.
 
 With the GELU (the feed-forward's second layer: the GELU its fp8 product cannot fuse runs here
 instead, so the wide hidden is read once from memory) the tanh GELU is applied in fp32, as
@@ -93,11 +93,23 @@ def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, BLOCK: tl.c
     tl.store(scale_ptr + row, scale)
 
 
+# (BLOCK, warps) by row width, the fastest of bench/fp8_norm_gpu.py's sweep on an H100 (chunks of 256
+# to 2,048 columns, 1 to 8 warps): the Wan widths of the attention outputs (1,536, 5,120) and of the
+# feed-forward's hidden (8,960, 13,824). Wide chunks win although most end in a masked tail: fewer
+# programs are resident at once, so the rows their first pass read are still in L2 for the second
+# (the 1.3B hidden: 0.44 ms at 1,024 x 4 warps against 0.57 at 256 x 1).
+LAUNCH_SHAPES: dict[int, tuple[int, int]] = {
+    1536: (2048, 4),
+    5120: (2048, 8),
+    8960: (1024, 4),
+    13824: (2048, 4),
+}
+
+
 def launch_shape(cols: int) -> tuple[int, int]:
-    """(BLOCK, warps) for rows of ``cols``: chunks of 1,024 columns, or 512 or 256 where those divide
-    the row and 1,024 does not (1,536 and 13,824: no masked tail), 8 bf16 per thread at most."""
-    block = next((b for b in (1024, 512, 256) if cols % b == 0), 1024)
-    return block, max(1, block // 256)
+    """(BLOCK, warps) for rows of ``cols``: ``LAUNCH_SHAPES``' entry, else 2,048 columns and 4 warps
+    (the choice at most of the swept widths)."""
+    return LAUNCH_SHAPES.get(cols, (2048, 4))
 
 
 def quantize_rows_fused(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
