@@ -94,21 +94,22 @@ def linear_time(fn, device: torch.device, gemm: str) -> dict:
 
 
 def kernels_in_range(prof, name: str) -> dict:
-    """The kernels launched inside the profiler ranges called ``name`` (by any op within them):
-    {kernel: [ms, calls]}, busiest first. What a range's time is made of."""
+    """The kernels that ran on the GPU inside the ranges called ``name`` (the range's GPU-side span,
+    so Triton's launches count as much as torch's): {kernel: [ms, calls]}, busiest first. What a
+    range's time is made of."""
     from torch.autograd import DeviceType
 
-    def within(event):
-        yield event
-        for child in event.cpu_children:
-            yield from within(child)
-
+    gpu_events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = [
+        (e.time_range.start, e.time_range.end) for e in gpu_events if e.is_user_annotation and e.name == name
+    ]
     totals: dict[str, list] = {}
-    ranges = (e for e in prof.events() if e.name == name and e.device_type == DeviceType.CPU)
-    for kernel in (k for r in ranges for e in within(r) for k in e.kernels):
-        entry = totals.setdefault(kernel.name[:100], [0.0, 0])
-        entry[0] += kernel.duration / 1000
-        entry[1] += 1
+    for kernel in (e for e in gpu_events if not e.is_user_annotation):
+        start, end = kernel.time_range.start, kernel.time_range.end
+        if any(first <= start and end <= last for first, last in spans):
+            entry = totals.setdefault(kernel.name[:100], [0.0, 0])
+            entry[0] += (end - start) / 1000
+            entry[1] += 1
     ordered = sorted(totals.items(), key=lambda item: item[1][0], reverse=True)
     return {kernel: [round(ms, 2), calls] for kernel, (ms, calls) in ordered}
 
