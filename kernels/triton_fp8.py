@@ -16,9 +16,9 @@ unfused path). The GELU runs once per element, in the second pass only: the firs
 largest |GELU(x)| from three of its x, with comparisons alone. |GELU| grows with x above 0; below,
 it grows with x up to GELU's minimum at x = -0.75246 and shrinks from there to 0. So the largest
 |GELU| over the row is that of the row's largest x, of its largest x at or below the minimum, or of
-its smallest x at or above it. The exponential and the division are the SM's special-function
-instructions (16 a cycle per SM), enough of them to bound the pass at the 1.3B's 8,960 columns when
-both passes ran the GELU.
+its smallest x at or above it. That halves the special-function instructions (the exponential and
+the division); on an H100 it made the 1.3B hidden's pass 7% faster, the memory traffic being what
+bounds it (docs/PERFORMANCE.md).
 
 ``norm_quantize_rows`` does the same for the LayerNorms that feed fp8 linears (the block's input
 norms, modulated or affine). A program holds one whole row in registers (the 1.3B's 1,536 or the
