@@ -138,7 +138,7 @@ def other_recipes(a, b, a_scale, b_scale, bias) -> dict:
             ScalingType.BlockWise1x128,
             bias=bias,
             output_dtype=torch.bfloat16,
-        ),  # fmt: skip
+        ),
     }
     results = {}
     for name, fn in candidates.items():
