@@ -64,31 +64,27 @@ def _quantize_rows_kernel(x_ptr, out_ptr, scale_ptr, n_rows, n_cols, BLOCK: tl.c
     row = tl.program_id(0).to(tl.int64)
     x_row, out_row = x_ptr + row * n_cols, out_ptr + row * n_cols
     cols = tl.arange(0, BLOCK)
-    if GELU:  # the candidates for the largest |GELU| (module docstring); -inf in the masked lanes
-        largest = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        left = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
-        right = tl.full([BLOCK], float("inf"), dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            x = tl.load(
-                x_row + start + cols,
-                mask=start + cols < n_cols,
-                other=float("-inf"),
-                eviction_policy="evict_last",
-            ).to(tl.float32)
+    # The row's largest |x| or, with the GELU, the candidates for its largest |GELU| (module
+    # docstring): the largest x, the largest at or below GELU's minimum, the smallest at or above it.
+    # A masked lane reads 0, whose |GELU| is 0: as a candidate it never raises the maximum.
+    largest = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    left = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    right = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        mask = start + cols < n_cols
+        x = tl.load(x_row + start + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        if GELU:
             largest = tl.maximum(largest, x)
             left = tl.maximum(left, tl.where(x <= _GELU_ARGMIN, x, float("-inf")))
             right = tl.minimum(right, tl.where(x >= _GELU_ARGMIN, x, float("inf")))
+        else:
+            largest = tl.maximum(largest, tl.abs(x))
+    if GELU:
         amax = tl.maximum(
             tl.maximum(_abs_gelu_or_zero(tl.max(largest, axis=0)), _abs_gelu_or_zero(tl.max(left, axis=0))),
             _abs_gelu_or_zero(tl.min(right, axis=0)),
         )
     else:
-        largest = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK):
-            x = tl.load(
-                x_row + start + cols, mask=start + cols < n_cols, other=0.0, eviction_policy="evict_last"
-            ).to(tl.float32)
-            largest = tl.maximum(largest, tl.abs(x))
         amax = tl.max(largest, axis=0)
     scale = tl.maximum(amax / _FP8_MAX, _MIN_SCALE)
     inverse = tl.div_rn(1.0, scale)
