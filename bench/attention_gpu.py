@@ -1,13 +1,14 @@
 """Attention kernels on one CUDA GPU: are they right, and how fast are they at Wan's shapes.
 
 (a) Checks. Every implementation that builds here (SDPA pinned to cuDNN and to flash, flash_attn,
-    sage: upstream sageattn and ours with fp8 and with fp16 P.V, sparge: upstream and ours) runs on
-    fresh Gaussian bf16 inputs at mid shapes against float64 attention: relative error
-    ||out - ref|| / ||ref||, NaN presence. Each run's output memory is poisoned with NaN first (the
-    caching allocator hands a freed block of the output's size back to the next allocation of that
-    size; the report says whether the output did land there), so an unwritten tile shows as NaN.
-    Sparse implementations run on clustered (video-like) inputs at kept fractions 0.5 and 0.25
-    (top-k, the unlike-block guard off) against float64 attention over the kept blocks.
+    sage: upstream sageattn and ours with fp8 and with fp16 P.V, on Hopper also kernels.gluon_sage,
+    sparge: upstream and ours) runs on fresh Gaussian bf16 inputs at mid shapes against float64
+    attention: relative error ||out - ref|| / ||ref||, NaN presence. Each run's output memory is
+    poisoned with NaN first (the caching allocator hands a freed block of the output's size back to
+    the next allocation of that size; the report says whether the output did land there), so an
+    unwritten tile shows as NaN. Sparse implementations run on clustered (video-like) inputs at kept
+    fractions 0.5 and 0.25 (top-k, the unlike-block guard off) against float64 attention over the
+    kept blocks.
 (b) Timings at the Wan 2.1 self-attention shapes, 1.3B 480p (B=1, 12 heads x 32,760 tokens, head
     dim 128) and 14B 720p (B=1, 40 heads x 75,600 tokens, head dim 128): ms (triton.testing.do_bench,
     median), TFLOP/s-equivalent 4*B*H*N*N*D / time (dense-equivalent for the sparse kernels, so
@@ -116,10 +117,23 @@ def ours_pv() -> str:
     return "fp8" if torch.cuda.get_device_capability() >= (8, 9) else "fp16"
 
 
+def on_hopper() -> bool:
+    return torch.cuda.get_device_capability(DEVICE)[0] == 9
+
+
+def gluon_kernel() -> AttentionBackend:
+    """``kernels.gluon_sage``: our fp8 P.V numerics with the products overlapping the softmax
+    (Hopper, head dim 128), beside the Triton kernel the sage backend runs."""
+    from smartdiff.kernels import gluon_sage
+
+    return AttentionBackend("sage", "kernels.gluon_sage, fp8 P.V", "8bit", gluon_sage.dense_attention)
+
+
 def dense_impls() -> list[Impl]:
     def sage(implementation: str, **options: str) -> Callable[[], AttentionBackend]:
         return lambda: get_backend("sage", DEVICE, implementation=implementation, **options)
 
+    gluon = [Impl("sage-ours-gluon", "8bit", ("triton",), gluon_kernel)] if on_hopper() else []
     return [
         Impl("sdpa-cudnn", "exact", (), lambda: pinned_sdpa(SDPBackend.CUDNN_ATTENTION)),
         Impl("sdpa-flash", "exact", (), lambda: pinned_sdpa(SDPBackend.FLASH_ATTENTION)),
@@ -131,6 +145,7 @@ def dense_impls() -> list[Impl]:
         ),
         Impl("sage-upstream", "8bit", ("sageattention",), sage("upstream")),
         Impl("sage-ours-fp8", "8bit", ("triton",), sage("triton", pv="fp8")),
+        *gluon,
         Impl("sage-ours-fp16", "8bit", ("triton",), sage("triton", pv="fp16")),
     ]
 
@@ -352,7 +367,13 @@ def sparse_timings(
     """Block map alone; then per kept fraction our kernel alone at a fixed map, and both backends
     end to end (map + kernel). Upstream's own map is not known here, so its error is not measured
     on these Gaussian inputs (see the checks on clustered inputs)."""
-    from smartdiff.kernels.triton_sparge import block_map, block_sparse_sage_attention
+    from smartdiff.kernels import gluon_sage
+    from smartdiff.kernels.triton_sparge import (
+        MAP_BLOCK_Q,
+        block_map,
+        block_sparse_sage_attention,
+        kept_block_lists,
+    )
 
     q, k, v = qkv
     pv_fp8 = ours_pv() == "fp8"
@@ -382,6 +403,21 @@ def sparse_timings(
             failures,
         )
         rows.append({**row, "kept_fraction": round(mask.float().mean().item(), 4)})
+        if gluon_sage.runs(q, pv_fp8):  # the Hopper kernel, beside ours
+            kept, counts = kept_block_lists(mask)
+            gluon = partial(gluon_sage.sparse_attention, q, k, v, kept, counts, MAP_BLOCK_Q)
+            rows.append(
+                timing(
+                    f"sparse-kernel-gluon@{fraction}",
+                    "kernels.gluon_sage.sparse_attention, kernel only",
+                    shape,
+                    gluon,
+                    ref,
+                    "sparse",
+                    rep_ms,
+                    failures,
+                )
+            )
         stats = SparsityStats()
         for impl in sparge_impls(fraction, stats):
             built = build(impl, failures)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -53,6 +54,42 @@ def compile_for_hopper(sparse: bool, config: KernelConfig, head_dim: int):
     if sparse:
         constexprs["MAP_BLOCK_Q"] = MAP_BLOCK_Q
     return _compile(kernel, operands, constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def compile_gluon_for_hopper(sparse: bool):
+    """``kernels.gluon_sage``'s kernel, dense or block-sparse at its default tiles, bf16 out, for sm_90."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from smartdiff.kernels import gluon_sage
+
+    d, block_m = gluon_sage.HEAD_DIM, gluon_sage.BLOCK_M
+    if sparse:
+        block_n, stages = gluon_sage.SPARSE_BLOCK_N, gluon_sage.SPARSE_STAGES
+    else:
+        block_n, stages = gluon_sage.DENSE_BLOCK_N, gluon_sage.DENSE_STAGES
+
+    def descriptor(dtype, block: list[int]) -> str:  # the type of a descriptor gluon_sage would pass
+        x = torch.empty(4 * block[0], block[1], dtype=dtype)
+        return mangle_type(gluon_sage.describe(x, block))
+
+    operands = {
+        "q_desc": descriptor(torch.int8, [block_m, d]),
+        "k_desc": descriptor(torch.int8, [block_n, d]),
+        "v_desc": descriptor(torch.float8_e4m3fn, [d, block_n]),
+        "out_ptr": "*bf16", "kept_ptr": "*i32", "counts_ptr": "*i32", "qk_scale": "fp32",
+    }  # fmt: skip
+    operands |= dict.fromkeys(("q_scale_ptr", "k_scale_ptr", "v_scale_ptr"), "*fp32")
+    constexprs = {
+        "HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "SPARSE": sparse,
+        "MAP_BLOCK_Q": MAP_BLOCK_Q,
+    }  # fmt: skip
+    kernel = gluon_sage._attention_kernel
+    signature = {
+        name: "constexpr" if name in constexprs else operands.get(name, "i32") for name in kernel.arg_names
+    }
+    source = GluonASTSource(kernel, signature, constexprs=constexprs)
+    return triton.compile(source, target=HOPPER, options={"num_warps": 4})
 
 
 def compile_selection_for_hopper(n_pad: int, use_cdf: bool, use_sim: bool):

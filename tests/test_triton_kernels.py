@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -248,6 +249,7 @@ def _check_kernels_compile_for_hopper() -> None:
         compile_for_hopper,
         compile_fp8_norm_for_hopper,
         compile_fp8_quantize_for_hopper,
+        compile_gluon_for_hopper,
         compile_selection_for_hopper,
         compile_vae_norm_for_hopper,
         compile_vae_residual_sum_for_hopper,
@@ -276,6 +278,26 @@ def _check_kernels_compile_for_hopper() -> None:
         assert len(compile_vae_norm_for_hopper(channels, silu, bias).asm["cubin"]) > 1000
     for channels in (96, 192, 384):
         assert len(compile_vae_residual_sum_for_hopper(channels).asm["cubin"]) > 1000
+    # The Gluon attention kernel, dense and block-sparse: in its loop the next tile's Q.K is issued
+    # before this tile's softmax, and waited for only after this tile's P.V is issued.
+    for sparse in (False, True):
+        compiled = compile_gluon_for_hopper(sparse)
+        assert len(compiled.asm["cubin"]) > 1000
+        schedule = _mma_schedule(compiled.asm["ptx"])
+        assert any(schedule[i : i + 4] == ["q.k", "exp2", "p.v", "wait"] for i in range(len(schedule))), (
+            schedule
+        )
+
+
+def _mma_schedule(ptx: str) -> list[str]:
+    """The PTX's int8 and fp8 MMAs, MMA waits and exp2s in order, repeats of one kind collapsed."""
+    kinds = {"s8": "q.k", "e4m3": "p.v", "wait": "wait", "ex2": "exp2"}
+    schedule: list[str] = []
+    for op in re.findall(r"wgmma\.mma_async\S*\.(s8|e4m3)\.|wgmma\.(wait)_group|(ex2)\.approx", ptx):
+        kind = kinds["".join(op)]
+        if not schedule or schedule[-1] != kind:
+            schedule.append(kind)
+    return schedule
 
 
 def _check_fp8_row_quantiser_matches_the_reference() -> None:
@@ -848,6 +870,28 @@ def test_compiled_kernels_on_gpu(pv_fp8):
     everything = torch.ones_like(mask)
     same_tiles = sage_attention(q, k, v, pv_fp8=pv_fp8, config=sparse_config(128, q.device))
     assert torch.equal(block_sparse_sage_attention(q, k, v, everything, pv_fp8=pv_fp8), same_tiles)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+    reason="kernels.gluon_sage runs on Hopper",
+)
+def test_gluon_kernel_gives_the_triton_kernels_output_on_hopper():
+    from smartdiff.kernels import gluon_sage
+    from smartdiff.kernels.triton_sage import sage_attention
+    from smartdiff.kernels.triton_sparge import MAP_BLOCK_Q, block_sparse_sage_attention, kept_block_lists
+
+    g = torch.Generator(device="cuda").manual_seed(21)
+    # Partial last tiles, cross-attention with a single key tile, many key tiles for a few queries.
+    for n_q, n_k in ((1000, 1000), (300, 77), (200, 4100)):
+        q, k, v = (torch.randn(2, n, 3, 128, device="cuda", generator=g).bfloat16() for n in (n_q, n_k, n_k))
+        assert relative_error(gluon_sage.dense_attention(q, k, v), sage_attention(q, k, v)) < 1e-3
+        mask = torch.rand(2, 3, -(-n_q // MAP_BLOCK_Q), -(-n_k // 64), device="cuda", generator=g) < 0.5
+        mask[0, 0, 0] = False  # a query block that keeps nothing outputs zeros
+        kept, counts = kept_block_lists(mask)
+        sparse = gluon_sage.sparse_attention(q, k, v, kept, counts, MAP_BLOCK_Q)
+        assert relative_error(sparse, block_sparse_sage_attention(q, k, v, mask)) < 1e-3
+        assert (sparse[0, :MAP_BLOCK_Q, 0] == 0).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA GPU")
