@@ -95,6 +95,7 @@ class Impl:
     error_class: str  # "exact", "8bit" or "sparse": which ERROR_BOUND applies
     packages: tuple[str, ...]  # modules of which any one means "installed"; () for torch itself
     build: Callable[[], AttentionBackend]  # raises if it cannot run here
+    head_dims: tuple[int, ...] | None = None  # the head dims it runs, if not all
 
 
 @dataclass(frozen=True)
@@ -117,10 +118,6 @@ def ours_pv() -> str:
     return "fp8" if torch.cuda.get_device_capability() >= (8, 9) else "fp16"
 
 
-def on_hopper() -> bool:
-    return torch.cuda.get_device_capability(DEVICE)[0] == 9
-
-
 def gluon_kernel() -> AttentionBackend:
     """``kernels.gluon_sage``: our fp8 P.V numerics with the products overlapping the softmax
     (Hopper, head dim 128), beside the Triton kernel the sage backend runs."""
@@ -133,7 +130,12 @@ def dense_impls() -> list[Impl]:
     def sage(implementation: str, **options: str) -> Callable[[], AttentionBackend]:
         return lambda: get_backend("sage", DEVICE, implementation=implementation, **options)
 
-    gluon = [Impl("sage-ours-gluon", "8bit", ("triton",), gluon_kernel)] if on_hopper() else []
+    gluon = []  # kernels.gluon_sage imports triton: a missing triton shows in our other rows
+    if importlib.util.find_spec("triton"):
+        from smartdiff.kernels import gluon_sage
+
+        if gluon_sage.on_hopper(DEVICE):
+            gluon = [Impl("sage-ours-gluon", "8bit", ("triton",), gluon_kernel, (gluon_sage.HEAD_DIM,))]
     return [
         Impl("sdpa-cudnn", "exact", (), lambda: pinned_sdpa(SDPBackend.CUDNN_ATTENTION)),
         Impl("sdpa-flash", "exact", (), lambda: pinned_sdpa(SDPBackend.FLASH_ATTENTION)),
@@ -221,6 +223,9 @@ def check(
     """One correctness row: poisoned run, NaN, error against ``ref`` (float64), status."""
     row: dict = {"impl": impl.name, "shape": shape.label, "inputs": inputs, "status": built.status}
     if built.backend is None:
+        return row
+    if impl.head_dims is not None and shape.dim not in impl.head_dims:
+        row["status"] = f"not for head dim {shape.dim}"
         return row
     row["implementation"] = built.backend.implementation
     try:
@@ -341,6 +346,8 @@ def dense_timings(
 ) -> list[dict]:
     rows = []
     for impl in dense_impls():
+        if impl.head_dims is not None and shape.dim not in impl.head_dims:
+            continue  # every timing shape is Wan's head dim 128
         built = build(impl, failures)
         if built.backend is None:
             rows.append({"shape": shape.label, "impl": impl.name, "status": built.status})
@@ -403,7 +410,7 @@ def sparse_timings(
             failures,
         )
         rows.append({**row, "kept_fraction": round(mask.float().mean().item(), 4)})
-        if gluon_sage.runs(q, pv_fp8):  # the Hopper kernel, beside ours
+        if gluon_sage.on_hopper(q.device):  # the Hopper kernel, beside ours
             kept, counts = kept_block_lists(mask)
             gluon = partial(gluon_sage.sparse_attention, q, k, v, kept, counts, MAP_BLOCK_Q)
             rows.append(

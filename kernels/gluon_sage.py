@@ -50,10 +50,15 @@ _LOG2_FP8_MAX = gl.constexpr(math.log2(FP8_MAX))
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
 
-def runs(q: torch.Tensor, pv_fp8: bool) -> bool:
-    """Whether this kernel runs this call: fp8 P.V and head dim 128 on sm_90 (Hopper)."""
-    on_hopper = q.device.type == "cuda" and torch.cuda.get_device_capability(q.device)[0] == 9
-    return pv_fp8 and on_hopper and q.shape[-1] == HEAD_DIM
+def on_hopper(device: torch.device) -> bool:
+    """Whether ``device`` is a Hopper GPU (sm_90), where this kernel runs (at head dim 128)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
+def _check_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_inputs(q, k, v)
+    if not on_hopper(q.device) or q.shape[-1] != HEAD_DIM:
+        raise ValueError(f"kernels.gluon_sage runs head dim {HEAD_DIM} on Hopper (sm_90) GPUs only")
 
 
 @gluon.jit
@@ -302,8 +307,8 @@ def _launch(
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``triton_sage.sage_attention`` with fp8 P.V, where ``runs``."""
-    check_inputs(q, k, v)
+    """``triton_sage.sage_attention`` with fp8 P.V, on Hopper at head dim 128."""
+    _check_runs(q, k, v)
     config = KernelConfig(BLOCK_M, DENSE_BLOCK_N, num_warps=4, num_stages=DENSE_STAGES, tma=True)
     qkv = quantize_qkv(q, k, v, config, pv_fp8=True)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -319,9 +324,9 @@ def sparse_attention(
     map_block_q: int,
     k_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``triton_sparge.attend_kept_blocks`` with fp8 P.V, where ``runs``: over the kept lists of
-    ``map_block_q``-query rows of SPARSE_BLOCK_N-key blocks."""
-    check_inputs(q, k, v)
+    """``triton_sparge.attend_kept_blocks`` with fp8 P.V, on Hopper at head dim 128: over the kept
+    lists of ``map_block_q``-query rows of SPARSE_BLOCK_N-key blocks."""
+    _check_runs(q, k, v)
     config = KernelConfig(BLOCK_M, SPARSE_BLOCK_N, num_warps=4, num_stages=SPARSE_STAGES, tma=True)
     qkv = quantize_qkv(q, k, v, config, pv_fp8=True, k_mean=k_mean)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)

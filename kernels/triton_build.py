@@ -84,12 +84,7 @@ def compile_gluon_for_hopper(sparse: bool):
         "HEAD_DIM": d, "BLOCK_M": block_m, "BLOCK_N": block_n, "STAGES": stages, "SPARSE": sparse,
         "MAP_BLOCK_Q": MAP_BLOCK_Q,
     }  # fmt: skip
-    kernel = gluon_sage._attention_kernel
-    signature = {
-        name: "constexpr" if name in constexprs else operands.get(name, "i32") for name in kernel.arg_names
-    }
-    source = GluonASTSource(kernel, signature, constexprs=constexprs)
-    return triton.compile(source, target=HOPPER, options={"num_warps": 4})
+    return _compile(gluon_sage._attention_kernel, operands, constexprs, 4, 1, source=GluonASTSource)
 
 
 def compile_selection_for_hopper(n_pad: int, use_cdf: bool, use_sim: bool):
@@ -155,12 +150,13 @@ def compile_vae_residual_sum_for_hopper(channels: int):
     return _compile(_residual_sum_kernel, operands, constexprs, num_warps=SUM_WARPS, num_stages=1)
 
 
-def _compile(kernel, operands: dict, constexprs: dict, num_warps: int, num_stages: int):
-    """``kernel`` compiled for sm_90; arguments not in ``operands`` or ``constexprs`` are i32."""
+def _compile(kernel, operands: dict, constexprs: dict, num_warps: int, num_stages: int, source=ASTSource):
+    """``kernel`` compiled for sm_90; arguments not in ``operands`` or ``constexprs`` are i32.
+    ``source``: Triton's ``ASTSource``, or Gluon's for a Gluon kernel."""
     signature = {
         name: "constexpr" if name in constexprs else operands.get(name, "i32") for name in kernel.arg_names
     }
-    source = ASTSource(
+    source = source(
         kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
     )
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})

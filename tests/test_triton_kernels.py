@@ -872,6 +872,17 @@ def test_compiled_kernels_on_gpu(pv_fp8):
     assert torch.equal(block_sparse_sage_attention(q, k, v, everything, pv_fp8=pv_fp8), same_tiles)
 
 
+def test_gluon_kernel_refuses_what_it_cannot_run():
+    from smartdiff.kernels import gluon_sage
+
+    q = torch.randn(1, 200, 2, 128).bfloat16()  # head dim 128, but not on a Hopper GPU
+    with pytest.raises(ValueError, match="Hopper"):
+        gluon_sage.dense_attention(q, q, q)
+    counts = torch.ones(1 * 2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="Hopper"):
+        gluon_sage.sparse_attention(q, q, q, counts, counts, 128)
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
     reason="kernels.gluon_sage runs on Hopper",
