@@ -118,12 +118,13 @@ def ours_pv() -> str:
     return "fp8" if torch.cuda.get_device_capability() >= (8, 9) else "fp16"
 
 
-def gluon_kernel() -> AttentionBackend:
-    """``kernels.gluon_sage``: our fp8 P.V numerics with the products overlapping the softmax
-    (Hopper, head dim 128), beside the Triton kernel the sage backend runs."""
+def gluon_kernel(block_n: int) -> AttentionBackend:
+    """``kernels.gluon_sage`` over ``block_n``-key tiles: our fp8 P.V numerics with the products
+    overlapping the softmax (Hopper, head dim 128), beside the Triton kernel the sage backend runs."""
     from smartdiff.kernels import gluon_sage
 
-    return AttentionBackend("sage", "kernels.gluon_sage, fp8 P.V", "8bit", gluon_sage.dense_attention)
+    attend = partial(gluon_sage.dense_attention, block_n=block_n)
+    return AttentionBackend("sage", f"kernels.gluon_sage, fp8 P.V, {block_n}-key tiles", "8bit", attend)
 
 
 def dense_impls() -> list[Impl]:
@@ -135,7 +136,11 @@ def dense_impls() -> list[Impl]:
         from smartdiff.kernels import gluon_sage
 
         if gluon_sage.on_hopper(DEVICE):
-            gluon = [Impl("sage-ours-gluon", "8bit", ("triton",), gluon_kernel, (gluon_sage.HEAD_DIM,))]
+            head_dims = (gluon_sage.HEAD_DIM,)
+            gluon = [
+                Impl(f"sage-ours-gluon-n{n}", "8bit", ("triton",), partial(gluon_kernel, n), head_dims)
+                for n in sorted(gluon_sage.STAGES, reverse=True)
+            ]
     return [
         Impl("sdpa-cudnn", "exact", (), lambda: pinned_sdpa(SDPBackend.CUDNN_ATTENTION)),
         Impl("sdpa-flash", "exact", (), lambda: pinned_sdpa(SDPBackend.FLASH_ATTENTION)),

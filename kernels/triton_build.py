@@ -56,18 +56,17 @@ def compile_for_hopper(sparse: bool, config: KernelConfig, head_dim: int):
     return _compile(kernel, operands, constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def compile_gluon_for_hopper(sparse: bool):
-    """``kernels.gluon_sage``'s kernel, dense or block-sparse at its default tiles, bf16 out, for sm_90."""
+def compile_gluon_for_hopper(sparse: bool, block_n: int | None = None):
+    """``kernels.gluon_sage``'s kernel, dense or block-sparse, bf16 out, for sm_90; ``block_n``: the
+    dense kernel's key tiles (its default if None)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     from smartdiff.kernels import gluon_sage
 
     d, block_m = gluon_sage.HEAD_DIM, gluon_sage.BLOCK_M
-    if sparse:
-        block_n, stages = gluon_sage.SPARSE_BLOCK_N, gluon_sage.SPARSE_STAGES
-    else:
-        block_n, stages = gluon_sage.DENSE_BLOCK_N, gluon_sage.DENSE_STAGES
+    block_n = gluon_sage.SPARSE_BLOCK_N if sparse else block_n or gluon_sage.DENSE_BLOCK_N
+    stages = gluon_sage.STAGES[block_n]
 
     def descriptor(dtype, block: list[int]) -> str:  # the type of a descriptor gluon_sage would pass
         x = torch.empty(4 * block[0], block[1], dtype=dtype)

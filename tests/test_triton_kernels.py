@@ -278,10 +278,10 @@ def _check_kernels_compile_for_hopper() -> None:
         assert len(compile_vae_norm_for_hopper(channels, silu, bias).asm["cubin"]) > 1000
     for channels in (96, 192, 384):
         assert len(compile_vae_residual_sum_for_hopper(channels).asm["cubin"]) > 1000
-    # The Gluon attention kernel, dense and block-sparse: in its loop the next tile's Q.K is issued
-    # before this tile's softmax, and waited for only after this tile's P.V is issued.
-    for sparse in (False, True):
-        compiled = compile_gluon_for_hopper(sparse)
+    # The Gluon attention kernel, dense (both key-tile widths) and block-sparse: in its loop the next
+    # tile's Q.K is issued before this tile's softmax, and waited for only after this tile's P.V is issued.
+    for sparse, block_n in ((False, 128), (False, 64), (True, None)):
+        compiled = compile_gluon_for_hopper(sparse, block_n)
         assert len(compiled.asm["cubin"]) > 1000
         schedule = _mma_schedule(compiled.asm["ptx"])
         assert any(schedule[i : i + 4] == ["q.k", "exp2", "p.v", "wait"] for i in range(len(schedule))), (
@@ -878,6 +878,8 @@ def test_gluon_kernel_refuses_what_it_cannot_run():
     q = torch.randn(1, 200, 2, 128).bfloat16()  # head dim 128, but not on a Hopper GPU
     with pytest.raises(ValueError, match="Hopper"):
         gluon_sage.dense_attention(q, q, q)
+    with pytest.raises(ValueError, match="key tiles of 32"):
+        gluon_sage.dense_attention(q, q, q, block_n=32)
     counts = torch.ones(1 * 2, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="Hopper"):
         gluon_sage.sparse_attention(q, q, q, counts, counts, 128)
@@ -890,13 +892,21 @@ def test_gluon_kernel_refuses_what_it_cannot_run():
 def test_gluon_kernel_gives_the_triton_kernels_output_on_hopper():
     from smartdiff.kernels import gluon_sage
     from smartdiff.kernels.triton_sage import sage_attention
-    from smartdiff.kernels.triton_sparge import MAP_BLOCK_Q, block_sparse_sage_attention, kept_block_lists
+    from smartdiff.kernels.triton_sparge import (
+        MAP_BLOCK_Q,
+        block_sparse_sage_attention,
+        kept_block_lists,
+        sparse_config,
+    )
 
     g = torch.Generator(device="cuda").manual_seed(21)
     # Partial last tiles, cross-attention with a single key tile, many key tiles for a few queries.
     for n_q, n_k in ((1000, 1000), (300, 77), (200, 4100)):
         q, k, v = (torch.randn(2, n, 3, 128, device="cuda", generator=g).bfloat16() for n in (n_q, n_k, n_k))
         assert relative_error(gluon_sage.dense_attention(q, k, v), sage_attention(q, k, v)) < 1e-3
+        # 64-key tiles: the Triton kernel quantising K in the same 64-key blocks.
+        same_blocks = sage_attention(q, k, v, config=sparse_config(128, q.device))
+        assert relative_error(gluon_sage.dense_attention(q, k, v, block_n=64), same_blocks) < 1e-3
         mask = torch.rand(2, 3, -(-n_q // MAP_BLOCK_Q), -(-n_k // 64), device="cuda", generator=g) < 0.5
         mask[0, 0, 0] = False  # a query block that keeps nothing outputs zeros
         kept, counts = kept_block_lists(mask)
