@@ -1,8 +1,9 @@
 """Attention kernels on one CUDA GPU: are they right, and how fast are they at Wan's shapes.
 
 (a) Checks. Every implementation that builds here (SDPA pinned to cuDNN and to flash, flash_attn,
-    sage: upstream sageattn and ours with fp8 and with fp16 P.V, on Hopper also kernels.gluon_sage,
-    sparge: upstream and ours) runs on fresh Gaussian bf16 inputs at mid shapes against float64
+    sage: upstream sageattn and ours with fp8 and with fp16 P.V, ours at head dim 128 also without
+    its register cap, on Hopper also kernels.gluon_sage at both key-tile widths, sparge: upstream
+    and ours) runs on fresh Gaussian bf16 inputs at mid shapes against float64
     attention: relative error ||out - ref|| / ||ref||, NaN presence. Each run's output memory is
     poisoned with NaN first (the caching allocator hands a freed block of the output's size back to
     the next allocation of that size; the report says whether the output did land there), so an
@@ -127,6 +128,16 @@ def gluon_kernel(block_n: int) -> AttentionBackend:
     return AttentionBackend("sage", f"kernels.gluon_sage, fp8 P.V, {block_n}-key tiles", "8bit", attend)
 
 
+def uncapped_kernel() -> AttentionBackend:
+    """Our Triton 8-bit kernel at head dim 128 without its register cap (two programs per Hopper
+    multiprocessor instead of three): what the cap is worth, in the same run."""
+    from smartdiff.kernels.triton_sage import CONFIGS, sage_attention
+
+    config = replace(CONFIGS[128], max_registers=None)
+    attend = partial(sage_attention, pv_fp8=ours_pv() == "fp8", config=config)
+    return AttentionBackend("sage", f"kernels.triton_sage, {ours_pv()} P.V, no register cap", "8bit", attend)
+
+
 def dense_impls() -> list[Impl]:
     def sage(implementation: str, **options: str) -> Callable[[], AttentionBackend]:
         return lambda: get_backend("sage", DEVICE, implementation=implementation, **options)
@@ -152,6 +163,7 @@ def dense_impls() -> list[Impl]:
         ),
         Impl("sage-upstream", "8bit", ("sageattention",), sage("upstream")),
         Impl("sage-ours-fp8", "8bit", ("triton",), sage("triton", pv="fp8")),
+        Impl("sage-ours-fp8-no-cap", "8bit", ("triton",), uncapped_kernel, (128,)),
         *gluon,
         Impl("sage-ours-fp16", "8bit", ("triton",), sage("triton", pv="fp16")),
     ]

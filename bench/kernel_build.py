@@ -1,8 +1,12 @@
 """What Triton makes of our attention kernels for Hopper, read from the compiler on any machine.
 
 Compiles the dense 8-bit and the block-sparse kernel (head dim 128, default tiles) for sm_90 at 1 to
-4 pipeline stages, with pointer and with TMA loads, and prints each build's shared memory as JSON:
-a kernel whose K and V tiles are kept in flight needs more of it with every stage. No GPU needed.
+4 pipeline stages, with pointer and with TMA loads, the dense default also without its register cap,
+and the Gluon kernels (dense at both key-tile widths, block-sparse). Prints as JSON each build's
+registers a thread, spill bytes, shared memory and how many of its programs fit on one
+multiprocessor (``triton_build.resource_usage``): a kernel whose K and V tiles are kept in flight
+needs more shared memory with every stage, and a program that waits on its own products needs
+others beside it. No GPU needed.
 
     python bench/kernel_build.py --json-out kernel_build.json
 """
@@ -16,7 +20,13 @@ from pathlib import Path
 import triton
 from common import emit
 
-from smartdiff.kernels.triton_build import compile_for_hopper, default_configs
+from smartdiff.kernels import gluon_sage
+from smartdiff.kernels.triton_build import (
+    compile_for_hopper,
+    compile_gluon_for_hopper,
+    default_configs,
+    resource_usage,
+)
 
 HEAD_DIM = 128
 
@@ -27,19 +37,32 @@ def main() -> None:
     args = parser.parse_args()
 
     report = {"triton": triton.__version__, "target": "sm_90", "head_dim": HEAD_DIM, "builds": []}
+
+    def add(kernel: str, loads: str, config: str, compiled) -> None:
+        report["builds"].append(
+            {"kernel": kernel, "loads": loads, "config": config, **resource_usage(compiled)}
+        )
+
     for tma in (False, True):
         for kind, config in default_configs(HEAD_DIM, tma).items():
             for stages in (1, 2, 3, 4):
                 staged = replace(config, num_stages=stages)
-                compiled = compile_for_hopper(kind == "sparse", staged, HEAD_DIM)
-                report["builds"].append(
-                    {
-                        "kernel": kind,
-                        "loads": "tma" if tma else "pointers",
-                        "config": str(staged),
-                        "shared_bytes": compiled.metadata.shared,
-                    }
+                add(
+                    kind,
+                    "tma" if tma else "pointers",
+                    str(staged),
+                    compile_for_hopper(kind == "sparse", staged, HEAD_DIM),
                 )
+            if kind == "dense" and tma and config.max_registers:
+                uncapped = replace(config, max_registers=None)
+                add(kind, "tma", str(uncapped), compile_for_hopper(False, uncapped, HEAD_DIM))
+
+    def gluon_tiles(block_n: int) -> str:
+        return f"{gluon_sage.BLOCK_M} x {block_n}, {gluon_sage.STAGES[block_n]} stages"
+
+    for block_n in sorted(gluon_sage.STAGES, reverse=True):
+        add("gluon dense", "tma", gluon_tiles(block_n), compile_gluon_for_hopper(False, block_n))
+    add("gluon sparse", "tma", gluon_tiles(gluon_sage.SPARSE_BLOCK_N), compile_gluon_for_hopper(True))
     emit(report, args.json_out)
 
 

@@ -7,7 +7,10 @@ the tests and by ``bench/kernel_build.py``.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import re
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 import triton
@@ -22,7 +25,7 @@ from smartdiff.kernels.triton_fp8 import (
 )
 from smartdiff.kernels.triton_norm import SUM_BLOCK, SUM_WARPS, _residual_sum_kernel, _rms_norm_rows_kernel
 from smartdiff.kernels.triton_norm import launch_shape as vae_norm_launch_shape
-from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
+from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel, with_pointer_loads
 from smartdiff.kernels.triton_sparge import (
     MAP_BLOCK_Q,
     SPARSE_CONFIGS,
@@ -31,6 +34,11 @@ from smartdiff.kernels.triton_sparge import (
 )
 
 HOPPER = GPUTarget("cuda", 90, 32)
+# What one Hopper multiprocessor shares among its resident programs: 65,536 registers, allocated per
+# warp in steps of 8 a thread, and 228 KB of shared memory, of which each program also takes 1 KB.
+HOPPER_REGISTERS = 65536
+HOPPER_SHARED = 228 * 1024
+PROGRAM_RESERVED_SHARED = 1024
 
 
 def compile_for_hopper(sparse: bool, config: KernelConfig, head_dim: int):
@@ -53,7 +61,9 @@ def compile_for_hopper(sparse: bool, config: KernelConfig, head_dim: int):
     }  # fmt: skip
     if sparse:
         constexprs["MAP_BLOCK_Q"] = MAP_BLOCK_Q
-    return _compile(kernel, operands, constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+    return _compile(
+        kernel, operands, constexprs, config.num_warps, config.num_stages, max_registers=config.max_registers
+    )
 
 
 def compile_gluon_for_hopper(sparse: bool, block_n: int | None = None):
@@ -149,21 +159,55 @@ def compile_vae_residual_sum_for_hopper(channels: int):
     return _compile(_residual_sum_kernel, operands, constexprs, num_warps=SUM_WARPS, num_stages=1)
 
 
-def _compile(kernel, operands: dict, constexprs: dict, num_warps: int, num_stages: int, source=ASTSource):
+def _compile(
+    kernel,
+    operands: dict,
+    constexprs: dict,
+    num_warps: int,
+    num_stages: int,
+    source=ASTSource,
+    max_registers: int | None = None,
+):
     """``kernel`` compiled for sm_90; arguments not in ``operands`` or ``constexprs`` are i32.
-    ``source``: Triton's ``ASTSource``, or Gluon's for a Gluon kernel."""
+    ``source``: Triton's ``ASTSource``, or Gluon's for a Gluon kernel; ``max_registers``: ptxas's
+    maxnreg."""
     signature = {
         name: "constexpr" if name in constexprs else operands.get(name, "i32") for name in kernel.arg_names
     }
     source = source(
         kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()}
     )
-    return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages, "maxnreg": max_registers}
+    return triton.compile(source, target=HOPPER, options=options)
 
 
 def default_configs(head_dim: int, tma: bool) -> dict[str, KernelConfig]:
     """The dense and sparse kernels' default configs for ``head_dim``, with or without TMA loads."""
+    configs = {"dense": CONFIGS[head_dim], "sparse": SPARSE_CONFIGS[head_dim]}
+    return {kind: config if tma else with_pointer_loads(config) for kind, config in configs.items()}
+
+
+def resource_usage(compiled) -> dict[str, int]:
+    """A kernel compiled here, as its cubin says (``cuobjdump -res-usage``): registers a thread,
+    stack bytes a thread (spills), shared memory a program (Triton's dynamic share), and how many of
+    its programs fit on one Hopper multiprocessor at once (registers and shared memory both)."""
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "-res-usage", str(cubin)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    usage = {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", text)}
+    threads = compiled.metadata.num_warps * 32
+    shared = compiled.metadata.shared
+    by_registers = HOPPER_REGISTERS // (-(-usage["REG"] // 8) * 8 * threads)
+    by_shared = HOPPER_SHARED // (shared + PROGRAM_RESERVED_SHARED)
     return {
-        "dense": replace(CONFIGS[head_dim], tma=tma),
-        "sparse": replace(SPARSE_CONFIGS[head_dim], tma=tma),
+        "registers": usage["REG"],
+        "spill_bytes": usage["STACK"] + usage["LOCAL"],
+        "shared_bytes": shared,
+        "programs_per_multiprocessor": min(by_registers, by_shared),
     }

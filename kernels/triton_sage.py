@@ -59,23 +59,38 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     tma: bool = False  # Q, K and V tiles read by the TMA through descriptors (sm_90+), not pointers
+    # Registers a thread may use (ptxas's maxnreg), None for the compiler's choice: a cap lets more
+    # programs share a multiprocessor, which is what hides one program's softmax behind another's
+    # products (the kernel waits on each product as soon as it is issued).
+    max_registers: int | None = None
 
 
 # Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape, the whole
 # call while V was still quantised in PyTorch: 9.3 ms at 64 x 128 tiles with 4 warps, 2 stages and
 # TMA loads; 10.2 ms at the same tiles with pointer loads and 3 stages, 11.9 ms at 128 x 128 with
 # 8 warps; head dim 64 is not tuned). BLOCK_M and BLOCK_N are also the Q and K quantisation blocks.
+# Head dim 128 is capped at 168 registers: three programs per Hopper multiprocessor (3 x 128 threads
+# x 168 of its 65,536 registers; 3 x 73.8 KB of its 228 KB of shared memory) instead of the two that
+# the compiler's 198 allow. SageAttention2's Hopper kernel runs its 64 x 128 tiles at 167-168
+# registers, three to a multiprocessor. Triton 3.6's ptxas fits the cap without spilling.
 CONFIGS: dict[int, KernelConfig] = {
     64: KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, tma=True),
-    128: KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True),
+    128: KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True, max_registers=168),
 }
+
+
+def with_pointer_loads(config: KernelConfig) -> KernelConfig:
+    """``config`` reading its tiles through pointers instead of the TMA (same numerics, same tiles),
+    without a register cap: the caps are set for the TMA builds, and the pointer builds spill under
+    them (over 1.5 KB a thread at 168, ``bench/kernel_build.py``)."""
+    return replace(config, tma=False, max_registers=None)
 
 
 def for_device(config: KernelConfig, device: torch.device) -> KernelConfig:
     """A default config as ``device`` can run it: its tiles read by the TMA on sm_90 and newer,
-    through pointers on older GPUs (same numerics, same tiles)."""
+    through pointers on older GPUs."""
     if config.tma and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
-        return replace(config, tma=False)
+        return with_pointer_loads(config)
     return config
 
 
@@ -526,6 +541,7 @@ def sage_attention(
         TMA=config.tma,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        maxnreg=config.max_registers,
     )
     return out
 

@@ -254,12 +254,16 @@ def _check_kernels_compile_for_hopper() -> None:
         compile_vae_norm_for_hopper,
         compile_vae_residual_sum_for_hopper,
         default_configs,
+        resource_usage,
     )
 
     for d in (64, 128):
         for tma in (False, True):
             for kind, config in default_configs(d, tma).items():
-                assert len(compile_for_hopper(kind == "sparse", config, d).asm["cubin"]) > 1000
+                compiled = compile_for_hopper(kind == "sparse", config, d)
+                assert len(compiled.asm["cubin"]) > 1000
+                if d == 128 and tma:  # the register cap: three programs per multiprocessor
+                    assert resource_usage(compiled)["programs_per_multiprocessor"] == 3, config
     # The block map's selection: 1.3B and 14B rows (512 and 1,182 key blocks), both cuts.
     for n_pad, use_cdf in ((512, False), (2048, True)):
         assert len(compile_selection_for_hopper(n_pad, use_cdf, use_sim=True).asm["cubin"]) > 1000
@@ -733,6 +737,7 @@ def test_default_configs_read_through_tma_from_sm90_on(monkeypatch, capability, 
     assert CONFIGS[128].tma and sparse_config(128, torch.device("cpu")).tma  # the tuned defaults
     for default in (for_device(CONFIGS[128], cuda), sparse_config(128, cuda)):
         assert default.tma == tma
+        assert (default.max_registers == 168) == tma  # the register cap is for the TMA builds only
     assert for_device(CONFIGS[128], cuda).block_m == CONFIGS[128].block_m  # same tiles either way
 
 
