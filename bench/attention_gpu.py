@@ -1,9 +1,8 @@
 """Attention kernels on one CUDA GPU: are they right, and how fast are they at Wan's shapes.
 
 (a) Checks. Every implementation that builds here (SDPA pinned to cuDNN and to flash, flash_attn,
-    sage: upstream sageattn and ours with fp8 and with fp16 P.V, ours at head dim 128 also without
-    its register cap, on Hopper also kernels.gluon_sage at both key-tile widths, sparge: upstream
-    and ours) runs on fresh Gaussian bf16 inputs at mid shapes against float64
+    sage: upstream sageattn and ours with fp8 and with fp16 P.V, on Hopper also kernels.gluon_sage,
+    sparge: upstream and ours) runs on fresh Gaussian bf16 inputs at mid shapes against float64
     attention: relative error ||out - ref|| / ||ref||, NaN presence. Each run's output memory is
     poisoned with NaN first (the caching allocator hands a freed block of the output's size back to
     the next allocation of that size; the report says whether the output did land there), so an
@@ -19,7 +18,7 @@
 A package that is not installed is reported as "not installed". Anything else that goes wrong (a
 build, a run, an error bound, NaN, a poisoning that did not land) is reported as FAILED and makes the
 exit status 1. Prints JSON, then the tables. About 3 minutes on an H200; --quick (1.3B shape only)
-about 1.5; --sweep (other tile configs of our kernels at the first shape) adds about 3 (57 configs,
+about 1.5; --sweep (other tile configs of our kernels at the first shape) adds about 3 (59 configs,
 TMA loads among them).
 
     python bench/attention_gpu.py --json-out attention_gpu.json
@@ -119,23 +118,12 @@ def ours_pv() -> str:
     return "fp8" if torch.cuda.get_device_capability() >= (8, 9) else "fp16"
 
 
-def gluon_kernel(block_n: int) -> AttentionBackend:
-    """``kernels.gluon_sage`` over ``block_n``-key tiles: our fp8 P.V numerics with the products
-    overlapping the softmax (Hopper, head dim 128), beside the Triton kernel the sage backend runs."""
+def gluon_kernel() -> AttentionBackend:
+    """``kernels.gluon_sage``: our fp8 P.V numerics with the products overlapping the softmax
+    (Hopper, head dim 128), beside the Triton kernel the sage backend runs."""
     from smartdiff.kernels import gluon_sage
 
-    attend = partial(gluon_sage.dense_attention, block_n=block_n)
-    return AttentionBackend("sage", f"kernels.gluon_sage, fp8 P.V, {block_n}-key tiles", "8bit", attend)
-
-
-def uncapped_kernel() -> AttentionBackend:
-    """Our Triton 8-bit kernel at head dim 128 without its register cap (two programs per Hopper
-    multiprocessor instead of three): what the cap is worth, in the same run."""
-    from smartdiff.kernels.triton_sage import CONFIGS, sage_attention
-
-    config = replace(CONFIGS[128], max_registers=None)
-    attend = partial(sage_attention, pv_fp8=ours_pv() == "fp8", config=config)
-    return AttentionBackend("sage", f"kernels.triton_sage, {ours_pv()} P.V, no register cap", "8bit", attend)
+    return AttentionBackend("sage", "kernels.gluon_sage, fp8 P.V", "8bit", gluon_sage.dense_attention)
 
 
 def dense_impls() -> list[Impl]:
@@ -147,11 +135,7 @@ def dense_impls() -> list[Impl]:
         from smartdiff.kernels import gluon_sage
 
         if gluon_sage.on_hopper(DEVICE):
-            head_dims = (gluon_sage.HEAD_DIM,)
-            gluon = [
-                Impl(f"sage-ours-gluon-n{n}", "8bit", ("triton",), partial(gluon_kernel, n), head_dims)
-                for n in sorted(gluon_sage.STAGES, reverse=True)
-            ]
+            gluon = [Impl("sage-ours-gluon", "8bit", ("triton",), gluon_kernel, (gluon_sage.HEAD_DIM,))]
     return [
         Impl("sdpa-cudnn", "exact", (), lambda: pinned_sdpa(SDPBackend.CUDNN_ATTENTION)),
         Impl("sdpa-flash", "exact", (), lambda: pinned_sdpa(SDPBackend.FLASH_ATTENTION)),
@@ -163,7 +147,6 @@ def dense_impls() -> list[Impl]:
         ),
         Impl("sage-upstream", "8bit", ("sageattention",), sage("upstream")),
         Impl("sage-ours-fp8", "8bit", ("triton",), sage("triton", pv="fp8")),
-        Impl("sage-ours-fp8-no-cap", "8bit", ("triton",), uncapped_kernel, (128,)),
         *gluon,
         Impl("sage-ours-fp16", "8bit", ("triton",), sage("triton", pv="fp16")),
     ]
@@ -468,13 +451,14 @@ def sparse_timings(
 
 def label(config: KernelConfig) -> str:
     loads = " tma" if config.tma else ""
-    return f"m{config.block_m} n{config.block_n} w{config.num_warps} s{config.num_stages}{loads}"
+    cap = f" r{config.max_registers}" if config.max_registers else ""
+    return f"m{config.block_m} n{config.block_n} w{config.num_warps} s{config.num_stages}{loads}{cap}"
 
 
 def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list[str]]:
     """Our kernels at other tile and launch configs, each with its error. A config that does not fit
     (e.g. out of shared memory) is a finding, not a failure of the run: its problems are returned apart."""
-    from smartdiff.kernels.triton_sage import KernelConfig, sage_attention
+    from smartdiff.kernels.triton_sage import THREE_PROGRAMS_REGISTERS, KernelConfig, sage_attention
     from smartdiff.kernels.triton_sparge import block_sparse_sage_attention, sparse_config
 
     q, k, v = qkv
@@ -497,6 +481,12 @@ def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list
         sage_row(KernelConfig(block_m, block_n, num_warps, num_stages, tma=True))
         for block_m, block_n, num_warps in ((64, 128, 4), (128, 128, 8), (64, 64, 4))
         for num_stages in (2, 3, 4)
+    ]
+    # Three programs per multiprocessor, as SageAttention2's Hopper kernel runs (its 64 x 128 tiles in
+    # 167-168 registers, one K and one V buffer): the 4-warp TMA tiles under the register cap.
+    rows += [
+        sage_row(KernelConfig(64, 128, 4, num_stages, tma=True, max_registers=THREE_PROGRAMS_REGISTERS))
+        for num_stages in (1, 2)
     ]
     mask = block_mask(q, k, 128, 64, topk=0.5, sim_threshold=None)
     sparse_ref = fp32_reference(q, k, v, mask)

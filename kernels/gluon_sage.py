@@ -14,10 +14,9 @@ tile j+1 runs while the softmax of tile j does. Gluon gives that control (asynch
 MMAs, explicit waits, TMA loads into a ring of shared-memory stages with a barrier per stage).
 
 Hopper only (wgmma), head dim 128, 64 query rows per program (one warp group); 128 keys a tile
-dense (64 on request), the map's 64 sparse. Status: the tests compile it for sm_90 with every
-Triton the project allows, and ``bench/attention_gpu.py`` runs it on Hopper beside the Triton
-kernel, which the sage and sparge backends keep running until this one has been measured faster
-on the GPU.
+dense, the map's 64 sparse. Status: the tests compile it for sm_90 with every Triton the project
+allows, and ``bench/attention_gpu.py`` runs it on Hopper beside the Triton kernel, which the sage
+and sparge backends keep running until this one has been measured faster on the GPU.
 """
 
 from __future__ import annotations
@@ -42,11 +41,8 @@ from smartdiff.kernels.triton_sage import (
 
 HEAD_DIM = 128
 BLOCK_M = 64  # query rows per program: one warp group, wgmma's m64
-# Ring stages by key-tile width (the tile is also a K quantisation block): as many as two programs
-# per multiprocessor leave shared memory for (106.6 KB at 128 keys, 73.8 KB at 64).
-STAGES = {128: 3, 64: 4}
-DENSE_BLOCK_N = 128  # the dense kernel's default; 64 is its other choice
-SPARSE_BLOCK_N = 64  # the block map's key blocks
+DENSE_BLOCK_N, DENSE_STAGES = 128, 3  # keys a tile (and a K quantisation block); ring stages
+SPARSE_BLOCK_N, SPARSE_STAGES = 64, 4  # the block map's key blocks
 
 _LOG2_FP8_MAX = gl.constexpr(math.log2(FP8_MAX))
 # Gluon is experimental and its names move: Triton 3.6 and 3.7 call the TMA load
@@ -310,18 +306,13 @@ def _launch(
     return out
 
 
-def dense_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int = DENSE_BLOCK_N
-) -> torch.Tensor:
-    """``triton_sage.sage_attention`` with fp8 P.V, on Hopper at head dim 128, over key tiles of
-    ``block_n`` (a key of ``STAGES``)."""
-    if block_n not in STAGES:
-        raise ValueError(f"key tiles of {block_n}: kernels.gluon_sage runs {sorted(STAGES)}")
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``triton_sage.sage_attention`` with fp8 P.V, on Hopper at head dim 128."""
     _check_runs(q, k, v)
-    config = KernelConfig(BLOCK_M, block_n, num_warps=4, num_stages=STAGES[block_n], tma=True)
+    config = KernelConfig(BLOCK_M, DENSE_BLOCK_N, num_warps=4, num_stages=DENSE_STAGES, tma=True)
     qkv = quantize_qkv(q, k, v, config, pv_fp8=True)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return _launch(qkv, out, block_n, STAGES[block_n])
+    return _launch(qkv, out, DENSE_BLOCK_N, DENSE_STAGES)
 
 
 def sparse_attention(
@@ -336,8 +327,7 @@ def sparse_attention(
     """``triton_sparge.attend_kept_blocks`` with fp8 P.V, on Hopper at head dim 128: over the kept
     lists of ``map_block_q``-query rows of SPARSE_BLOCK_N-key blocks."""
     _check_runs(q, k, v)
-    stages = STAGES[SPARSE_BLOCK_N]
-    config = KernelConfig(BLOCK_M, SPARSE_BLOCK_N, num_warps=4, num_stages=stages, tma=True)
+    config = KernelConfig(BLOCK_M, SPARSE_BLOCK_N, num_warps=4, num_stages=SPARSE_STAGES, tma=True)
     qkv = quantize_qkv(q, k, v, config, pv_fp8=True, k_mean=k_mean)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return _launch(qkv, out, SPARSE_BLOCK_N, stages, (kept, counts), map_block_q)
+    return _launch(qkv, out, SPARSE_BLOCK_N, SPARSE_STAGES, (kept, counts), map_block_q)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from smartdiff.kernels.triton_fp8 import (
 )
 from smartdiff.kernels.triton_norm import SUM_BLOCK, SUM_WARPS, _residual_sum_kernel, _rms_norm_rows_kernel
 from smartdiff.kernels.triton_norm import launch_shape as vae_norm_launch_shape
-from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel, with_pointer_loads
+from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
 from smartdiff.kernels.triton_sparge import (
     MAP_BLOCK_Q,
     SPARSE_CONFIGS,
@@ -66,17 +67,18 @@ def compile_for_hopper(sparse: bool, config: KernelConfig, head_dim: int):
     )
 
 
-def compile_gluon_for_hopper(sparse: bool, block_n: int | None = None):
-    """``kernels.gluon_sage``'s kernel, dense or block-sparse, bf16 out, for sm_90; ``block_n``: the
-    dense kernel's key tiles (its default if None)."""
+def compile_gluon_for_hopper(sparse: bool):
+    """``kernels.gluon_sage``'s kernel, dense or block-sparse at its default tiles, bf16 out, for sm_90."""
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     from smartdiff.kernels import gluon_sage
 
     d, block_m = gluon_sage.HEAD_DIM, gluon_sage.BLOCK_M
-    block_n = gluon_sage.SPARSE_BLOCK_N if sparse else block_n or gluon_sage.DENSE_BLOCK_N
-    stages = gluon_sage.STAGES[block_n]
+    if sparse:
+        block_n, stages = gluon_sage.SPARSE_BLOCK_N, gluon_sage.SPARSE_STAGES
+    else:
+        block_n, stages = gluon_sage.DENSE_BLOCK_N, gluon_sage.DENSE_STAGES
 
     def descriptor(dtype, block: list[int]) -> str:  # the type of a descriptor gluon_sage would pass
         x = torch.empty(4 * block[0], block[1], dtype=dtype)
@@ -183,8 +185,10 @@ def _compile(
 
 def default_configs(head_dim: int, tma: bool) -> dict[str, KernelConfig]:
     """The dense and sparse kernels' default configs for ``head_dim``, with or without TMA loads."""
-    configs = {"dense": CONFIGS[head_dim], "sparse": SPARSE_CONFIGS[head_dim]}
-    return {kind: config if tma else with_pointer_loads(config) for kind, config in configs.items()}
+    return {
+        "dense": replace(CONFIGS[head_dim], tma=tma),
+        "sparse": replace(SPARSE_CONFIGS[head_dim], tma=tma),
+    }
 
 
 def resource_usage(compiled) -> dict[str, int]:

@@ -61,36 +61,36 @@ class KernelConfig:
     tma: bool = False  # Q, K and V tiles read by the TMA through descriptors (sm_90+), not pointers
     # Registers a thread may use (ptxas's maxnreg), None for the compiler's choice: a cap lets more
     # programs share a multiprocessor, which is what hides one program's softmax behind another's
-    # products (the kernel waits on each product as soon as it is issued).
+    # products (the kernel waits on each product as soon as it is issued). For tuning: no default
+    # sets one (``CONFIGS``).
     max_registers: int | None = None
+
+
+# The most registers a thread of a 4-warp program may use for three programs to share a Hopper
+# multiprocessor (65,536 registers, allocated per warp in steps of 8 a thread).
+THREE_PROGRAMS_REGISTERS = 168
 
 
 # Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape, the whole
 # call while V was still quantised in PyTorch: 9.3 ms at 64 x 128 tiles with 4 warps, 2 stages and
 # TMA loads; 10.2 ms at the same tiles with pointer loads and 3 stages, 11.9 ms at 128 x 128 with
 # 8 warps; head dim 64 is not tuned). BLOCK_M and BLOCK_N are also the Q and K quantisation blocks.
-# Head dim 128 is capped at 168 registers: three programs per Hopper multiprocessor (3 x 128 threads
-# x 168 of its 65,536 registers; 3 x 73.8 KB of its 228 KB of shared memory) instead of the two that
-# the compiler's 198 allow. SageAttention2's Hopper kernel runs its 64 x 128 tiles at 167-168
-# registers, three to a multiprocessor. Triton 3.6's ptxas fits the cap without spilling.
+# No register cap at head dim 128: SageAttention2's Hopper kernel runs its 64 x 128 tiles in 167-168
+# registers, three programs to a multiprocessor, where ours takes 198 (two). Capped at 168
+# (THREE_PROGRAMS_REGISTERS; Triton 3.6 fits it without spilling), ours was 0.2-1.1% slower at the
+# 1.3B shape in five runs on an H100, and at the 14B shape 5.6% faster to 3.5% slower from run to
+# run (docs/PERFORMANCE.md, 2026-12-07, sixth session).
 CONFIGS: dict[int, KernelConfig] = {
     64: KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, tma=True),
-    128: KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True, max_registers=168),
+    128: KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True),
 }
-
-
-def with_pointer_loads(config: KernelConfig) -> KernelConfig:
-    """``config`` reading its tiles through pointers instead of the TMA (same numerics, same tiles),
-    without a register cap: the caps are set for the TMA builds, and the pointer builds spill under
-    them (over 1.5 KB a thread at 168, ``bench/kernel_build.py``)."""
-    return replace(config, tma=False, max_registers=None)
 
 
 def for_device(config: KernelConfig, device: torch.device) -> KernelConfig:
     """A default config as ``device`` can run it: its tiles read by the TMA on sm_90 and newer,
-    through pointers on older GPUs."""
+    through pointers on older GPUs (same numerics, same tiles)."""
     if config.tma and device.type == "cuda" and torch.cuda.get_device_capability(device) < (9, 0):
-        return with_pointer_loads(config)
+        return replace(config, tma=False)
     return config
 
 

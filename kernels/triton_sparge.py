@@ -54,14 +54,10 @@ MAP_BLOCK_K = 64
 # Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape, half the
 # blocks kept, V still quantised in PyTorch: 6.0 ms on 64-token query tiles with 4 warps, 3 stages and
 # TMA loads; 7.0-7.4 ms at the same tiles with pointer loads, 8.3 ms on the map's 128-token blocks
-# with 8 warps; head dim 64 is not tuned). Capped at 168 registers, three programs per Hopper
-# multiprocessor, as the dense kernel (``triton_sage.CONFIGS``): Triton 3.6 builds it in 167 without
-# the cap, 3.9 in 177 (two programs).
+# with 8 warps; head dim 64 is not tuned).
 SPARSE_CONFIGS: dict[int, KernelConfig] = {
     64: KernelConfig(block_m=MAP_BLOCK_Q, block_n=MAP_BLOCK_K, num_warps=4, num_stages=3, tma=True),
-    128: KernelConfig(
-        block_m=MAP_BLOCK_Q // 2, block_n=MAP_BLOCK_K, num_warps=4, num_stages=3, tma=True, max_registers=168
-    ),
+    128: KernelConfig(block_m=MAP_BLOCK_Q // 2, block_n=MAP_BLOCK_K, num_warps=4, num_stages=3, tma=True),
 }
 
 
