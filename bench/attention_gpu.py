@@ -97,6 +97,9 @@ class Impl:
     build: Callable[[], AttentionBackend]  # raises if it cannot run here
     head_dims: tuple[int, ...] | None = None  # the head dims it runs, if not all
 
+    def runs(self, head_dim: int) -> bool:
+        return self.head_dims is None or head_dim in self.head_dims
+
 
 @dataclass(frozen=True)
 class Built:
@@ -224,7 +227,7 @@ def check(
     row: dict = {"impl": impl.name, "shape": shape.label, "inputs": inputs, "status": built.status}
     if built.backend is None:
         return row
-    if impl.head_dims is not None and shape.dim not in impl.head_dims:
+    if not impl.runs(shape.dim):
         row["status"] = f"not for head dim {shape.dim}"
         return row
     row["implementation"] = built.backend.implementation
@@ -346,7 +349,7 @@ def dense_timings(
 ) -> list[dict]:
     rows = []
     for impl in dense_impls():
-        if impl.head_dims is not None and shape.dim not in impl.head_dims:
+        if not impl.runs(shape.dim):
             continue  # every timing shape is Wan's head dim 128
         built = build(impl, failures)
         if built.backend is None:

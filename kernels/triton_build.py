@@ -26,7 +26,7 @@ from smartdiff.kernels.triton_fp8 import (
 )
 from smartdiff.kernels.triton_norm import SUM_BLOCK, SUM_WARPS, _residual_sum_kernel, _rms_norm_rows_kernel
 from smartdiff.kernels.triton_norm import launch_shape as vae_norm_launch_shape
-from smartdiff.kernels.triton_sage import CONFIGS, KernelConfig, _sage_attention_kernel
+from smartdiff.kernels.triton_sage import CONFIGS, HOPPER_REGISTERS, KernelConfig, _sage_attention_kernel
 from smartdiff.kernels.triton_sparge import (
     MAP_BLOCK_Q,
     SPARSE_CONFIGS,
@@ -35,9 +35,8 @@ from smartdiff.kernels.triton_sparge import (
 )
 
 HOPPER = GPUTarget("cuda", 90, 32)
-# What one Hopper multiprocessor shares among its resident programs: 65,536 registers, allocated per
-# warp in steps of 8 a thread, and 228 KB of shared memory, of which each program also takes 1 KB.
-HOPPER_REGISTERS = 65536
+# What one Hopper multiprocessor shares among its resident programs besides its registers
+# (``triton_sage.HOPPER_REGISTERS``): 228 KB of shared memory, of which each program also takes 1 KB.
 HOPPER_SHARED = 228 * 1024
 PROGRAM_RESERVED_SHARED = 1024
 
