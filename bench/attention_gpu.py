@@ -458,6 +458,50 @@ def label(config: KernelConfig) -> str:
     return f"m{config.block_m} n{config.block_n} w{config.num_warps} s{config.num_stages}{loads}{cap}"
 
 
+def parse_label(text: str) -> KernelConfig:
+    """The config a label names ("m64 n128 w4 s1 tma r168"), so --configs takes what the tables print."""
+    from smartdiff.kernels.triton_sage import KernelConfig
+
+    fields = {"tma": False, "max_registers": None}
+    names = {"m": "block_m", "n": "block_n", "w": "num_warps", "s": "num_stages", "r": "max_registers"}
+    for word in text.split():
+        if word == "tma":
+            fields["tma"] = True
+        elif word[:1] in names and word[1:].isdigit():
+            fields[names[word[0]]] = int(word[1:])
+        else:
+            raise argparse.ArgumentTypeError(
+                f"{word!r} in config {text!r}: expected m<int> n<int> w<int> s<int> [tma] [r<int>]"
+            )
+    missing = {"block_m", "block_n", "num_warps", "num_stages"} - fields.keys()
+    if missing:
+        raise argparse.ArgumentTypeError(f"config {text!r} lacks {sorted(missing)}")
+    return KernelConfig(**fields)
+
+
+def config_timings(
+    shape: Shape, qkv, ref: torch.Tensor | None, configs: list[KernelConfig], rep_ms: int, failures: list[str]
+) -> list[dict]:
+    """Our dense 8-bit kernel at the configs named on the command line (--configs)."""
+    from smartdiff.kernels.triton_sage import sage_attention
+
+    q, k, v = qkv
+    pv_fp8 = ours_pv() == "fp8"
+    return [
+        timing(
+            f"sage {label(c)}",
+            str(c),
+            shape,
+            partial(sage_attention, q, k, v, pv_fp8, c),
+            ref,
+            "8bit",
+            rep_ms,
+            failures,
+        )
+        for c in configs
+    ]
+
+
 def sweep(shape: Shape, qkv, ref: torch.Tensor | None) -> tuple[list[dict], list[str]]:
     """Our kernels at other tile and launch configs, each with its error. A config that does not fit
     (e.g. out of shared memory) is a finding, not a failure of the run: its problems are returned apart."""
@@ -551,6 +595,13 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="shorter timings; errors at the mid shapes only")
     parser.add_argument("--sweep", action="store_true", help="time other configs of ours at the first shape")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        type=parse_label,
+        default=[],
+        help='configs of our dense 8-bit kernel to time at every shape, e.g. "m64 n128 w4 s1 tma"',
+    )
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -572,6 +623,7 @@ def main() -> None:
         ref = None if args.quick else fp32_reference(*qkv)
         report["timings"] += dense_timings(shape, qkv, ref, rep_ms, failures)
         report["timings"] += sparse_timings(shape, qkv, rep_ms, failures, with_error=not args.quick)
+        report["timings"] += config_timings(shape, qkv, ref, args.configs, rep_ms, failures)
         if args.sweep and index == 0:
             report["sweep"], report["sweep_problems"] = sweep(shape, qkv, ref)
         del qkv, ref
