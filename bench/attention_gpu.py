@@ -479,15 +479,22 @@ def parse_label(text: str) -> KernelConfig:
     return KernelConfig(**fields)
 
 
-def config_timings(
+def ours_dense_timings(
     shape: Shape, qkv, ref: torch.Tensor | None, configs: list[KernelConfig], rep_ms: int, failures: list[str]
 ) -> list[dict]:
-    """Our dense 8-bit kernel at the configs named on the command line (--configs)."""
-    from smartdiff.kernels.triton_sage import sage_attention
+    """Our dense 8-bit path's quantisation alone (part of every sage-ours row), then our kernel at
+    the configs named on the command line (--configs)."""
+    from smartdiff.kernels.triton_sage import CONFIGS, for_device, quantize_qkv, sage_attention
 
     q, k, v = qkv
     pv_fp8 = ours_pv() == "fp8"
-    return [
+    default = for_device(CONFIGS[shape.dim], q.device)
+    quantise = partial(quantize_qkv, q, k, v, default, pv_fp8)
+    row = timing(
+        "sage-ours quantisation", "triton_sage.quantize_qkv", shape, quantise, None, "8bit", rep_ms, failures
+    )
+    row.pop("tflops", None)  # not attention
+    return [row] + [
         timing(
             f"sage {label(c)}",
             str(c),
@@ -623,7 +630,7 @@ def main() -> None:
         ref = None if args.quick else fp32_reference(*qkv)
         report["timings"] += dense_timings(shape, qkv, ref, rep_ms, failures)
         report["timings"] += sparse_timings(shape, qkv, rep_ms, failures, with_error=not args.quick)
-        report["timings"] += config_timings(shape, qkv, ref, args.configs, rep_ms, failures)
+        report["timings"] += ours_dense_timings(shape, qkv, ref, args.configs, rep_ms, failures)
         if args.sweep and index == 0:
             report["sweep"], report["sweep_problems"] = sweep(shape, qkv, ref)
         del qkv, ref
