@@ -6,7 +6,10 @@ lets three of its programs share a multiprocessor, and the Gluon kernels (dense,
 Prints as JSON each build's registers a thread, spill bytes, shared memory and how many of its
 programs fit on one multiprocessor (``triton_build.resource_usage``): a kernel whose K and V tiles
 are kept in flight needs more shared memory with every stage, and a program that waits on its own
-products needs others beside it. No GPU needed.
+products needs others beside it. Also the count of SASS instructions that run on the
+multiprocessor's narrow pipe (special functions such as exp2, int <-> float conversions: 16 a clock,
+against 128 for fp32 arithmetic), and of fp32 -> fp8 packs (``triton_build.instruction_counts``;
+each loop body counted once). No GPU needed.
 
     python bench/kernel_build.py --json-out kernel_build.json
 """
@@ -25,11 +28,15 @@ from smartdiff.kernels.triton_build import (
     compile_for_hopper,
     compile_gluon_for_hopper,
     default_configs,
+    instruction_counts,
     resource_usage,
 )
 from smartdiff.kernels.triton_sage import THREE_PROGRAMS_REGISTERS
 
 HEAD_DIM = 128
+# Narrow-pipe opcodes (MUFU: exp2 and other special functions; I2F/I2FP/F2I: conversions), then the
+# fp32 -> fp8 packs of P.
+SASS_OPCODES = ("MUFU", "I2F", "I2FP", "F2I", "F2FP")
 
 
 def main() -> None:
@@ -40,8 +47,10 @@ def main() -> None:
     report = {"triton": triton.__version__, "target": "sm_90", "head_dim": HEAD_DIM, "builds": []}
 
     def add(kernel: str, loads: str, config: str, compiled) -> None:
+        counts = instruction_counts(compiled)
+        sass = {opcode: counts.get(opcode, 0) for opcode in SASS_OPCODES}
         report["builds"].append(
-            {"kernel": kernel, "loads": loads, "config": config, **resource_usage(compiled)}
+            {"kernel": kernel, "loads": loads, "config": config, **resource_usage(compiled), "sass": sass}
         )
 
     for tma in (False, True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -190,20 +191,27 @@ def default_configs(head_dim: int, tma: bool) -> dict[str, KernelConfig]:
     }
 
 
-def resource_usage(compiled) -> dict[str, int]:
-    """A kernel compiled here, as its cubin says (``cuobjdump -res-usage``): registers a thread,
-    stack bytes a thread (spills), shared memory a program (Triton's dynamic share), and how many of
-    its programs fit on one Hopper multiprocessor at once (registers and shared memory both)."""
+def _cuobjdump(compiled, flag: str) -> str:
+    """``cuobjdump <flag>`` of a kernel compiled here, with the cuobjdump that ships with Triton."""
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        text = subprocess.run(
-            [triton.knobs.nvidia.cuobjdump.path, "-res-usage", str(cubin)],
+        return subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, flag, str(cubin)],
             check=True,
             capture_output=True,
             text=True,
         ).stdout
-    usage = {key: int(value) for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", text)}
+
+
+def resource_usage(compiled) -> dict[str, int]:
+    """A kernel compiled here, as its cubin says (``cuobjdump -res-usage``): registers a thread,
+    stack bytes a thread (spills), shared memory a program (Triton's dynamic share), and how many of
+    its programs fit on one Hopper multiprocessor at once (registers and shared memory both)."""
+    usage = {
+        key: int(value)
+        for key, value in re.findall(r"(REG|STACK|LOCAL):(\d+)", _cuobjdump(compiled, "-res-usage"))
+    }
     threads = compiled.metadata.num_warps * 32
     shared = compiled.metadata.shared
     by_registers = HOPPER_REGISTERS // (-(-usage["REG"] // 8) * 8 * threads)
@@ -214,3 +222,11 @@ def resource_usage(compiled) -> dict[str, int]:
         "shared_bytes": shared,
         "programs_per_multiprocessor": min(by_registers, by_shared),
     }
+
+
+def instruction_counts(compiled) -> dict[str, int]:
+    """How many instructions of each opcode (its name before the first dot) a compiled kernel's
+    SASS holds, over the whole kernel (each loop body counted once)."""
+    sass = _cuobjdump(compiled, "-sass")
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)", sass)
+    return dict(Counter(opcodes))
