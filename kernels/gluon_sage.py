@@ -109,7 +109,7 @@ def _softmax_tile(
     """One tile's online-softmax update (steps 3-4 of ``triton_sage``): returns (448 P~ in fp8,
     the accumulator's correction, the new row max and row sum). MASK: columns from ``n_valid`` on
     are padding."""
-    s = (scores + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0  # triton_sage.exact_int_to_float
+    s = scores.to(gl.float32)
     if MASK:
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, layout))
         s = gl.where(gl.expand_dims(cols < n_valid, 0), s * scale, float("-inf"))

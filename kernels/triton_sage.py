@@ -50,9 +50,6 @@ _ROUND_TO_INTEGER = tl.constexpr(12582912.0)
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_MAX))
 _FP32_TINY = tl.constexpr(1.1754943508222875e-38)  # torch.finfo(torch.float32).tiny, as the reference
-# 1.5 * 2^23 and its fp32 bits: see ``exact_int_to_float``.
-_MAGIC_FLOAT = tl.constexpr(12582912.0)
-_MAGIC_BITS = tl.constexpr(0x4B400000)
 
 
 @dataclass(frozen=True)
@@ -406,17 +403,6 @@ def load_query_block(
 
 
 @triton.jit
-def exact_int_to_float(x):
-    """int32 x with |x| < 2^22 as fp32, exactly, without a conversion instruction: the bits of
-    x + 0x4B400000 read as fp32 are 1.5 * 2^23 + x, and subtracting 1.5 * 2^23 is exact. A GPU
-    converts int32 to fp32 on the narrow pipe that also runs exp2 (16 a clock per multiprocessor
-    from Ampere to Hopper), so converting each score cost as much as its exp2; an integer add and a
-    float subtract run on full-rate pipes. Q.K of int8 values in [-127, 127] stays below 2^22 up to
-    head dim 256."""
-    return (x + _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC_FLOAT
-
-
-@triton.jit
 def attend_key_block(
     acc,
     row_max,
@@ -449,7 +435,7 @@ def attend_key_block(
         k = k_src.load([bh * n_k_padded + key_block * BLOCK_N, 0])
     else:
         k = tl.load(k_src + cols[:, None] * HEAD_DIM + dims[None, :])
-    scores = exact_int_to_float(tl.dot(q, tl.trans(k), out_dtype=tl.int32))
+    scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
     scale = q_scale * tl.load(k_scale_head + key_block)  # one scale per tile: to log2 units
     # fp8: exp2(x + log2 448) = 448 exp2(x), so P~ comes out of the exp2 already scaled for fp8.
     p_offset = _LOG2_FP8_MAX if PV_FP8 else 0.0
