@@ -322,11 +322,12 @@ def sparse_attention(
     kept: torch.Tensor,
     counts: torch.Tensor,
     map_block_q: int,
+    k_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``triton_sparge.attend_kept_blocks`` with fp8 P.V, on Hopper at head dim 128: over the kept
     lists of ``map_block_q``-query rows of SPARSE_BLOCK_N-key blocks."""
     _check_runs(q, k, v)
     config = KernelConfig(BLOCK_M, SPARSE_BLOCK_N, num_warps=4, num_stages=SPARSE_STAGES, tma=True)
-    qkv = quantize_qkv(q, k, v, config, pv_fp8=True)
+    qkv = quantize_qkv(q, k, v, config, pv_fp8=True, k_mean=k_mean)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     return _launch(qkv, out, SPARSE_BLOCK_N, SPARSE_STAGES, (kept, counts), map_block_q)

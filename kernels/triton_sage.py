@@ -255,19 +255,17 @@ def _quantize_v_fp8_kernel(
     )
 
 
-def prepare_v(
-    v: torch.Tensor, block_n: int, v_absmax: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_v(v: torch.Tensor, block_n: int, pv_fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """v (batch, tokens, heads, d) -> transposed (batch*heads, d, padded tokens) and scales (batch*heads, d).
 
-    fp8 when ``v_absmax`` (``TokenStats.v_absmax``) is given: V / scale_v with scale_v = max over
-    tokens |V| / 448 per channel. Else fp16: V itself, scales 1.
+    fp8: V / scale_v with scale_v = max over tokens |V| / 448 per channel; fp16: V itself, scales 1.
     Padding columns are zeros: the kernel multiplies them by P~ = 0, and 0 * NaN would not be 0.
     """
     b, n, h, d = v.shape
     n_padded = triton.cdiv(n, block_n) * block_n
-    if v_absmax is not None:
-        scale = (v_absmax / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    if pv_fp8:
+        low, high = torch.aminmax(v, dim=1)  # one pass, no |V| copy
+        scale = (torch.maximum(high, -low).float() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
         out = torch.empty(b * h, d, n_padded, dtype=torch.float8_e4m3fn, device=v.device)
         launch_per_token_block(_quantize_v_fp8_kernel, v, block_n, None, (scale, out), num_warps=4)
     else:
@@ -277,83 +275,9 @@ def prepare_v(
     return out.view(b * h, d, n_padded), scale.view(b * h, d)
 
 
-@dataclass(frozen=True)
-class TokenStats:
-    """What the quantisation needs of a whole head before it quantises any block of it."""
-
-    k_mean: torch.Tensor  # fp32 (batch, heads, d): K's mean over tokens, K smoothing's mean
-    v_absmax: torch.Tensor | None  # fp32 (batch, heads, d): max over tokens |V|; None if not asked for
-
-
-# Tokens a program of the stats kernel reads: 8 blocks of 64. At the 1.3B shape that makes 768
-# programs (about six a multiprocessor), at the 14B shape 5,920; their partial results are a few MB.
-_STATS_BLOCK = 64
-_STATS_BLOCKS_PER_PROGRAM = 8
-
-
-# Token counts change with every video size: no recompiling for their divisibility by 16.
-@triton.jit(do_not_specialize=["n_tokens"])
-def _token_stats_kernel(
-    k_ptr,
-    v_ptr,
-    k_sum_ptr,
-    v_max_ptr,
-    n_tokens,
-    n_heads,
-    stride_kb,
-    stride_kn,
-    stride_kh,
-    stride_kd,
-    stride_vb,
-    stride_vn,
-    stride_vh,
-    stride_vd,
-    HEAD_DIM: tl.constexpr,
-    BLOCK: tl.constexpr,
-    BLOCKS_PER_PROGRAM: tl.constexpr,
-    WITH_V: tl.constexpr,
-):
-    """One program's share of a head: the sum of its K tokens and the largest |V| per channel
-    (padding rows load as zeros, which change neither), stored at (head, program)."""
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
-    k_sum = tl.zeros((HEAD_DIM,), dtype=tl.float32)
-    v_max = tl.zeros((HEAD_DIM,), dtype=tl.float32)
-    for i in range(BLOCKS_PER_PROGRAM):
-        block = chunk * BLOCKS_PER_PROGRAM + i
-        k = load_token_block(
-            k_ptr, k_ptr, block, bh, n_tokens, n_heads, stride_kb, stride_kn, stride_kh, stride_kd,
-            HEAD_DIM, BLOCK, False,
-        )  # fmt: skip
-        k_sum += tl.sum(k, 0)
-        if WITH_V:
-            v = load_token_block(
-                v_ptr, v_ptr, block, bh, n_tokens, n_heads, stride_vb, stride_vn, stride_vh, stride_vd,
-                HEAD_DIM, BLOCK, False,
-            )  # fmt: skip
-            v_max = tl.maximum(v_max, tl.max(tl.abs(v), 0))
-    dst = (bh * tl.num_programs(0) + chunk) * HEAD_DIM + tl.arange(0, HEAD_DIM)
-    tl.store(k_sum_ptr + dst, k_sum)
-    if WITH_V:
-        tl.store(v_max_ptr + dst, v_max)
-
-
-def token_stats(k: torch.Tensor, v: torch.Tensor | None = None) -> TokenStats:
-    """K's mean over tokens and, if ``v`` is given, V's largest |value| per channel, in one pass
-    over both (k, v: (batch, tokens, heads, d), any strides). The partial sums are added in a fixed
-    order, so the same inputs give the same mean, bit for bit."""
-    b, n, h, d = k.shape
-    n_programs = triton.cdiv(n, _STATS_BLOCK * _STATS_BLOCKS_PER_PROGRAM)
-    k_sum = torch.empty(b * h, n_programs, d, dtype=torch.float32, device=k.device)
-    v_max = torch.empty_like(k_sum) if v is not None else k_sum  # not written without V
-    v_in = v if v is not None else k
-    _token_stats_kernel[(n_programs, b * h)](
-        k, v_in, k_sum, v_max, n, h, *k.stride(), *v_in.stride(),
-        HEAD_DIM=d, BLOCK=_STATS_BLOCK, BLOCKS_PER_PROGRAM=_STATS_BLOCKS_PER_PROGRAM, WITH_V=v is not None,
-        num_warps=4,
-    )  # fmt: skip
-    k_mean = (k_sum.sum(dim=1) / n).view(b, h, d)
-    return TokenStats(k_mean, v_max.amax(dim=1).view(b, h, d) if v is not None else None)
+def token_mean(x: torch.Tensor) -> torch.Tensor:
+    """x (batch, tokens, heads, d) -> its mean over tokens, fp32 (batch, heads, d): K smoothing's mean."""
+    return x.mean(dim=1, dtype=torch.float32).contiguous()
 
 
 def quantize_qkv(
@@ -362,14 +286,14 @@ def quantize_qkv(
     v: torch.Tensor,
     config: KernelConfig,
     pv_fp8: bool,
-    stats: TokenStats | None = None,
+    k_mean: torch.Tensor | None = None,
 ) -> QuantizedQKV:
-    """Steps 1, 2 and the V half of step 5 of the module docstring (``stats``: ``token_stats(k, v)``,
-    if the caller has it; with ``pv_fp8`` it must hold V's maximum)."""
-    stats = token_stats(k, v if pv_fp8 else None) if stats is None else stats
+    """Steps 1, 2 and the V half of step 5 of the module docstring (``k_mean``: ``token_mean(k)``,
+    if the caller has it)."""
+    k_mean = token_mean(k) if k_mean is None else k_mean
     q8, q_scale = quantize_int8_per_block(q, config.block_m)
-    k8, k_scale = quantize_int8_per_block(k, config.block_n, mean=stats.k_mean)
-    v_t, v_scale = prepare_v(v, config.block_n, stats.v_absmax if pv_fp8 else None)
+    k8, k_scale = quantize_int8_per_block(k, config.block_n, mean=k_mean)
+    v_t, v_scale = prepare_v(v, config.block_n, pv_fp8)
     return QuantizedQKV(q8, q_scale, k8, k_scale, v_t, v_scale, q.shape[1], k.shape[1])
 
 

@@ -34,7 +34,6 @@ from smartdiff.kernels.reference import check_selection, topk_count
 from smartdiff.kernels.triton_sage import (
     LOG2_E,
     KernelConfig,
-    TokenStats,
     attend_key_block,
     check_inputs,
     empty_softmax_state,
@@ -45,7 +44,7 @@ from smartdiff.kernels.triton_sage import (
     quantize_qkv,
     store_output,
     tma_descriptors,
-    token_stats,
+    token_mean,
 )
 
 MAP_BLOCK_Q = 128
@@ -215,9 +214,9 @@ def block_map(
 ) -> BlockMap:
     """``kernels.reference.block_mask`` on MAP_BLOCK_Q x MAP_BLOCK_K blocks, K smoothed, with the
     pooling and the selection in Triton, and the kept lists the sparse kernel reads. ``k_mean``: K's
-    mean over tokens (``token_stats(k).k_mean``), if the caller has it already."""
+    mean over tokens (``token_mean``), if the caller has it already."""
     check_selection(topk, cdf)
-    k_mean = token_stats(k).k_mean if k_mean is None else k_mean
+    k_mean = token_mean(k) if k_mean is None else k_mean
     pq, sim_q = pool_blocks(q, MAP_BLOCK_Q)
     pk, sim_k = pool_blocks(k, MAP_BLOCK_K, mean=k_mean)
     (b, h, n_q_blocks, d), n_k_blocks = pq.shape, pk.shape[-2]
@@ -343,10 +342,10 @@ def attend_kept_blocks(
     counts: torch.Tensor,
     pv_fp8: bool,
     config: KernelConfig | None,
-    stats: TokenStats | None = None,
+    k_mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The kernel over kept-block lists (``kept_block_lists`` or ``block_map``'s); ``stats``:
-    ``token_stats(k, v)``, if the caller has it."""
+    """The kernel over kept-block lists (``kept_block_lists`` or ``block_map``'s); ``k_mean``:
+    ``token_mean(k)``, if the caller has it."""
     b, n_q, h, d = q.shape
     n_k = k.shape[1]
     config = config or sparse_config(d, q.device)
@@ -354,7 +353,7 @@ def attend_kept_blocks(
         raise ValueError(
             f"the kernel's tiles must be {MAP_BLOCK_Q} or {MAP_BLOCK_Q // 2} query x {MAP_BLOCK_K} key tokens"
         )
-    qkv = quantize_qkv(q, k, v, config, pv_fp8, stats)
+    qkv = quantize_qkv(q, k, v, config, pv_fp8, k_mean)
     out = torch.empty(b, n_q, h, d, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(n_q, config.block_m), b * h)
     q_in, k_in, v_in = tma_descriptors(qkv, config) if config.tma else (qkv.q, qkv.k, qkv.v)
@@ -400,7 +399,7 @@ def sparge_attention(
     Returns (output, block mask); ``mask.float().mean()`` is the fraction of blocks computed.
     """
     check_inputs(q, k, v)
-    stats = token_stats(k, v if pv_fp8 else None)  # K's mean for the block map and the quantisation
-    blocks = block_map(q, k, topk=topk, cdf=cdf, sim_threshold=sim_threshold, k_mean=stats.k_mean)
-    out = attend_kept_blocks(q, k, v, blocks.kept, blocks.counts, pv_fp8, None, stats)
+    k_mean = token_mean(k)  # K smoothing's mean, for the block map and for the quantisation
+    blocks = block_map(q, k, topk=topk, cdf=cdf, sim_threshold=sim_threshold, k_mean=k_mean)
+    out = attend_kept_blocks(q, k, v, blocks.kept, blocks.counts, pv_fp8, None, k_mean)
     return out, blocks.mask

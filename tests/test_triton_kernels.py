@@ -161,28 +161,12 @@ def _check_quantiser_matches_reference(dtype: str) -> None:
     assert not values[:, 300:].any()
 
 
-def _check_token_stats_match_pytorch() -> None:
-    from smartdiff.kernels.triton_sage import token_stats
-
-    # 1,100 tokens: three programs of 512, the last one partial. K and V are views into one packed
-    # q/k/v tensor, as a fused projection leaves them: strided tokens and heads.
-    packed = torch.randn(2, 1100, 3, 3, 64) * torch.linspace(0.1, 10.0, 64) + 0.5
-    k, v = packed[:, :, 1], packed[:, :, 2]
-    stats = token_stats(k, v)
-    assert stats.k_mean.shape == stats.v_absmax.shape == (2, 3, 64)
-    torch.testing.assert_close(stats.k_mean, k.double().mean(dim=1).float(), rtol=1e-6, atol=1e-6)
-    assert torch.equal(stats.v_absmax, v.abs().amax(dim=1))  # a maximum has no rounding
-    again = token_stats(k, v)
-    assert torch.equal(again.k_mean, stats.k_mean)  # partial sums added in a fixed order
-    assert torch.equal(token_stats(k).k_mean, stats.k_mean) and token_stats(k).v_absmax is None
-
-
 def _check_v_is_scaled_per_channel_and_transposed() -> None:
-    from smartdiff.kernels.triton_sage import prepare_v, token_stats
+    from smartdiff.kernels.triton_sage import prepare_v
 
-    k, _, v = _gaussian(tokens=100, dim=64, seed=2)
+    _, _, v = _gaussian(tokens=100, dim=64, seed=2)
     v = v * torch.linspace(0.1, 10.0, 64)  # channels of very different ranges
-    v8, scale = prepare_v(v, 64, token_stats(k, v).v_absmax)
+    v8, scale = prepare_v(v, 64, pv_fp8=True)
     assert v8.dtype == torch.float8_e4m3fn and v8.shape == (2, 64, 128) and scale.shape == (2, 64)
     expected_scale = v.abs().amax(dim=1)[0] / 448.0  # (heads, d)
     torch.testing.assert_close(scale, expected_scale)
@@ -190,7 +174,7 @@ def _check_v_is_scaled_per_channel_and_transposed() -> None:
     assert torch.equal(v8[..., :100].float(), expected.float())
     assert v8[..., :100].float().abs().amax(dim=-1).eq(448.0).all()  # each channel's max reaches 448
     assert not v8[..., 100:].float().any()
-    v16, ones = prepare_v(v, 64, None)
+    v16, ones = prepare_v(v, 64, pv_fp8=False)
     assert v16.dtype == torch.float16 and torch.equal(v16[..., :100], v[0].permute(1, 2, 0).half())
     assert torch.equal(ones, torch.ones(2, 64))
 
@@ -717,10 +701,6 @@ def test_the_vae_norm_kernel_matches_pytorch():
 
 def test_the_vae_residual_sum_kernel_matches_pytorch():
     _in_interpreter(_check_vae_residual_sum_matches_pytorch)
-
-
-def test_token_stats_match_pytorch():
-    _in_interpreter(_check_token_stats_match_pytorch)
 
 
 def test_v_is_scaled_per_channel_to_fp8_and_transposed():
