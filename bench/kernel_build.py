@@ -6,10 +6,10 @@ lets three of its programs share a multiprocessor, and the Gluon kernels (dense,
 Prints as JSON each build's registers a thread, spill bytes, shared memory and how many of its
 programs fit on one multiprocessor (``triton_build.resource_usage``): a kernel whose K and V tiles
 are kept in flight needs more shared memory with every stage, and a program that waits on its own
-products needs others beside it. Also the count of SASS instructions that run on the
-multiprocessor's narrow pipe (special functions such as exp2, int <-> float conversions: 16 a clock,
-against 128 for fp32 arithmetic), and of fp32 -> fp8 packs (``triton_build.instruction_counts``;
-each loop body counted once). No GPU needed.
+products needs others beside it. Also how many SASS instructions of the softmax's costlier kinds
+each build holds (``triton_build.instruction_counts``, each loop body counted once): special
+functions (MUFU: exp2, 16 a clock per multiprocessor against 128 fp32 multiply-adds), int <-> float
+conversions (I2F, I2FP, F2I) and fp32 -> fp8 packs (F2FP). No GPU needed.
 
     python bench/kernel_build.py --json-out kernel_build.json
 """
@@ -34,8 +34,7 @@ from smartdiff.kernels.triton_build import (
 from smartdiff.kernels.triton_sage import THREE_PROGRAMS_REGISTERS
 
 HEAD_DIM = 128
-# Narrow-pipe opcodes (MUFU: exp2 and other special functions; I2F/I2FP/F2I: conversions), then the
-# fp32 -> fp8 packs of P.
+# Special functions (MUFU), int <-> float conversions, fp32 -> fp8 packs of P.
 SASS_OPCODES = ("MUFU", "I2F", "I2FP", "F2I", "F2FP")
 
 
