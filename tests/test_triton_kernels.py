@@ -255,6 +255,7 @@ def _check_kernels_compile_for_hopper() -> None:
         compile_vae_norm_for_hopper,
         compile_vae_residual_sum_for_hopper,
         default_configs,
+        instruction_counts,
         resource_usage,
     )
     from smartdiff.kernels.triton_sage import THREE_PROGRAMS_REGISTERS
@@ -262,7 +263,12 @@ def _check_kernels_compile_for_hopper() -> None:
     for d in (64, 128):
         for tma in (False, True):
             for kind, config in default_configs(d, tma).items():
-                assert len(compile_for_hopper(kind == "sparse", config, d).asm["cubin"]) > 1000
+                compiled = compile_for_hopper(kind == "sparse", config, d)
+                assert len(compiled.asm["cubin"]) > 1000
+                # Q.K as int8 and P.V as fp8 warpgroup products, no 16-bit one: the 8-bit numerics
+                # run on Hopper's 8-bit tensor-core instructions.
+                counts = instruction_counts(compiled)
+                assert counts.get("IGMMA") and counts.get("QGMMA") and not counts.get("HGMMA"), counts
     # A register cap reaches ptxas: three programs per multiprocessor at the dense default's tiles.
     capped = replace(default_configs(128, tma=True)["dense"], max_registers=THREE_PROGRAMS_REGISTERS)
     usage = resource_usage(compile_for_hopper(False, capped, 128))
