@@ -13,7 +13,9 @@
     dim 128) and 14B 720p (B=1, 40 heads x 75,600 tokens, head dim 128): ms (triton.testing.do_bench,
     median), TFLOP/s-equivalent 4*B*H*N*N*D / time (dense-equivalent for the sparse kernels, so
     speed-ups read directly), relative error against fp32 attention computed in chunks (over the
-    kept blocks for the sparse ones), plus the block-map time of our sparse path on its own.
+    kept blocks for the sparse ones), plus the block-map time of our sparse path on its own and our
+    8-bit path's quantisation of Q, K and V on its own (part of each of its rows). --configs also
+    times our 8-bit kernel at the tile configs it names, at every shape.
 
 A package that is not installed is reported as "not installed". Anything else that goes wrong (a
 build, a run, an error bound, NaN, a poisoning that did not land) is reported as FAILED and makes the
@@ -23,6 +25,7 @@ TMA loads among them).
 
     python bench/attention_gpu.py --json-out attention_gpu.json
     python bench/attention_gpu.py --quick --sweep
+    python bench/attention_gpu.py --quick --shapes 1.3b-480p 14b-720p --configs "m64 n128 w4 s1 tma"
 """
 
 from __future__ import annotations
