@@ -9,7 +9,9 @@ are kept in flight needs more shared memory with every stage, and a program that
 products needs others beside it. Also how many SASS instructions of the softmax's costlier kinds
 each build holds (``triton_build.instruction_counts``, each loop body counted once): special
 functions (MUFU: exp2, 16 a clock per multiprocessor against 128 fp32 multiply-adds), int <-> float
-conversions (I2F, I2FP, F2I) and fp32 -> fp8 packs (F2FP). No GPU needed.
+conversions (I2F, I2FP, F2I), fp32 -> fp8 packs (F2FP), shuffles and byte permutes (SHFL, PRMT:
+registers moved between threads; SHFL.IDX alone, which a change of register layout needs and the
+row reductions do not), and all instructions. No GPU needed.
 
     python bench/kernel_build.py --json-out kernel_build.json
 """
@@ -34,8 +36,9 @@ from smartdiff.kernels.triton_build import (
 from smartdiff.kernels.triton_sage import THREE_PROGRAMS_REGISTERS
 
 HEAD_DIM = 128
-# Special functions (MUFU), int <-> float conversions, fp32 -> fp8 packs of P.
-SASS_OPCODES = ("MUFU", "I2F", "I2FP", "F2I", "F2FP")
+# Special functions (MUFU), int <-> float conversions, fp32 -> fp8 packs of P, and the shuffles and
+# byte permutes that move registers between threads (a change of register layout).
+SASS_OPCODES = ("MUFU", "I2F", "I2FP", "F2I", "F2FP", "SHFL", "PRMT")
 
 
 def main() -> None:
@@ -47,7 +50,8 @@ def main() -> None:
 
     def add(kernel: str, loads: str, config: str, compiled) -> None:
         counts = instruction_counts(compiled)
-        sass = {opcode: counts.get(opcode, 0) for opcode in SASS_OPCODES}
+        sass = {kind: sum(n for op, n in counts.items() if op.split(".")[0] == kind) for kind in SASS_OPCODES}
+        sass |= {"SHFL.IDX": counts.get("SHFL.IDX", 0), "all": sum(counts.values())}
         report["builds"].append(
             {"kernel": kernel, "loads": loads, "config": config, **resource_usage(compiled), "sass": sass}
         )

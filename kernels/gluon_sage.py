@@ -121,7 +121,11 @@ def _softmax_tile(
         p = gl.exp2(s * scale - gl.expand_dims(new_max - _LOG2_FP8_MAX, 1))
     correction = gl.exp2(row_max - new_max)  # 0 on the first tile (row_max = -inf)
     row_sum = row_sum * correction + gl.sum(p, 1)
-    return p.to(gl.float8e4nv, fp_downcast_rounding="rtne"), correction, new_max, row_sum
+    p8 = p.to(gl.float8e4nv, fp_downcast_rounding="rtne")
+    # triton_sage.fp8_operand_order: V's fp8 keys are stored in this order within each 16.
+    p8 = gl.reshape(p8, [p8.shape[0], BLOCK_N // 16, 2, 4, 2])
+    p8 = gl.reshape(gl.permute(p8, [0, 1, 3, 2, 4]), [p8.shape[0], BLOCK_N])
+    return p8, correction, new_max, row_sum
 
 
 @gluon.jit

@@ -225,8 +225,8 @@ def resource_usage(compiled) -> dict[str, int]:
 
 
 def instruction_counts(compiled) -> dict[str, int]:
-    """How many instructions of each opcode (its name before the first dot) a compiled kernel's
-    SASS holds, over the whole kernel (each loop body counted once)."""
+    """How many instructions of each opcode, modifiers included ("SHFL.BFLY", "MUFU.EX2"), a
+    compiled kernel's SASS holds, over the whole kernel (each loop body counted once)."""
     sass = _cuobjdump(compiled, "-sass")
-    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)", sass)
+    opcodes = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_.]*)", sass)
     return dict(Counter(opcodes))

@@ -22,7 +22,9 @@ a different token count from q (cross-attention). Numerics, those of
 
 Layout of the quantised operands: Q and K int8 (batch*heads, padded tokens, head_dim); V
 transposed, (batch*heads, head_dim, padded tokens), so the P.V operand is K-major as Hopper's fp8
-MMA wants it. ``kernels.triton_sparge`` runs the same per-tile code over a block-sparse key list.
+MMA wants it, and in fp8 with the keys of each 16 reordered (``fp8_operand_order``) so that P's
+registers feed the product without moving between threads. ``kernels.triton_sparge`` runs the
+same per-tile code over a block-sparse key list.
 
 A ``KernelConfig`` with ``tma`` has the kernels read the same layouts through host-side TMA
 descriptors instead of pointers (sm_90+; Triton then keeps several K and V tiles in flight in
@@ -217,6 +219,22 @@ def launch_per_token_block(
     )
 
 
+@triton.jit
+def fp8_operand_order(p):
+    """The columns of p (rows, keys) reordered within each 16: position 4q + 2h + b takes key
+    2q + 8h + b (q < 4, h < 2, b < 2).
+
+    Why: Hopper's 8-bit product reads its register operand as 4 consecutive keys per thread, where
+    the fp32 scores hold 2 (thread q of a row group has keys 2q, 2q+1, 2q+8, 2q+9 of each 16). In
+    this order P's registers are the operand as they are; in key order Triton moves them between
+    threads (16 shuffles, selects and byte permutes a thread per 128-key tile). V's fp8 keys are
+    stored in the same order (``prepare_v``), so P.V sums the same products."""
+    rows: tl.constexpr = p.shape[0]
+    cols: tl.constexpr = p.shape[1]
+    p = tl.reshape(p, (rows, cols // 16, 2, 4, 2))
+    return tl.reshape(tl.permute(p, (0, 1, 3, 2, 4)), (rows, cols))
+
+
 # Token counts change with every video size: no recompiling for their divisibility by 16.
 @triton.jit(do_not_specialize=["n_tokens"])
 def _quantize_v_fp8_kernel(
@@ -235,7 +253,8 @@ def _quantize_v_fp8_kernel(
     SUBTRACT_MEAN: tl.constexpr,
 ):
     """One block of V's tokens divided by the per-channel scale, to fp8 e4m3, stored transposed
-    (batch*heads, d, padded tokens); the padding columns get zeros (rows past the last token)."""
+    (batch*heads, d, padded tokens) with its keys in ``fp8_operand_order`` within each 16; the
+    padding columns get zeros (rows past the last token)."""
     block = tl.program_id(0)
     bh = tl.program_id(1)
     n_padded = tl.num_programs(0) * BLOCK
@@ -249,17 +268,16 @@ def _quantize_v_fp8_kernel(
     # Clamped: the division can round a channel's largest value just past the fp8 maximum.
     x = tl.minimum(tl.maximum(tl.div_rn(x, scale[None, :]), -_FP8_MAX), _FP8_MAX)
     dst = out_ptr + bh.to(tl.int64) * HEAD_DIM * n_padded
-    tl.store(
-        dst + dims[:, None] * n_padded + cols[None, :],
-        tl.trans(x).to(tl.float8e4nv, fp_downcast_rounding="rtne"),
-    )
+    v8 = tl.trans(x).to(tl.float8e4nv, fp_downcast_rounding="rtne")
+    tl.store(dst + dims[:, None] * n_padded + cols[None, :], fp8_operand_order(v8))
 
 
 def prepare_v(v: torch.Tensor, block_n: int, pv_fp8: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """v (batch, tokens, heads, d) -> transposed (batch*heads, d, padded tokens) and scales (batch*heads, d).
 
-    fp8: V / scale_v with scale_v = max over tokens |V| / 448 per channel; fp16: V itself, scales 1.
-    Padding columns are zeros: the kernel multiplies them by P~ = 0, and 0 * NaN would not be 0.
+    fp8: V / scale_v with scale_v = max over tokens |V| / 448 per channel, the keys of each 16 in
+    ``fp8_operand_order``; fp16: V itself in key order, scales 1. Padding columns are zeros: the
+    kernel multiplies them by P~ = 0, and 0 * NaN would not be 0.
     """
     b, n, h, d = v.shape
     n_padded = triton.cdiv(n, block_n) * block_n
@@ -380,7 +398,7 @@ def attend_key_block(
         v = tl.load(v_src + dims[:, None] * n_k_padded + cols[None, :])  # (d, BLOCK_N), tokens contiguous
     if PV_FP8:
         p8 = p.to(tl.float8e4nv, fp_downcast_rounding="rtne")
-        pv = tl.dot(p8, tl.trans(v), out_dtype=tl.float32)
+        pv = tl.dot(fp8_operand_order(p8), tl.trans(v), out_dtype=tl.float32)
     else:
         pv = tl.dot(p.to(tl.float16), tl.trans(v), out_dtype=tl.float32)
     # A fresh MMA accumulator per tile, summed here in fp32: the two-level accumulation.
