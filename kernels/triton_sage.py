@@ -78,11 +78,9 @@ THREE_PROGRAMS_REGISTERS = HOPPER_REGISTERS // (3 * 4 * 32) // 8 * 8
 # call while V was still quantised in PyTorch: 9.3 ms at 64 x 128 tiles with 4 warps, 2 stages and
 # TMA loads; 10.2 ms at the same tiles with pointer loads and 3 stages, 11.9 ms at 128 x 128 with
 # 8 warps; head dim 64 is not tuned). BLOCK_M and BLOCK_N are also the Q and K quantisation blocks.
-# No register cap at head dim 128: SageAttention2's Hopper kernel runs its 64 x 128 tiles in 167-168
-# registers, three programs to a multiprocessor, where ours takes 198 (two). Capped at 168
-# (THREE_PROGRAMS_REGISTERS; Triton 3.6 fits it without spilling), ours was 0.2-1.1% slower at the
-# 1.3B shape in five runs on an H100, and at the 14B shape 5.6% faster to 3.5% slower from run to
-# run (docs/PERFORMANCE.md, 2026-12-07, sixth session).
+# No register cap: SageAttention2's Hopper kernel runs its 64 x 128 tiles in 167-168 registers, three
+# programs to a multiprocessor. Ours took 198 while P moved between threads on its way to P.V; with
+# P in ``fp8_operand_order`` Triton 3.6 builds it in 168, three programs at two stages, uncapped.
 CONFIGS: dict[int, KernelConfig] = {
     64: KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, tma=True),
     128: KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=2, tma=True),
