@@ -1,8 +1,7 @@
 """What Triton makes of our attention kernels for Hopper, read from the compiler on any machine.
 
 Compiles the dense 8-bit and the block-sparse kernel (head dim 128, default tiles) for sm_90 at 1 to
-4 pipeline stages, with pointer and with TMA loads, the dense one also under the register cap that
-lets three of its programs share a multiprocessor, and the Gluon kernels (dense, block-sparse).
+4 pipeline stages, with pointer and with TMA loads, and the Gluon kernels (dense, block-sparse).
 Prints as JSON each build's registers a thread, spill bytes, shared memory and how many of its
 programs fit on one multiprocessor (``triton_build.resource_usage``): a kernel whose K and V tiles
 are kept in flight needs more shared memory with every stage, and a program that waits on its own
@@ -33,7 +32,6 @@ from smartdiff.kernels.triton_build import (
     instruction_counts,
     resource_usage,
 )
-from smartdiff.kernels.triton_sage import THREE_PROGRAMS_REGISTERS
 
 HEAD_DIM = 128
 # Special functions (MUFU), int <-> float conversions, fp32 -> fp8 packs of P, and the shuffles and
@@ -66,10 +64,6 @@ def main() -> None:
                     str(staged),
                     compile_for_hopper(kind == "sparse", staged, HEAD_DIM),
                 )
-            if kind == "dense" and tma:
-                for stages in (1, 2):
-                    capped = replace(config, num_stages=stages, max_registers=THREE_PROGRAMS_REGISTERS)
-                    add(kind, "tma", str(capped), compile_for_hopper(False, capped, HEAD_DIM))
     dense = f"{gluon_sage.BLOCK_M} x {gluon_sage.DENSE_BLOCK_N}, {gluon_sage.DENSE_STAGES} stages"
     sparse = f"{gluon_sage.BLOCK_M} x {gluon_sage.SPARSE_BLOCK_N}, {gluon_sage.SPARSE_STAGES} stages"
     add("gluon dense", "tma", dense, compile_gluon_for_hopper(False))

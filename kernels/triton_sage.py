@@ -68,10 +68,8 @@ class KernelConfig:
     max_registers: int | None = None
 
 
-# A Hopper multiprocessor's registers, allocated per warp in steps of 8 a thread; the most a thread
-# of a 4-warp program may use for three such programs to share one (168).
+# A Hopper multiprocessor's registers, allocated per warp in steps of 8 a thread.
 HOPPER_REGISTERS = 65536
-THREE_PROGRAMS_REGISTERS = HOPPER_REGISTERS // (3 * 4 * 32) // 8 * 8
 
 
 # Tuned on an H200 with bench/attention_gpu.py --sweep (head dim 128 at the 1.3B shape, the whole
