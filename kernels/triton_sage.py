@@ -387,7 +387,7 @@ def attend_key_block(
         new_max = tl.maximum(row_max, tl.max(scores, 1) * scale)
         p = tl.exp2(scores * scale - (new_max - p_offset)[:, None])
     correction = tl.exp2(row_max - new_max)  # 0 on the first block (row_max = -inf)
-    row_sum = row_sum * correction + tl.sum(p, 1)
+    row_sum = rescaled_row_sums(row_sum, correction, p)
     if TMA:
         v = v_src.load([bh * HEAD_DIM, key_block * BLOCK_N])
     else:
@@ -400,6 +400,23 @@ def attend_key_block(
     # A fresh MMA accumulator per tile, summed here in fp32: the two-level accumulation.
     acc = acc * correction[:, None] + pv
     return acc, new_max, row_sum
+
+
+@triton.jit
+def rescaled_row_sums(row_sums, correction, p):
+    """row_sums * correction + p's sums over keys, where row_sums (rows, 4) holds each row's sum in
+    4 parts, added up once, by ``store_output``.
+
+    Why: Hopper's products leave a row's scores spread over 4 threads (thread q holds keys 8j + 2q
+    and 8j + 2q + 1). A whole row sum would add across them with 2 shuffles a row every tile; the
+    parts need none. The correction takes the parts' register layout through the same reshape and
+    reductions (a max of equal values, exact): broadcast directly, Triton would move it between
+    threads."""
+    rows: tl.constexpr = p.shape[0]
+    cols: tl.constexpr = p.shape[1]
+    p = tl.reshape(p, (rows, cols // 8, 4, 2))
+    correction = tl.reshape(tl.broadcast_to(correction[:, None], (rows, cols)), (rows, cols // 8, 4, 2))
+    return row_sums * tl.max(tl.max(correction, 3), 1) + tl.sum(tl.sum(p, 3), 1)
 
 
 @triton.jit
@@ -426,6 +443,7 @@ def store_output(
     v_scale = tl.load(v_scale_ptr + bh * HEAD_DIM + dims)
     # A row that attended to no key block (an empty sparse list) has acc 0 and row_sum 0: write
     # zeros, as the reference does. Any other row has row_sum >= 1 (its max contributes exp2(0)).
+    row_sum = tl.sum(row_sum, 1)
     row_sum = tl.where(row_sum > 0.0, row_sum, 1.0)
     out = acc * v_scale[None, :] / row_sum[:, None]
     batch, head = bh // n_heads, bh % n_heads
@@ -439,7 +457,7 @@ def store_output(
 def empty_softmax_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     """(acc, row_max, row_sum) before the first key tile."""
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    return acc, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return acc, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_M, 4), dtype=tl.float32)
 
 
 @triton.jit(do_not_specialize=["n_q", "n_k"])

@@ -277,6 +277,11 @@ def _check_kernels_compile_for_hopper() -> None:
                 counts = instruction_counts(compiled)
                 products = {op.split(".")[0] for op in counts if "GMMA" in op}
                 assert products == {"IGMMA", "QGMMA"} and "SHFL.IDX" not in counts, counts
+                # The row max shuffles across a row's 4 threads in each of the two tile bodies (the
+                # loop, the partial last tile); the row sum, kept in 4 parts (rescaled_row_sums),
+                # once at the end: 2 butterfly rounds a row each time.
+                rows_per_thread = 2 * config.block_m // (config.num_warps * 16)  # 2 of each warp's 16
+                assert counts["SHFL.BFLY"] == 3 * 2 * rows_per_thread, counts
     # A register cap reaches ptxas: the dense default's tiles (at one stage, so that shared memory
     # leaves room for four programs) take more than a four-program share of the multiprocessor's
     # registers uncapped; capped at that share, four of their programs fit.
