@@ -7,17 +7,19 @@ shape, then generates one whole video.
 Prints one JSON object. Random weights: the speed of dense work does not depend on weight values.
 
 ``--profile`` runs the way a profile does (attention backend, compile, memory level; the pipeline is
-warmed up first, as a worker does before its first job) and ``--flexcache`` asks the video's request
-for a feature cache. TeaCache's skips depend on the weights: with random ones its speed-up is not
-the one trained weights give, and the report counts the block stacks it computed.
+warmed up first, as a worker does before its first job) and ``--request`` adds fields to the video's
+request (a feature cache, the CFG cache). TeaCache's skips depend on the weights: with random ones its
+speed-up is not the one trained weights give, and the report counts the block stacks it computed; PAB
+and the CFG cache follow fixed schedules.
 
     python bench/pipeline_gpu.py --model wan2.1-t2v-1.3b --json-out result.json
-    python bench/pipeline_gpu.py --profile wan2.1-1.3b-sparge --flexcache teacache
+    python bench/pipeline_gpu.py --profile wan2.1-1.3b-sparge --request '{"cfg_cache_interval": 2}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,7 +37,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="wan2.1-t2v-1.3b")
     parser.add_argument("--profile", help="run as this profile does (its model replaces --model)")
-    parser.add_argument("--flexcache", default="none", help="the video request's feature cache")
+    parser.add_argument(
+        "--request",
+        type=json.loads,
+        default={},
+        help='more fields of the video\'s request, as JSON: {"flexcache": "pab"}',
+    )
     add_attention_options(parser)
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint folder, written if missing")
     parser.add_argument("--size", default=None)
@@ -75,7 +82,7 @@ def main() -> None:
         "frames": args.frames,
         "steps": args.steps,
         "seed": 0,
-        "flexcache": args.flexcache,
+        **args.request,
     }
     if args.size:
         request["size"] = args.size

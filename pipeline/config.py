@@ -326,7 +326,8 @@ class ProfileConfig:
     compile: bool = False
     # "auto": bf16 on GPU, fp32 on CPU.
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    # Feature-caching strategies a request may ask for on this worker ("teacache", "pab").
+    # Feature caching a request may ask for on this worker: the strategies "teacache" and "pab", and
+    # "cfg_cache" (the unconditional branch reused, with either or neither; pipeline/flexcache.py).
     flexcache: tuple[str, ...] = ()
     # 0 all on the GPU, 1 tiled VAE, 2 + streamed T5, 3 + streamed DiT, 4 + chunked FFN
     # (pipeline/memory.py).
@@ -374,6 +375,7 @@ class ProfileConfig:
         return _build(SamplingConfig, merged, "sampling")
 
 
+PROFILE_CACHES = ("teacache", "pab", "cfg_cache")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 GEMMS = ("dtype", "fp8")
 
@@ -393,9 +395,10 @@ def load_profile(name: str) -> ProfileConfig:
     profile = _read_config(path, parse_profile)
     if profile.name != name:
         raise ValueError(f"{path}: name {profile.name!r} does not match the file name")
-    unknown = set(profile.flexcache) - {"teacache", "pab"}
+    unknown = set(profile.flexcache) - set(PROFILE_CACHES)
     if unknown:
-        raise ValueError(f"{path}: unknown flexcache strategies {sorted(unknown)} (known: teacache, pab)")
+        known = ", ".join(PROFILE_CACHES)
+        raise ValueError(f"{path}: unknown flexcache strategies {sorted(unknown)} (known: {known})")
     if profile.low_mem_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"{path}: low_mem_level must be 0 to 4, got {profile.low_mem_level}")
     if profile.dtype not in DTYPES:
@@ -407,6 +410,8 @@ def load_profile(name: str) -> ProfileConfig:
         # The world size is checked when the process group is built (pipeline/parallel.py).
         profile.parallel.validate(model)
         check_profile_sampling(profile, model)
+        if "cfg_cache" in profile.flexcache:
+            check_cfg_cache(profile)
         if profile.cfg_batch:
             check_cfg_batch(profile)
         if profile.cuda_graphs:
@@ -418,11 +423,28 @@ def load_profile(name: str) -> ProfileConfig:
     return profile
 
 
+def step_caches(profile: ProfileConfig) -> list[str]:
+    """The profile's caches that decide per step and branch what a forward computes (TeaCache, PAB);
+    the CFG cache decides only whether the unconditional forward runs at all."""
+    return [name for name in profile.flexcache if name != "cfg_cache"]
+
+
+def check_cfg_cache(profile: ProfileConfig) -> None:
+    """ValueError where the CFG cache would have nothing to save."""
+    if not profile.cfg:
+        raise ValueError("the CFG cache reuses the unconditional branch; this profile has cfg: false")
+    if profile.parallel.cfg > 1:
+        raise ValueError(
+            "the CFG cache skips unconditional forwards, which CFG parallel runs on their own GPUs beside "
+            "the conditional ones: it would save nothing"
+        )
+
+
 def check_cfg_batch(profile: ProfileConfig) -> None:
     """ValueError where something splits the guidance branches that ``cfg_batch`` runs as one batch."""
     if not profile.cfg:
         raise ValueError("cfg_batch batches the guidance branches; this profile has cfg: false")
-    if profile.flexcache:
+    if step_caches(profile):
         raise ValueError("cfg_batch runs both branches in one forward; a feature cache decides per branch")
     if profile.parallel != ParallelConfig():
         raise ValueError("cfg_batch runs both branches in one forward on one GPU; this profile is parallel")
@@ -431,7 +453,7 @@ def check_cfg_batch(profile: ProfileConfig) -> None:
 def check_cuda_graphs(profile: ProfileConfig) -> None:
     """ValueError where something changes the DiT forward from call to call, which a CUDA graph
     replays as it was captured."""
-    if profile.flexcache:
+    if step_caches(profile):
         raise ValueError("cuda_graphs replay whole forwards; a feature cache decides per step what to run")
     if profile.low_mem_level >= 3:
         raise ValueError("cuda_graphs needs the DiT resident; low_mem_level 3 and 4 stream its blocks")

@@ -8,6 +8,12 @@ Strategies:
   cross-attention outputs from the last step that computed them, recomputing every n-th step.
 - ``none``: every forward computed.
 
+With any of them, a request may also ask for the CFG cache (``cfg_cache_interval``, FasterCache's
+idea of reusing the guidance term; its frequency split is not used): inside a timestep window the
+unconditional branch is computed only every n-th step, and in between its velocity is taken as the
+step's conditional velocity minus the guidance term (conditional minus unconditional velocity) of
+the last step that computed both. A guided step then costs one forward instead of two.
+
 State lives in the manager, keyed by (expert, branch), so cond and uncond never share anything and
 a new request starts empty; the model itself is never wrapped or modified.
 """
@@ -55,6 +61,12 @@ class FlexCache:
             self._impl = _PAB(params, timesteps)
         else:
             self._impl = None
+        window = (params.cfg_cache_start, params.cfg_cache_end, params.cfg_cache_interval)
+        self.cfg_window = window if params.cfg_cache_interval is not None else None
+        # Per expert: the guidance term (conditional minus unconditional velocity) of its last step
+        # that computed both, held while the next step may reuse it.
+        self.guidance_terms: dict[int, torch.Tensor] = {}
+        self.uncond_reused: list[int] = []  # the steps whose unconditional branch was not computed
 
     def forward(
         self,
@@ -74,8 +86,41 @@ class FlexCache:
         record = StepRecord(step, expert, branch, computed=True)
         tokens = self._impl.blocks(dit, inputs, expert, branch, step, len(self.timesteps), record)
         self.log.append(record)
-        self.peak_bytes = max(self.peak_bytes, self._impl.held_bytes())
+        self._note_held_bytes()
         return dit.finish(tokens, inputs)
+
+    def reuses_guidance(self, step: int) -> bool:
+        """The CFG cache's schedule, as PAB's: inside (start, end), reuse except every
+        ``interval``-th step."""
+        if self.cfg_window is None or step >= len(self.timesteps):
+            return False
+        start, end, interval = self.cfg_window
+        return interval > 1 and start < self.timesteps[step] < end and step % interval != 0
+
+    def computes_uncond(self, expert: int, step: int) -> bool:
+        """Whether a guided ``step`` needs the unconditional branch computed: False where the CFG
+        cache holds a guidance term of ``expert`` to stand in for it."""
+        return not (self.reuses_guidance(step) and expert in self.guidance_terms)
+
+    def uncond_velocity(
+        self, expert: int, step: int, velocity: torch.Tensor, velocity_uncond: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The unconditional velocity of a guided ``step``: ``velocity_uncond`` if it was computed
+        (its guidance term kept if the next step will reuse it), else the conditional ``velocity``
+        minus the kept term."""
+        if velocity_uncond is None:
+            self.uncond_reused.append(step)
+            return velocity - self.guidance_terms[expert]
+        if self.reuses_guidance(step + 1):
+            self.guidance_terms[expert] = velocity - velocity_uncond
+            self._note_held_bytes()
+        else:
+            self.guidance_terms.pop(expert, None)
+        return velocity_uncond
+
+    def _note_held_bytes(self) -> None:
+        held = sum(_bytes(term) for term in self.guidance_terms.values())
+        self.peak_bytes = max(self.peak_bytes, held + (self._impl.held_bytes() if self._impl else 0))
 
     def forward_both(
         self,
@@ -106,6 +151,8 @@ class FlexCache:
             "reused": len(self.log) - computed,
             "peak_cache_bytes": self.peak_bytes,
         }
+        if self.cfg_window is not None:  # branches never evaluated, beside the forwards above
+            out["uncond_reused"] = len(self.uncond_reused)
         if self.strategy == "pab":
             blocks = self._impl.num_blocks
             out["attention"] = {

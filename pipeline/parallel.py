@@ -92,7 +92,7 @@ from smartdiff.kernels import AttentionBackend
 from smartdiff.pipeline.config import ModelConfig, ParallelConfig
 from smartdiff.pipeline.dit import AttentionReuse, DiTInputs, WanDiT
 from smartdiff.pipeline.flexcache import COND, UNCOND, FlexCache
-from smartdiff.pipeline.wan import DenoiseStep, apply_guidance
+from smartdiff.pipeline.wan import DenoiseStep
 
 __all__ = [
     "ParallelConfig",
@@ -436,17 +436,18 @@ class ParallelGuidance:
     def __init__(self, layout: ParallelLayout):
         self.layout = layout
 
-    def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor:
+    def branches(
+        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, uncond: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         sharded = ShardedDiT(dit, self.layout, dit.attention)
 
         def branch_velocity(branch: int) -> torch.Tensor:
             context = step.cond if branch == COND else step.uncond
             return cache.forward(sharded, step.expert, branch, step.index, step.latents, step.t, context)
 
-        if step.guidance == 1.0:  # the conditional prediction alone, as in Guidance
-            return branch_velocity(COND)
+        if not uncond:  # every rank computes the conditional velocity
+            return branch_velocity(COND), None
         if self.layout.config.cfg == 1:
-            velocity, velocity_uncond = branch_velocity(COND), branch_velocity(UNCOND)
-        else:  # COND on CFG rank 0, UNCOND on 1
-            velocity, velocity_uncond = exchange_branches(branch_velocity(self.layout.cfg_rank), self.layout)
-        return apply_guidance(velocity, velocity_uncond, step.guidance)
+            return branch_velocity(COND), branch_velocity(UNCOND)
+        # COND on CFG rank 0, UNCOND on 1
+        return exchange_branches(branch_velocity(self.layout.cfg_rank), self.layout)

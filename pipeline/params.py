@@ -35,6 +35,10 @@ PAB_DEFAULTS = {
     "pab_cross_interval": 6,
 }
 MAX_PAB_INTERVAL = 20
+# The CFG cache's window when a request gives only its interval: FasterCache's for the
+# unconditional branch, below t = 641 (its default in diffusers).
+CFG_CACHE_DEFAULTS = {"cfg_cache_start": 0, "cfg_cache_end": 641}
+MAX_CFG_CACHE_INTERVAL = 10
 MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 30.0
@@ -209,6 +213,15 @@ class GenerationRequest(BaseModel):
     pab_cross_start: _int("pab_cross_start", 0, 1000, description="PAB: broadcast cross-attention above")
     pab_cross_end: _int("pab_cross_end", 0, 1000, description="PAB: ... and below this timestep")
     pab_cross_interval: _int("pab_cross_interval", 1, MAX_PAB_INTERVAL, description="PAB: recompute every")
+    cfg_cache_interval: _int(
+        "cfg_cache_interval",
+        1,
+        MAX_CFG_CACHE_INTERVAL,
+        description="CFG cache, if the profile allows it: compute the unconditional branch every n-th step "
+        "inside the window, reuse the guidance term in between (default: off)",
+    )
+    cfg_cache_start: _int("cfg_cache_start", 0, 1000, description="CFG cache: reuse above this timestep")
+    cfg_cache_end: _int("cfg_cache_end", 0, 1000, description="CFG cache: ... and below this timestep")
 
 
 REQUEST_FIELDS = tuple(GenerationRequest.model_fields)
@@ -265,6 +278,10 @@ class GenerationParams:
     pab_cross_start: int | None = None
     pab_cross_end: int | None = None
     pab_cross_interval: int | None = None
+    # The CFG cache (None: off), with any strategy above.
+    cfg_cache_interval: int | None = None
+    cfg_cache_start: int | None = None
+    cfg_cache_end: int | None = None
 
     @property
     def size(self) -> str:
@@ -301,6 +318,30 @@ def _flexcache(request: GenerationRequest, model: ModelConfig, allowed: tuple[st
         for kind in ("self", "cross"):
             if out[f"pab_{kind}_start"] >= out[f"pab_{kind}_end"]:
                 raise ParamError(f"pab_{kind}_start", f"must be below pab_{kind}_end")
+    return out
+
+
+def _cfg_cache(request: GenerationRequest, profile: ProfileConfig | None, guided: bool) -> dict:
+    names = ("cfg_cache_interval", *CFG_CACHE_DEFAULTS)
+    given = [name for name in names if getattr(request, name) is not None]
+    if not given:
+        return {}
+    if profile is not None and "cfg_cache" not in profile.flexcache:
+        offered = ", ".join(profile.flexcache) or "none"
+        raise ParamError(
+            given[0], f"the CFG cache is not allowed on profile {profile.name} (allowed: {offered})"
+        )
+    if request.cfg_cache_interval is None:
+        raise ParamError(given[0], "only applies with cfg_cache_interval")
+    if not guided:
+        raise ParamError(
+            given[0], "the CFG cache reuses the unconditional branch, which guidance 1 never computes"
+        )
+    out = {name: getattr(request, name) for name in names}
+    for name, default in CFG_CACHE_DEFAULTS.items():
+        out[name] = default if out[name] is None else out[name]
+    if out["cfg_cache_start"] >= out["cfg_cache_end"]:
+        raise ParamError("cfg_cache_start", "must be below cfg_cache_end")
     return out
 
 
@@ -372,6 +413,7 @@ def validate_params(
         timesteps=timesteps,
         guidance_low_noise=guidance_low,
         **_flexcache(request, model, None if profile is None else profile.flexcache),
+        **_cfg_cache(request, profile, guided=guidance != 1.0 or guidance_low not in (None, 1.0)),
     )
 
 

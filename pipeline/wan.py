@@ -55,41 +55,47 @@ class DenoiseStep:
     index: int
     expert: int
     t: torch.Tensor  # [1], on the device: what the DiT receives
-    guidance: float
     latents: torch.Tensor
     cond: torch.Tensor  # the prompt's text states
     uncond: torch.Tensor  # the negative prompt's
 
 
 class VelocityModel(Protocol):
-    """What the denoising loop asks for at every step: the guided velocity. Chosen when the pipeline
-    is built: ``Guidance`` (both branches here), ``BatchedGuidance`` (both in one forward),
-    ``parallel.ParallelGuidance`` (over a process group)."""
+    """What the denoising loop asks for at every step: the DiT's velocity for the prompt and, where
+    the step needs it, for the negative prompt (the loop applies the guidance). Chosen when the
+    pipeline is built: ``Guidance`` (the branches one after the other), ``BatchedGuidance`` (both in
+    one forward), ``parallel.ParallelGuidance`` (over a process group)."""
 
-    def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor: ...
+    def branches(
+        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, uncond: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
 class Guidance:
-    """Classifier-free guidance in this process. Guidance 1 is the conditional prediction alone, so
-    the unconditional branch is never computed: one DiT forward per step (CFG-distilled models)."""
+    """The guidance branches in this process, one forward each; the unconditional one only where
+    the step needs it (never at guidance 1, as CFG-distilled models run)."""
 
-    def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor:
+    def branches(
+        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, uncond: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         velocity = cache.forward(dit, step.expert, COND, step.index, step.latents, step.t, step.cond)
-        if step.guidance == 1.0:
-            return velocity
-        uncond = cache.forward(dit, step.expert, UNCOND, step.index, step.latents, step.t, step.uncond)
-        return apply_guidance(velocity, uncond, step.guidance)
+        if not uncond:
+            return velocity, None
+        return velocity, cache.forward(
+            dit, step.expert, UNCOND, step.index, step.latents, step.t, step.uncond
+        )
 
 
 class BatchedGuidance:
-    """Classifier-free guidance with both branches in one batch-2 forward (a profile's ``cfg_batch``);
-    guidance 1 is the conditional prediction alone, as in ``Guidance``."""
+    """Both guidance branches in one batch-2 forward (a profile's ``cfg_batch``); the conditional
+    one alone where the step needs no unconditional velocity."""
 
-    def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor:
-        if step.guidance == 1.0:
-            return cache.forward(dit, step.expert, COND, step.index, step.latents, step.t, step.cond)
-        both = (dit, step.expert, step.index, step.latents, step.t, step.cond, step.uncond)
-        return apply_guidance(*cache.forward_both(*both), step.guidance)
+    def branches(
+        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, uncond: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not uncond:
+            return cache.forward(dit, step.expert, COND, step.index, step.latents, step.t, step.cond), None
+        return cache.forward_both(dit, step.expert, step.index, step.latents, step.t, step.cond, step.uncond)
 
 
 def dit_tokens(model: ModelConfig, frames: int, height: int, width: int) -> int:
@@ -362,8 +368,14 @@ class WanPipeline:
             guidance = self.guidance_for(expert, params)
             self.activate_expert(expert)
             t_batch = torch.tensor([t], device=self.device)
-            step = DenoiseStep(i, expert, t_batch, guidance, latents, cond, uncond)
-            velocity = self.velocity_model.velocity(self.experts[expert], cache, step)
+            step = DenoiseStep(i, expert, t_batch, latents, cond, uncond)
+            needs_uncond = guidance != 1.0 and cache.computes_uncond(expert, i)
+            velocity, velocity_uncond = self.velocity_model.branches(
+                self.experts[expert], cache, step, needs_uncond
+            )
+            if guidance != 1.0:
+                velocity_uncond = cache.uncond_velocity(expert, i, velocity, velocity_uncond)
+                velocity = apply_guidance(velocity, velocity_uncond, guidance)
             latents = scheduler.step(velocity, latents)
             if result is not None:
                 result.expert_per_step.append(expert)

@@ -188,3 +188,105 @@ def test_flexcache_validation():
         ).teacache_threshold
         == 0.08
     )
+
+
+def cfg_cache_schedule(steps: int, interval: int, start: int, end: int) -> list[int]:
+    """The steps whose unconditional branch the CFG cache reuses: inside the window, all but every
+    ``interval``-th (the step before always left a guidance term, computed or carried)."""
+    from smartdiff.pipeline.schedulers import make_scheduler
+
+    timesteps = make_scheduler("unipc", steps, TINY.sampling.shift).timesteps.tolist()
+    return [i for i, t in enumerate(timesteps) if start < t < end and i % interval != 0]
+
+
+def test_cfg_cache_skips_the_unconditional_forward_on_its_schedule(pipe):
+    calls, handle = count_block_stacks(pipe)
+    try:
+        result = run(pipe, cfg_cache_interval=3, cfg_cache_start=200, cfg_cache_end=990)
+    finally:
+        handle.remove()
+    reused = cfg_cache_schedule(20, 3, 200, 990)
+    assert 5 <= len(reused) < 20
+    assert result.cache["uncond_reused"] == len(reused)
+    assert len(calls) == result.cache["computed"] == 40 - len(reused)  # no forward for a reused branch
+    assert sorted({r.step for r in result.cache_log if r.branch == UNCOND}) == [
+        i for i in range(20) if i not in reused
+    ]
+    assert result.cache["peak_cache_bytes"] > 0
+    # Interval 1 reuses nothing: exactly the uncached video.
+    plain = run(pipe)
+    assert np.array_equal(run(pipe, cfg_cache_interval=1).frames, plain.frames)
+    assert not np.array_equal(result.frames, plain.frames)
+
+
+def test_cfg_cache_stands_in_the_kept_guidance_term():
+    import torch
+
+    from smartdiff.pipeline.flexcache import FlexCache
+    from smartdiff.pipeline.wan import apply_guidance
+
+    params = validate_params(
+        {"prompt": "x", "steps": 4, "cfg_cache_interval": 2, "cfg_cache_start": 0, "cfg_cache_end": 1000},
+        TINY,
+    )
+    cache = FlexCache(params, TINY, [999, 700, 400, 100])
+    g = torch.Generator().manual_seed(0)
+    cond0, uncond0, cond1 = (torch.randn(2, 3, generator=g) for _ in range(3))
+    assert cache.computes_uncond(0, 0)  # step 0 computes: nothing kept yet
+    assert torch.equal(cache.uncond_velocity(0, 0, cond0, uncond0), uncond0)
+    assert not cache.computes_uncond(0, 1) and cache.computes_uncond(1, 1)  # each expert its own term
+    uncond1 = cache.uncond_velocity(0, 1, cond1, None)
+    assert torch.equal(uncond1, cond1 - (cond0 - uncond0))
+    # The guided velocity: the conditional one plus (guidance - 1) times the kept term.
+    torch.testing.assert_close(apply_guidance(cond1, uncond1, 5.0), cond1 + 4.0 * (cond0 - uncond0))
+    assert cache.computes_uncond(0, 2)  # every 2nd step computes again ...
+    cache.uncond_velocity(0, 2, cond1, uncond0)
+    assert not cache.computes_uncond(0, 3) and cache.stats()["uncond_reused"] == 1
+
+
+def test_cfg_cache_batched_runs_one_branch_where_it_reuses(tiny_checkpoint):
+    profile = ProfileConfig(
+        name="t", model="tiny", checkpoint=str(tiny_checkpoint), flexcache=("cfg_cache",), cfg_batch=True
+    )
+    pipe = WanPipeline.from_profile(profile, device="cpu")
+    batches = []
+    handle = pipe.experts[0].blocks[0].register_forward_hook(lambda m, a, out: batches.append(out.shape[0]))
+    try:
+        request = {"prompt": "a red ball moving left", "seed": 3, "steps": 20, "cfg_cache_interval": 2}
+        result = pipe.generate(validate_params({**request, "cfg_cache_end": 900}, TINY, profile))
+    finally:
+        handle.remove()
+    reused = cfg_cache_schedule(20, 2, 0, 900)
+    assert reused and result.cache["uncond_reused"] == len(reused)
+    assert batches == [1 if i in reused else 2 for i in range(20)]
+
+
+def test_cfg_cache_validation():
+    allowed = tiny_profile(("cfg_cache",))
+    params = validate_params({"prompt": "x", "cfg_cache_interval": 2}, TINY, allowed)
+    assert (params.cfg_cache_start, params.cfg_cache_end) == (0, 641)  # FasterCache's window
+    with pytest.raises(ParamError, match="cfg_cache_interval: the CFG cache is not allowed on profile t"):
+        validate_params({"prompt": "x", "cfg_cache_interval": 2}, TINY, tiny_profile(("pab",)))
+    with pytest.raises(ParamError, match="cfg_cache_end: only applies with cfg_cache_interval"):
+        validate_params({"prompt": "x", "cfg_cache_end": 500}, TINY, allowed)
+    with pytest.raises(ParamError, match="cfg_cache_start: must be below cfg_cache_end"):
+        validate_params({"prompt": "x", "cfg_cache_interval": 2, "cfg_cache_start": 700}, TINY, allowed)
+    with pytest.raises(ParamError, match="cfg_cache_interval: must be between 1 and 10"):
+        validate_params({"prompt": "x", "cfg_cache_interval": 0}, TINY, allowed)
+    with pytest.raises(ParamError, match="guidance 1 never computes"):
+        validate_params({"prompt": "x", "cfg_cache_interval": 2, "guidance": 1.0}, TINY, allowed)
+
+
+def test_profiles_refuse_a_cfg_cache_with_nothing_to_save():
+    from smartdiff.pipeline.config import ParallelConfig, check_cfg_cache, check_cuda_graphs
+
+    check_cuda_graphs(tiny_profile(("cfg_cache",)))  # the graphs replay whole forwards: compatible
+    with pytest.raises(ValueError, match="cfg: false"):
+        check_cfg_cache(
+            ProfileConfig(name="t", model="tiny", checkpoint="x", flexcache=("cfg_cache",), cfg=False)
+        )
+    parallel = ProfileConfig(
+        name="t", model="tiny", checkpoint="x", flexcache=("cfg_cache",), parallel=ParallelConfig(cfg=2)
+    )
+    with pytest.raises(ValueError, match="would save nothing"):
+        check_cfg_cache(parallel)

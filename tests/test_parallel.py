@@ -204,6 +204,8 @@ WORLDS = {
         *mode_cases("ring2", RING2, ["attention", "dit", "denoise"]),
         Case("cfg2-denoise-guidance1", "denoise", CFG2, PADDED, guidance=1.0),  # one branch only
         Case("ring2-denoise-pab", "denoise", RING2, PADDED, flexcache="pab"),
+        # Steps that reuse the guidance term run the conditional branch alone on every rank.
+        Case("ulysses2-denoise-cfg-cache", "denoise", ULYSSES2, PADDED, flexcache="cfg_cache"),
         # Fresh noise at every step: the same on every rank, drawn from the request's seed.
         Case("ulysses2-denoise-distill", "denoise", ULYSSES2, PADDED, guidance=1.0, solver="distill"),
         Case("ulysses2-unmasked", "unmasked", ULYSSES2, PADDED),
@@ -280,7 +282,10 @@ def check_unmasked(case: Case, layout: ParallelLayout, pipeline: WanPipeline, di
 
 def check_denoise(case: Case, layout: ParallelLayout, pipeline: WanPipeline, dit: WanDiT) -> dict:
     request = {"prompt": "x", "seed": 0, "steps": 6, "guidance": case.guidance, "solver": case.solver}
-    request["flexcache"] = case.flexcache
+    if case.flexcache == "cfg_cache":  # the unconditional branch every 2nd step
+        request |= {"cfg_cache_interval": 2, "cfg_cache_start": 0, "cfg_cache_end": 1000}
+    else:
+        request["flexcache"] = case.flexcache
     if case.flexcache == "teacache":
         request["teacache_threshold"] = 0.5  # the tiny model's scale: some steps reuse
     params = validate_params(request, pipeline.model)
@@ -359,7 +364,12 @@ def test_padding_keys_left_unmasked_would_fail(outcomes, case):
 def test_feature_caching_reuses_on_shards(outcomes, case):
     for outcome in outcomes[case.name]:
         cache = outcome["cache"]
-        reused = cache["reused"] if case.flexcache == "teacache" else cache["attention"]["self"]["reused"]
+        if case.flexcache == "teacache":
+            reused = cache["reused"]
+        elif case.flexcache == "pab":
+            reused = cache["attention"]["self"]["reused"]
+        else:
+            reused = cache["uncond_reused"]
         assert reused > 0, cache
 
 

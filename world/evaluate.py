@@ -32,9 +32,14 @@ from smartdiff.world.scenes import Scene, caption, detail_kind, detail_prompt_se
 ATTRIBUTES = ("colour", "shape", "motion", "background")
 
 
+# The CFG cache is asked for by its interval: the yardstick runs it at this one, in its default window.
+CFG_CACHE_INTERVAL = 2
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One profile, run with one feature cache ("none", "teacache" or "pab")."""
+    """One profile, run with one of the feature caches it offers ("none", "teacache", "pab",
+    "cfg_cache")."""
 
     profile: ProfileConfig
     flexcache: str
@@ -42,6 +47,12 @@ class Variant:
     @property
     def name(self) -> str:
         return self.profile.name if self.flexcache == "none" else f"{self.profile.name}+{self.flexcache}"
+
+    def request_fields(self) -> dict:
+        """What a request of this variant asks for besides its prompt and seed."""
+        if self.flexcache == "cfg_cache":
+            return {"cfg_cache_interval": CFG_CACHE_INTERVAL}
+        return {"flexcache": self.flexcache}
 
 
 def variants_of(model: str) -> list[Variant]:
@@ -110,7 +121,7 @@ def run_variant(variant: Variant, scene_sets: dict[str, list[Scene]], device: st
     for set_name, scenes in scene_sets.items():
         videos, denoise_seconds, hits = [], [], []
         for seed, scene in enumerate(scenes):
-            request = {"prompt": caption(scene), "seed": seed, "flexcache": variant.flexcache}
+            request = {"prompt": caption(scene), "seed": seed, **variant.request_fields()}
             params = validate_params(request, model, variant.profile)
             start = time.perf_counter()
             result = pipeline.generate(params)

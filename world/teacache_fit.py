@@ -25,7 +25,7 @@ from smartdiff.pipeline.config import ProfileConfig, TeaCacheConfig, load_profil
 from smartdiff.pipeline.dit import WanDiT
 from smartdiff.pipeline.flexcache import COND, UNCOND, FlexCache, relative_l1, teacache_input
 from smartdiff.pipeline.params import validate_params
-from smartdiff.pipeline.wan import DenoiseStep, WanPipeline, apply_guidance
+from smartdiff.pipeline.wan import DenoiseStep, WanPipeline
 from smartdiff.world.scenes import caption, prompt_set
 
 
@@ -41,9 +41,11 @@ class ChangeRecorder:
     def new_video(self) -> None:
         self.last.clear()  # changes are taken between steps of one video
 
-    def velocity(self, dit: WanDiT, cache: FlexCache, step: DenoiseStep) -> torch.Tensor:
+    def branches(
+        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, uncond: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         velocities = []
-        for branch, context in ((COND, step.cond), (UNCOND, step.uncond)):
+        for branch, context in ((COND, step.cond), (UNCOND, step.uncond))[: 2 if uncond else 1]:
             inputs = dit.prepare(step.latents, step.t, context)
             out = dit.run_blocks(inputs)
             modulated = teacache_input(inputs, self.teacache)
@@ -54,7 +56,7 @@ class ChangeRecorder:
                 self.pairs.append((relative_l1(modulated, old_input), relative_l1(residual, old_residual)))
             self.last[key] = (modulated, residual)
             velocities.append(dit.finish(out, inputs))
-        return apply_guidance(velocities[0], velocities[1], step.guidance)
+        return velocities[0], velocities[1] if uncond else None
 
 
 def recording_pipeline(
