@@ -437,7 +437,7 @@ class ParallelGuidance:
         self.layout = layout
 
     def branches(
-        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, uncond: bool
+        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, with_uncond: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         sharded = ShardedDiT(dit, self.layout, dit.attention)
 
@@ -445,7 +445,7 @@ class ParallelGuidance:
             context = step.cond if branch == COND else step.uncond
             return cache.forward(sharded, step.expert, branch, step.index, step.latents, step.t, context)
 
-        if not uncond:  # every rank computes the conditional velocity
+        if not with_uncond:  # every rank computes the conditional velocity
             return branch_velocity(COND), None
         if self.layout.config.cfg == 1:
             return branch_velocity(COND), branch_velocity(UNCOND)

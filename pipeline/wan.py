@@ -67,7 +67,7 @@ class VelocityModel(Protocol):
     one forward), ``parallel.ParallelGuidance`` (over a process group)."""
 
     def branches(
-        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, uncond: bool
+        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, with_uncond: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
@@ -76,10 +76,10 @@ class Guidance:
     the step needs it (never at guidance 1, as CFG-distilled models run)."""
 
     def branches(
-        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, uncond: bool
+        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, with_uncond: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         velocity = cache.forward(dit, step.expert, COND, step.index, step.latents, step.t, step.cond)
-        if not uncond:
+        if not with_uncond:
             return velocity, None
         return velocity, cache.forward(
             dit, step.expert, UNCOND, step.index, step.latents, step.t, step.uncond
@@ -91,9 +91,9 @@ class BatchedGuidance:
     one alone where the step needs no unconditional velocity."""
 
     def branches(
-        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, uncond: bool
+        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, with_uncond: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not uncond:
+        if not with_uncond:
             return cache.forward(dit, step.expert, COND, step.index, step.latents, step.t, step.cond), None
         return cache.forward_both(dit, step.expert, step.index, step.latents, step.t, step.cond, step.uncond)
 

@@ -48,7 +48,19 @@ def test_ssim_sees_structure_that_psnr_weighs_like_noise() -> None:
 def test_variants_list_every_world_profile_exact_first_then_its_caches() -> None:
     names = [v.name for v in variants_of("wan-world")]
     assert names[0] == "wan-world"
-    assert {"wan-world+teacache", "wan-world+pab", "wan-world-sage", "wan-world-sparge"} <= set(names)
+    expected = {
+        "wan-world+teacache",
+        "wan-world+pab",
+        "wan-world+cfg_cache",
+        "wan-world-sage",
+        "wan-world-sparge",
+    }
+    assert expected <= set(names)
+    # More CFG cache settings: their own variants, after the default one; the default is not repeated.
+    extra = variants_of("wan-world", cfg_cache=((3, 0, 900), (2, 0, 641)))
+    cached = [v for v in extra if v.profile.name == "wan-world" and v.cfg_cache]
+    assert [v.name for v in cached] == ["wan-world+cfg_cache", "wan-world+cfg_cache:n3:0-900"]
+    assert cached[1].request_fields() == {"cfg_cache_interval": 3, "cfg_cache_start": 0, "cfg_cache_end": 900}
     with pytest.raises(ValueError, match="no profile"):
         variants_of("no-such-model")
 
@@ -72,12 +84,15 @@ def test_shipped_model_follows_its_prompts() -> None:
 
 
 def test_yardstick_on_the_shipped_model() -> None:
-    report = evaluate(
-        "wan-world", prompts=2, device="cpu", only=["wan-world+pab", "wan-world-sage"], detail_prompts=3
-    )
+    only = ["wan-world+pab", "wan-world+cfg_cache", "wan-world-sage"]
+    report = evaluate("wan-world", prompts=2, device="cpu", only=only, detail_prompts=3)
     rows = {row["variant"]: row for row in report["rows"]}
-    assert list(rows) == ["wan-world", "wan-world+pab", "wan-world-sage"]
+    assert list(rows) == ["wan-world", *only]
     reference, pab = rows["wan-world"], rows["wan-world+pab"]
+    # 25 guided steps; the CFG cache's default window (t < 641) holds 9 of them, and every other
+    # one of those (4) reuses the guidance term instead of running the unconditional branch.
+    assert reference["block_stacks_per_video"] == pab["block_stacks_per_video"] == 50
+    assert rows["wan-world+cfg_cache"]["block_stacks_per_video"] == 46
     # The reference against itself: identical videos.
     assert reference["psnr_db"] == 99.0 and reference["ssim"] == pytest.approx(1.0)
     assert reference["speedup"] == 1.0
@@ -92,5 +107,6 @@ def test_yardstick_on_the_shipped_model() -> None:
     # No CUDA here: the 8-bit profile is reported, with the reason, not silently dropped.
     assert "CUDA" in rows["wan-world-sage"]["unavailable"]
     table = markdown(report)
-    assert table.count("\n| wan-world") == 3 and "unavailable" in table
-    assert "| detail shape |" in table and table.count("%") == 2 * 2 * len(ATTRIBUTES)
+    assert table.count("\n| wan-world") == 4 and "unavailable" in table
+    assert "| detail shape |" in table and table.count("%") == 3 * 2 * len(ATTRIBUTES)
+    assert table.count("| 46 |") == 1  # the CFG cache's block stacks a video

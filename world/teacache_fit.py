@@ -30,8 +30,9 @@ from smartdiff.world.scenes import caption, prompt_set
 
 
 class ChangeRecorder:
-    """A velocity model (both CFG branches, no caching) that records, per expert and branch, the
-    change of the modulated input and of the block-stack residual from the step before."""
+    """A velocity model (the guidance branches each step asks for, no caching) that records, per
+    expert and branch, the change of the modulated input and of the block-stack residual from the
+    step before."""
 
     def __init__(self, teacache: TeaCacheConfig) -> None:
         self.teacache = teacache
@@ -42,10 +43,10 @@ class ChangeRecorder:
         self.last.clear()  # changes are taken between steps of one video
 
     def branches(
-        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, uncond: bool
+        self, dit: WanDiT, cache: FlexCache, step: DenoiseStep, with_uncond: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         velocities = []
-        for branch, context in ((COND, step.cond), (UNCOND, step.uncond))[: 2 if uncond else 1]:
+        for branch, context in ((COND, step.cond), (UNCOND, step.uncond))[: 2 if with_uncond else 1]:
             inputs = dit.prepare(step.latents, step.t, context)
             out = dit.run_blocks(inputs)
             modulated = teacache_input(inputs, self.teacache)
@@ -56,7 +57,7 @@ class ChangeRecorder:
                 self.pairs.append((relative_l1(modulated, old_input), relative_l1(residual, old_residual)))
             self.last[key] = (modulated, residual)
             velocities.append(dit.finish(out, inputs))
-        return velocities[0], velocities[1] if uncond else None
+        return velocities[0], velocities[1] if with_uncond else None
 
 
 def recording_pipeline(
