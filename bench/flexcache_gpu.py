@@ -1,9 +1,10 @@
 """FlexCache on one GPU: DiT forwards computed and reused, wall time, cache memory, and the cost of
-the TeaCache decision, for a whole video with no caching, TeaCache and PAB. Prints one JSON object.
+the TeaCache decision, for a whole video with no caching, TeaCache, PAB and the CFG cache (alone
+and with PAB). Prints one JSON object.
 
 Random weights: the reuse pattern of TeaCache depends on how the model's time embedding moves,
 which random weights do not reproduce; only the speed side (what a given reuse count costs and
-saves) carries over to real checkpoints.
+saves) carries over to real checkpoints. PAB and the CFG cache follow fixed schedules.
 
     python bench/flexcache_gpu.py --model wan2.1-t2v-1.3b
 """
@@ -57,6 +58,9 @@ def main() -> None:
         "teacache-0.08": {"flexcache": "teacache", "teacache_threshold": 0.08},
         "teacache-0.2": {"flexcache": "teacache", "teacache_threshold": 0.2},
         "pab": {"flexcache": "pab"},
+        "cfg-cache-2": {"cfg_cache_interval": 2},
+        "cfg-cache-2-below-900": {"cfg_cache_interval": 2, "cfg_cache_end": 900},
+        "pab+cfg-cache-2-below-900": {"flexcache": "pab", "cfg_cache_interval": 2, "cfg_cache_end": 900},
     }
     report.update(shape=f"{model.sampling.size}x{args.frames}", steps=args.steps, runs={})
     pipe.generate(validate_params({**base, "steps": 2}, model))  # warm-up
