@@ -287,12 +287,18 @@ def test_unknown_profile_and_no_live_worker(farm):
         farm.client.submit("tiny", "a cat")
     with pytest.raises(FarmError, match="flexcache: 'teacache' is not allowed on this profile"):
         farm.client.submit("wan2.1-1.3b-lossless", "a cat", queue_anyway=True, flexcache="teacache")
-    queued = farm.client.submit("tiny", "a cat", queue_anyway=True, flexcache="pab")
+    with pytest.raises(FarmError, match="cfg_cache_interval: the CFG cache is not allowed on profile"):
+        farm.client.submit("wan2.1-1.3b-lossless", "a cat", queue_anyway=True, cfg_cache_interval=2)
+    # PAB with the CFG cache over the whole schedule: the tiny model's 4 steps reuse the
+    # unconditional branch at steps 1 and 3.
+    cfg_cache = {"cfg_cache_interval": 2, "cfg_cache_start": 0, "cfg_cache_end": 1000}
+    queued = farm.client.submit("tiny", "a cat", queue_anyway=True, flexcache="pab", **cfg_cache)
     assert queued.status()["state"] == "QUEUED"
     worker = farm.worker()  # a worker started later takes the waiting job
     record = queued.wait(timeout=60)
     assert record["worker"] == worker.worker_id()
-    assert record["result"]["cache"]["strategy"] == "pab"
+    cache = record["result"]["cache"]
+    assert (cache["strategy"], cache["computed"], cache["uncond_reused"]) == ("pab", 6, 2)
 
 
 def raw_publish(farm, body, *, serializer="json", task=TASK_NAME, job_id=None, content_type=None):
