@@ -437,8 +437,8 @@ def store_output(
     BLOCK_M: tl.constexpr,
     PV_FP8: tl.constexpr,
 ):
-    """Undo the V scaling, normalise by the row sum, store the valid rows in out's dtype. (With fp8,
-    acc and row_sum both carry P~'s factor 448: the ratio cancels it.)"""
+    """Undo the V scaling, normalise by the row sum (the sum of row_sum's 4 parts), store the valid
+    rows in out's dtype. (With fp8, acc and row_sum both carry P~'s factor 448: the ratio cancels it.)"""
     dims = tl.arange(0, HEAD_DIM)
     v_scale = tl.load(v_scale_ptr + bh * HEAD_DIM + dims)
     # A row that attended to no key block (an empty sparse list) has acc 0 and row_sum 0: write
@@ -455,7 +455,7 @@ def store_output(
 
 @triton.jit
 def empty_softmax_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """(acc, row_max, row_sum) before the first key tile."""
+    """(acc, row_max, row_sum) before the first key tile; row_sum in 4 parts a row (``rescaled_row_sums``)."""
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     return acc, tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32), tl.zeros((BLOCK_M, 4), dtype=tl.float32)
 
