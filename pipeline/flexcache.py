@@ -90,12 +90,8 @@ class FlexCache:
         return dit.finish(tokens, inputs)
 
     def reuses_guidance(self, step: int) -> bool:
-        """The CFG cache's schedule, as PAB's: inside (start, end), reuse except every
-        ``interval``-th step."""
-        if self.cfg_window is None or step >= len(self.timesteps):
-            return False
-        start, end, interval = self.cfg_window
-        return interval > 1 and start < self.timesteps[step] < end and step % interval != 0
+        """The CFG cache's schedule (``reuses_at``)."""
+        return self.cfg_window is not None and reuses_at(self.timesteps, step, *self.cfg_window)
 
     def computes_uncond(self, expert: int, step: int) -> bool:
         """Whether a guided ``step`` needs the unconditional branch computed: False where the CFG
@@ -165,6 +161,13 @@ class FlexCache:
         return out
 
 
+def reuses_at(timesteps: list[int], step: int, start: int, end: int, interval: int) -> bool:
+    """PAB's and the CFG cache's schedule: inside (start, end), reuse except every ``interval``-th step."""
+    if step >= len(timesteps):
+        return False
+    return interval > 1 and start < timesteps[step] < end and step % interval != 0
+
+
 def relative_l1(new: torch.Tensor, old: torch.Tensor) -> float:
     """TeaCache's measure of change: mean |new - old| / mean |old|."""
     return ((new - old).abs().mean() / old.abs().mean()).item()
@@ -229,11 +232,8 @@ class _PAB:
         self.num_blocks = 0
 
     def reuses(self, kind: str, step: int) -> bool:
-        """The schedule: inside (start, end), reuse except every ``interval``-th step."""
-        if step >= len(self.timesteps):
-            return False
-        start, end, interval = self.windows[kind]
-        return interval > 1 and start < self.timesteps[step] < end and step % interval != 0
+        """The schedule of ``kind``'s attention (``reuses_at``)."""
+        return reuses_at(self.timesteps, step, *self.windows[kind])
 
     def blocks(self, dit, inputs, expert, branch, step, steps, record) -> torch.Tensor:
         self.num_blocks = len(dit.blocks)
